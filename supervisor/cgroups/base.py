@@ -1,0 +1,96 @@
+"""The contract every cgroup driver fulfils (v2 unified hierarchy, v1 via cgroupspy).
+
+A driver manages one subtree of user groups named by validated user id. All methods are
+synchronous and quick (a few file reads or writes); the daemon calls them from its event loop.
+Errors raise :class:`supervisor.errors.CgroupError` with the path involved.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Protocol, runtime_checkable
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Resource limits for one user group."""
+
+    cpu_millicores: int  # 1000 = one full core
+    memory_bytes: int  # hard limit (memory.max / memory.limit_in_bytes)
+    memory_high_bytes: int | None  # soft limit below memory_bytes (v2 memory.high); None = unset
+    pids: int  # pids.max
+    cpu_period_us: int = 100_000
+
+
+@dataclass(frozen=True)
+class Usage:
+    """A snapshot of one user group's resource use."""
+
+    memory_bytes: int
+    cpu_usage_us: int  # cumulative CPU time of the group
+    oom_kills: int  # cumulative OOM kills inside the group since it was created
+    pids: int  # number of tasks now in the group
+
+
+@runtime_checkable
+class CgroupDriver(Protocol):
+    """What the daemon needs from a cgroup hierarchy."""
+
+    version: Literal[1, 2]
+
+    def describe(self) -> str:
+        """One line for logs and `workspacectl pod`, e.g. 'cgroup v2 at /sys/fs/cgroup/ws (cpu memory pids)'."""
+        ...
+
+    def prepare(self) -> None:
+        """Create the supervisor's subtree (idempotent). v2: move the daemon into its own leaf and
+        enable cpu, memory and pids for the users' subtree first (no-internal-process rule)."""
+        ...
+
+    def create(self, user: str, limits: Limits) -> None:
+        """Create the user's group (idempotent) and apply ``limits``."""
+        ...
+
+    def set_limits(self, user: str, limits: Limits) -> None:
+        """Rewrite the limits of an existing group in place; processes stay where they are."""
+        ...
+
+    def procs_files(self, user: str) -> list[str]:
+        """Absolute paths of the ``cgroup.procs`` files a child writes ``0`` into, before exec, to
+        join the user's group in every hierarchy (one for v2, one per controller for v1)."""
+        ...
+
+    def pids(self, user: str) -> list[int]:
+        """Pids of every process in the group (empty when the group does not exist)."""
+        ...
+
+    def exists(self, user: str) -> bool:
+        ...
+
+    def users(self) -> list[str]:
+        """Names of the user groups that exist now (for re-adoption after a daemon restart)."""
+        ...
+
+    def freeze(self, user: str) -> None:
+        """Freeze every process in the group; returns once the kernel reports it frozen."""
+        ...
+
+    def thaw(self, user: str) -> None:
+        """Undo :meth:`freeze`; returns once the kernel reports it thawed."""
+        ...
+
+    def is_frozen(self, user: str) -> bool:
+        ...
+
+    def kill(self, user: str) -> None:
+        """SIGKILL every process in the group, forks in flight included (v2 ``cgroup.kill``; v1:
+        freeze, kill each task, thaw, repeat until empty). Does not wait for them to exit."""
+        ...
+
+    def remove(self, user: str) -> None:
+        """Remove the user's (empty) group in every hierarchy; a missing group is not an error."""
+        ...
+
+    def usage(self, user: str) -> Usage:
+        """Current usage of the group."""
+        ...

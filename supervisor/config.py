@@ -1,0 +1,409 @@
+"""One typed, validated, frozen configuration: TOML file plus ``WSUP_<SECTION>_<KEY>`` overrides.
+
+Every setting is declared once, below, with its default and help text. Loading validates every
+value; a bad one raises :class:`ConfigError` naming the key, the value and what is allowed, so the
+daemon exits before it touches anything.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from supervisor.errors import ConfigError
+from supervisor.units import parse_cpu, parse_duration, parse_percent, parse_size
+
+DEFAULT_CONFIG_PATH = Path("/etc/workspace-supervisor/config.toml")
+ENV_PREFIX = "WSUP_"
+
+
+def setting(default: Any, help: str, parse: Callable[[Any], Any] | None = None) -> Any:
+    """Declare a setting: its default, its help text and the parser that validates it."""
+    kwargs: dict[str, Any] = {"metadata": {"help": help, "parse": parse}}
+    if isinstance(default, (list, dict)):
+        kwargs["default_factory"] = lambda: type(default)(default)
+    else:
+        kwargs["default"] = default
+    return field(**kwargs)
+
+
+def _str(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError("expected a string")
+    return value
+
+
+def _int(minimum: int, maximum: int = 2**63) -> Callable[[Any], int]:
+    def parse(value: Any) -> int:
+        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+            value = int(value)
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ValueError("expected a whole number")
+        if not minimum <= value <= maximum:
+            raise ValueError(f"expected a whole number from {minimum} to {maximum}")
+        return value
+
+    return parse
+
+
+def _bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+        return value.lower() in ("true", "1", "yes")
+    raise ValueError("expected true or false")
+
+
+def _str_list(value: Any) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValueError("expected a list of strings")
+    return list(value)
+
+
+def _argv(value: Any) -> list[str]:
+    argv = _str_list(value)
+    if not argv:
+        raise ValueError("expected a non-empty list: the program and its arguments")
+    return argv
+
+
+def _choice(*choices: str) -> Callable[[Any], str]:
+    def parse(value: Any) -> str:
+        if value not in choices:
+            raise ValueError("expected one of " + ", ".join(repr(c) for c in choices))
+        return str(value)
+
+    return parse
+
+
+def _str_map(value: Any) -> dict[str, str]:
+    if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+        raise ValueError("expected a table of string values")
+    return dict(value)
+
+
+def _listen(value: Any) -> str:
+    text = _str(value)
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError("expected HOST:PORT, e.g. 0.0.0.0:8080")
+    return text
+
+
+def _path(value: Any) -> Path:
+    return Path(_str(value))
+
+
+def _optional_path(value: Any) -> Path | None:
+    text = _str(value)
+    return Path(text) if text else None
+
+
+@dataclass(frozen=True)
+class PodConfig:
+    id: str = setting("", "Pod id in the registry; empty means the host name.", _str)
+    capacity: int = setting(100, "Most users this pod runs at once.", _int(1, 100_000))
+
+
+@dataclass(frozen=True)
+class WorkspaceConfig:
+    root: Path = setting(Path("/workspace"), "Root of the shared workspace volume.", _path)
+    shards: int = setting(10, "Shard directories under the root (a contract: never change it on a live volume).", _int(1, 1_000_000))
+
+
+@dataclass(frozen=True)
+class UsersConfig:
+    uid_min: int = setting(200_000, "Lowest uid handed to a new user.", _int(1000, 2**31 - 2))
+    uid_max: int = setting(999_999_999, "Highest uid handed to a new user.", _int(1000, 2**31 - 2))
+
+
+@dataclass(frozen=True)
+class IdeConfig:
+    command: list[str] = setting(
+        ["/usr/bin/node", "/opt/theia/lib/backend/main.js", "{workspace}"],
+        "IDE argv; placeholders {user}, {workspace}, {home}, {socket}. It must serve HTTP on {socket}.",
+        _argv,
+    )
+    env: dict[str, str] = setting({}, "Extra environment for the IDE (the rest is cleared).", _str_map)
+    ready_timeout: float = setting(60.0, "How long an IDE may take to answer GET / on its socket.", parse_duration)
+    stop_grace: float = setting(10.0, "Time between SIGTERM and SIGKILL of the whole tree.", parse_duration)
+    shell: str = setting("/bin/bash", "SHELL given to the IDE (its terminals start it).", _str)
+
+
+@dataclass(frozen=True)
+class RestartConfig:
+    healthy_after: float = setting(10.0, "An IDE RUNNING this long that exits is restarted at once.", parse_duration)
+    backoff_initial: float = setting(1.0, "First back-off after a fast failure.", parse_duration)
+    backoff_max: float = setting(60.0, "Longest back-off.", parse_duration)
+    max_failures: int = setting(5, "Fast failures in a row before the user is FATAL.", _int(1, 1000))
+
+
+@dataclass(frozen=True)
+class IdleConfig:
+    lsp_pause_after: float = setting(120.0, "Idle time before language servers are frozen.", parse_duration)
+    gc_after: float = setting(300.0, "Idle time before the IDE is garbage-collected and memory reclaimed.", parse_duration)
+    freeze_after: float = setting(900.0, "Idle time before the whole user is frozen.", parse_duration)
+    stop_after: float = setting(3600.0, "Idle time before the IDE is stopped.", parse_duration)
+    lsp_patterns: list[str] = setting(
+        ["typescript-language-server", "tsserver", "pyright", "pylsp", "rust-analyzer", "clangd", "gopls", "plugin-host"],
+        "Command-line substrings that mark a language server or extension host.",
+        _str_list,
+    )
+    cpu_busy_threshold: float = setting(0.05, "A user's own CPU above this share of a core counts as activity.", parse_percent)
+
+
+@dataclass(frozen=True)
+class TierConfig:
+    cpu: int = setting(200, "CPU limit (200m, 0.5, 2).", parse_cpu)
+    memory: int = setting(512 * 2**20, "Memory hard limit (512Mi).", parse_size)
+    memory_high: float = setting(0.9, "memory.high as a share of memory (v2 only).", parse_percent)
+    storage: int = setting(10 * 2**30, "Workspace storage quota (10Gi).", parse_size)
+    sessions: int = setting(1, "Concurrent browser sessions allowed.", _int(1, 10_000))
+    pids: int = setting(1024, "Most processes and threads in the user's tree.", _int(16, 4_194_304))
+    start_cpu: int = setting(0, "CPU allowed while STARTING (0 = the tier's cpu).", lambda v: 0 if v in (0, "0") else parse_cpu(v))
+    idle: dict[str, Any] = setting({}, "Per-tier overrides of [idle].", lambda v: dict(_table(v)))
+
+
+def _table(value: Any) -> Mapping[str, Any]:
+    if not isinstance(value, dict):
+        raise ValueError("expected a table")
+    return value
+
+
+DEFAULT_TIERS: dict[str, dict[str, Any]] = {
+    "free": {"cpu": "200m", "memory": "512Mi", "storage": "10Gi", "sessions": 1},
+    "starter": {"cpu": "500m", "memory": "1Gi", "storage": "50Gi", "sessions": 5},
+    "pro": {"cpu": "1000m", "memory": "2Gi", "storage": "100Gi", "sessions": 10},
+}
+
+
+@dataclass(frozen=True)
+class ControlConfig:
+    socket: Path = setting(Path("/run/workspace-supervisor/control.sock"), "workspacectl's Unix socket (root only).", _path)
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    state_dir: Path = setting(Path("/var/lib/workspace-supervisor"), "Where the daemon keeps its state file.", _path)
+    run_dir: Path = setting(Path("/run/workspace-supervisor"), "Per-user socket directories live here.", _path)
+    log_dir: Path = setting(Path("/var/log/workspace-supervisor"), "Per-user IDE logs.", _path)
+    log_max_bytes: int = setting(10 * 2**20, "Rotate a user's log past this size.", parse_size)
+    log_backups: int = setting(3, "Rotated logs kept per user.", _int(0, 100))
+    log_level: str = setting("info", "Daemon log level.", _choice("debug", "info", "warning", "error"))
+    sigterm: str = setting("stop", "On SIGTERM: 'stop' every user gracefully, or 'detach' (leave them running for a restarted daemon to adopt).", _choice("stop", "detach"))
+    shutdown_deadline: float = setting(30.0, "Longest graceful shutdown on SIGTERM.", parse_duration)
+    usage_interval: float = setting(10.0, "How often cgroup usage is sampled.", parse_duration)
+
+
+@dataclass(frozen=True)
+class CgroupsConfig:
+    driver: str = setting("auto", "auto, v1 or v2.", _choice("auto", "v1", "v2"))
+    mount: Path = setting(Path("/sys/fs/cgroup"), "Where the cgroup hierarchies are mounted.", _path)
+    name: str = setting("workspace-supervisor", "Name of the supervisor's subtree.", _str)
+
+
+@dataclass(frozen=True)
+class HttpConfig:
+    listen: str = setting("0.0.0.0:8080", "Front door address.", _listen)
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    algorithms: list[str] = setting(["RS256", "ES256"], "JWT algorithms accepted.", _str_list)
+    public_key_file: Path | None = setting(None, "PEM public key.", _optional_path)
+    jwks_file: Path | None = setting(None, "JWKS file (reloaded on change).", _optional_path)
+    hs256_secret_file: Path | None = setting(None, "Development-only HS256 secret.", _optional_path)
+    issuer: str = setting("", "Required iss claim.", _str)
+    audience: str = setting("workspace", "Required aud claim.", _str)
+    leeway: float = setting(30.0, "Clock leeway for exp/nbf.", parse_duration)
+    cookie_secure: bool = setting(True, "Set Secure on the session cookie.", _bool)
+
+
+@dataclass(frozen=True)
+class RegistryConfig:
+    backend: str = setting("sqlite", "sqlite or fdb.", _choice("sqlite", "fdb"))
+    path: Path = setting(Path("/var/lib/workspace-supervisor/registry.db"), "SQLite registry file.", _path)
+    fdb_cluster_file: Path = setting(Path("/etc/foundationdb/fdb.cluster"), "FoundationDB cluster file.", _path)
+    heartbeat: float = setting(5.0, "Heartbeat period.", parse_duration)
+    lease: float = setting(15.0, "Lease after the last heartbeat.", parse_duration)
+
+
+@dataclass(frozen=True)
+class ProbesConfig:
+    listen: str = setting("0.0.0.0:9100", "/metrics, /healthz, /readyz, /startupz.", _listen)
+
+
+@dataclass(frozen=True)
+class Config:
+    pod: PodConfig = field(default_factory=PodConfig)
+    workspace: WorkspaceConfig = field(default_factory=WorkspaceConfig)
+    users: UsersConfig = field(default_factory=UsersConfig)
+    ide: IdeConfig = field(default_factory=IdeConfig)
+    restart: RestartConfig = field(default_factory=RestartConfig)
+    idle: IdleConfig = field(default_factory=IdleConfig)
+    tiers: dict[str, TierConfig] = field(default_factory=dict)
+    control: ControlConfig = field(default_factory=ControlConfig)
+    daemon: DaemonConfig = field(default_factory=DaemonConfig)
+    cgroups: CgroupsConfig = field(default_factory=CgroupsConfig)
+    http: HttpConfig = field(default_factory=HttpConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    registry: RegistryConfig = field(default_factory=RegistryConfig)
+    probes: ProbesConfig = field(default_factory=ProbesConfig)
+
+    @property
+    def pod_id(self) -> str:
+        return self.pod.id or socket.gethostname()
+
+    def tier(self, name: str) -> TierConfig:
+        from supervisor.errors import UnknownTier
+
+        try:
+            return self.tiers[name]
+        except KeyError:
+            raise UnknownTier(f"unknown tier {name!r}; known: {', '.join(sorted(self.tiers))}") from None
+
+
+_SECTIONS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fields(Config) if f.name != "tiers"}  # type: ignore[misc]
+
+
+def _build(cls: type, values: Mapping[str, Any], where: str) -> Any:
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ConfigError(
+            f"unknown key {where}.{unknown[0]}; allowed in [{where}]: {', '.join(sorted(known))}"
+        )
+    kwargs = {}
+    for name, value in values.items():
+        parse = known[name].metadata.get("parse")
+        try:
+            kwargs[name] = parse(value) if parse else value
+        except ValueError as exc:
+            raise ConfigError(f"bad value for {where}.{name}: {value!r}: {exc}") from None
+    return cls(**kwargs)
+
+
+def _env_overrides(raw: dict[str, Any], environ: Mapping[str, str]) -> None:
+    """Apply ``WSUP_SECTION_KEY`` variables onto the raw TOML tree (in place)."""
+    targets: dict[str, tuple[list[str], str]] = {}
+    for section, cls in _SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            targets[f"{ENV_PREFIX}{section}_{f.name}".upper()] = ([section], f.name)
+    tier_names = set(raw.get("tiers", {})) | set(DEFAULT_TIERS)
+    for tier in tier_names:
+        for f in dataclasses.fields(TierConfig):
+            targets[f"{ENV_PREFIX}TIERS_{tier}_{f.name}".upper().replace("-", "_")] = (["tiers", tier], f.name)
+    for variable, text in environ.items():
+        if not variable.startswith(ENV_PREFIX):
+            continue
+        if variable not in targets:
+            if variable in ("WSUP_CONFIG",):
+                continue
+            raise ConfigError(f"unknown environment override {variable}", hint="variables are WSUP_<SECTION>_<KEY>, e.g. WSUP_POD_CAPACITY")
+        path, key = targets[variable]
+        node = raw
+        for part in path:
+            node = node.setdefault(part, {})
+        node[key] = _env_value(text)
+
+
+def _env_value(text: str) -> Any:
+    """Environment values are TOML literals when they parse as one (``50``, ``true``, ``["a"]``), text otherwise."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def load(path: Path | None = None, environ: Mapping[str, str] | None = None) -> Config:
+    """Load, override from the environment and validate. ``path=None`` uses embedded defaults only."""
+    environ = os.environ if environ is None else environ
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            raw = tomllib.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist", hint="pass --config FILE or create it") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    return from_dict(raw, environ)
+
+
+def from_dict(raw: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> Config:
+    """Validate a raw config tree (as parsed from TOML) into a :class:`Config`."""
+    tree: dict[str, Any] = _deep_copy(dict(raw))
+    _env_overrides(tree, environ or {})
+    unknown = sorted(set(tree) - set(_SECTIONS) - {"tiers"})
+    if unknown:
+        raise ConfigError(f"unknown section [{unknown[0]}]; allowed: {', '.join(sorted([*_SECTIONS, 'tiers']))}")
+    sections: dict[str, Any] = {}
+    for section, cls in _SECTIONS.items():
+        values = tree.get(section, {})
+        if not isinstance(values, dict):
+            raise ConfigError(f"[{section}] must be a table")
+        sections[section] = _build(cls, values, section)
+    tiers_raw = tree.get("tiers", {})
+    if not isinstance(tiers_raw, dict):
+        raise ConfigError("[tiers] must be a table of tables, e.g. [tiers.free]")
+    tiers: dict[str, TierConfig] = {}
+    for name in sorted(set(DEFAULT_TIERS) | set(tiers_raw)):
+        values = {**DEFAULT_TIERS.get(name, {}), **_table_or_error(tiers_raw.get(name, {}), f"tiers.{name}")}
+        tiers[name] = _build(TierConfig, values, f"tiers.{name}")
+    config = Config(tiers=tiers, **sections)
+    _check_consistency(config)
+    return config
+
+
+def _table_or_error(value: Any, where: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ConfigError(f"[{where}] must be a table")
+    return value
+
+
+def _deep_copy(tree: dict[str, Any]) -> dict[str, Any]:
+    return {k: _deep_copy(v) if isinstance(v, dict) else v for k, v in tree.items()}
+
+
+def _check_consistency(config: Config) -> None:
+    if config.users.uid_min > config.users.uid_max:
+        raise ConfigError(f"users.uid_min ({config.users.uid_min}) is above users.uid_max ({config.users.uid_max})")
+    if config.restart.backoff_initial > config.restart.backoff_max:
+        raise ConfigError("restart.backoff_initial is above restart.backoff_max")
+    ladder = config.idle
+    if not ladder.lsp_pause_after <= ladder.gc_after <= ladder.freeze_after <= ladder.stop_after:
+        raise ConfigError("idle steps must be in order: lsp_pause_after <= gc_after <= freeze_after <= stop_after")
+    if not config.workspace.root.is_absolute():
+        raise ConfigError(f"workspace.root must be an absolute path, not {str(config.workspace.root)!r}")
+    placeholders = {"{user}", "{workspace}", "{home}", "{socket}"}
+    for arg in config.ide.command:
+        for token in _placeholders(arg):
+            if token not in placeholders:
+                raise ConfigError(
+                    f"ide.command uses unknown placeholder {token}; allowed: {', '.join(sorted(placeholders))}"
+                )
+
+
+def _placeholders(arg: str) -> list[str]:
+    import re
+
+    return re.findall(r"\{[^{}]*\}", arg)
+
+
+def describe() -> str:
+    """Every setting with its default and help, as a commented TOML document (the reference docs)."""
+    lines: list[str] = []
+    for section, cls in _SECTIONS.items():
+        lines.append(f"[{section}]")
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            lines.append(f"# {f.metadata.get('help', '')}")
+            lines.append(f"# {f.name} = {default!r}")
+        lines.append("")
+    return "\n".join(lines)
