@@ -1,0 +1,141 @@
+"""Starting a user's process tree: cgroup joined before exec, uid/gid drop, clean environment.
+
+:func:`build_spec` is pure (template expansion, environment); :func:`spawn` forks. In the child,
+between fork and exec, the process first writes ``0`` into every ``cgroup.procs`` of the user's
+group (file descriptors opened by the parent), so it is inside the user's cgroup before it runs a
+single instruction of user code and no fork can escape. Then it drops supplementary groups,
+gid and uid, and sets ``no_new_privs``; only then does it exec the IDE.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import re
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping
+
+from supervisor.errors import LaunchError
+
+PR_SET_NO_NEW_PRIVS = 38
+_libc = ctypes.CDLL(None, use_errno=True)
+_prctl = _libc.prctl
+_prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+_PLACEHOLDER = re.compile(r"\{(user|workspace|home|socket)\}")
+
+#: The environment an IDE gets besides HOME/USER/SHELL and the configured extras. Nothing of the
+#: daemon's own environment is passed on.
+BASE_PATH = "/usr/local/bin:/usr/bin:/bin"
+
+
+@dataclass(frozen=True)
+class LaunchSpec:
+    """Everything needed to start one user's IDE."""
+
+    user: str
+    uid: int
+    gid: int
+    argv: list[str]
+    env: dict[str, str]
+    cwd: Path
+    procs_files: list[str]
+    log_path: Path
+
+
+def expand_argv(template: list[str], values: Mapping[str, str]) -> list[str]:
+    """Replace ``{user}``, ``{workspace}``, ``{home}``, ``{socket}`` in every argument."""
+    return [_PLACEHOLDER.sub(lambda m: values[m.group(1)], arg) for arg in template]
+
+
+def build_spec(
+    *,
+    user: str,
+    uid: int,
+    gid: int,
+    command: list[str],
+    extra_env: Mapping[str, str],
+    shell: str,
+    workspace: Path,
+    home: Path,
+    socket_path: Path,
+    procs_files: list[str],
+    log_path: Path,
+) -> LaunchSpec:
+    values = {"user": user, "workspace": str(workspace), "home": str(home), "socket": str(socket_path)}
+    env = {
+        "HOME": str(home),
+        "USER": user,
+        "LOGNAME": user,
+        "SHELL": shell,
+        "PATH": BASE_PATH,
+        "LANG": "C.UTF-8",
+        "WSUP_IDE_SOCKET": str(socket_path),
+    }
+    env.update({k: _PLACEHOLDER.sub(lambda m: values[m.group(1)], v) for k, v in extra_env.items()})
+    return LaunchSpec(
+        user=user, uid=uid, gid=gid, argv=expand_argv(command, values), env=env,
+        cwd=workspace, procs_files=list(procs_files), log_path=log_path,
+    )
+
+
+def _child_setup(procs_fds: list[int], uid: int, gid: int) -> None:  # pragma: no cover - runs in the child
+    """Runs in the forked child before exec. Keep it to raw system calls."""
+    for fd in procs_fds:
+        os.write(fd, b"0")
+    os.setgroups([])
+    os.setresgid(gid, gid, gid)
+    os.setresuid(uid, uid, uid)
+    if _prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS)")
+
+
+def open_log(path: Path) -> int:
+    """Open (create) a user's IDE log for appending; root-owned, 0640."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o640)
+
+
+def spawn(spec: LaunchSpec) -> int:
+    """Start the IDE and return its pid. The caller owns reaping (see :class:`Reaper`)."""
+    procs_fds: list[int] = []
+    log_fd = -1
+    try:
+        for path in spec.procs_files:
+            procs_fds.append(os.open(path, os.O_WRONLY | os.O_CLOEXEC))
+        log_fd = open_log(spec.log_path)
+        proc = subprocess.Popen(  # noqa: S603 - argv from the operator's config
+            spec.argv,
+            stdin=subprocess.DEVNULL,
+            stdout=log_fd,
+            stderr=log_fd,
+            cwd=spec.cwd,
+            env=spec.env,
+            close_fds=True,
+            start_new_session=True,
+            umask=0o077,
+            preexec_fn=lambda: _child_setup(procs_fds, spec.uid, spec.gid),
+        )
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise LaunchError(f"cannot start the IDE for {spec.user}: {spec.argv[0]}: {exc}") from exc
+    finally:
+        for fd in procs_fds:
+            os.close(fd)
+        if log_fd >= 0:
+            os.close(log_fd)
+    # The daemon's Reaper waits for this child; tell Popen never to reap it behind our back.
+    proc.returncode = 0
+    return proc.pid
+
+
+def process_start_time(pid: int) -> int | None:
+    """Kernel start time of ``pid`` in clock ticks since boot (guards against pid reuse), or None."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    # Field 2 (comm) may contain spaces and parentheses: split after the last ')'.
+    fields = stat[stat.rindex(b")") + 2 :].split()
+    return int(fields[19])  # field 22 overall: starttime
