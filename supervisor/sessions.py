@@ -1,4 +1,4 @@
-"""Per-user lifecycle state machine and pod capacity. Pure logic: no I/O, no clock reads.
+r"""Per-user lifecycle state machine and pod capacity. Pure logic: no I/O, no clock reads.
 
 Events go in (``UserSession.on_*`` methods, each given ``now``), actions come out (a list the
 trio adapter in :mod:`supervisor.manager` carries out). States:

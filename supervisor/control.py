@@ -1,0 +1,217 @@
+"""The local control socket that `workspacectl` talks to.
+
+Protocol: the client sends one JSON line ``{"verb": ..., "args": {...}}``; the server answers one
+JSON line ``{"ok": true, "result": ...}`` or ``{"ok": false, "error": {"reason", "message", "hint"}}``.
+``tail`` with ``follow`` streams further ``{"data": ...}`` lines until the client hangs up.
+The socket lives in a root-only directory and is itself mode 0600.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+from pathlib import Path
+from typing import Any, Awaitable, Callable
+
+import trio
+
+from supervisor import logfiles
+from supervisor.errors import SupervisorError
+from supervisor.manager import SessionManager
+
+log = logging.getLogger(__name__)
+PROTOCOL_VERSION = 1
+MAX_REQUEST = 64 * 1024
+
+Handler = Callable[[SessionManager, dict[str, Any]], Awaitable[Any]]
+
+
+class BadRequest(SupervisorError):
+    reason = "bad_request"
+    hint = "upgrade workspacectl to the daemon's version"
+
+
+def _users(args: dict[str, Any]) -> list[str]:
+    users = args.get("users", [])
+    if not isinstance(users, list) or not all(isinstance(u, str) for u in users):
+        raise BadRequest("'users' must be a list of user ids")
+    return users
+
+
+def _user(args: dict[str, Any]) -> str:
+    user = args.get("user")
+    if not isinstance(user, str):
+        raise BadRequest("'user' must be a user id")
+    return user
+
+
+def _signal_number(name: object) -> int:
+    if isinstance(name, int):
+        return signal.Signals(name).value
+    if isinstance(name, str):
+        text = name.upper()
+        if text.isdigit():
+            return signal.Signals(int(text)).value
+        return signal.Signals[text if text.startswith("SIG") else "SIG" + text].value
+    raise ValueError(name)
+
+
+async def _status(m: SessionManager, args: dict[str, Any]) -> Any:
+    return {"users": m.status(_users(args) or None)}
+
+
+async def _start(m: SessionManager, args: dict[str, Any]) -> Any:
+    tier = args.get("tier")
+    if tier is not None and not isinstance(tier, str):
+        raise BadRequest("'tier' must be a string")
+    return await m.start(_user(args), tier)
+
+
+async def _stop(m: SessionManager, args: dict[str, Any]) -> Any:
+    user = _user(args)
+    if user == "all":
+        await m.stop_all(m.config.daemon.shutdown_deadline)
+        return {"users": m.status()}
+    return await m.stop(user)
+
+
+async def _restart(m: SessionManager, args: dict[str, Any]) -> Any:
+    return await m.restart(_user(args))
+
+
+async def _pause(m: SessionManager, args: dict[str, Any]) -> Any:
+    return await m.pause(_user(args))
+
+
+async def _resume(m: SessionManager, args: dict[str, Any]) -> Any:
+    return await m.resume(_user(args))
+
+
+async def _signal(m: SessionManager, args: dict[str, Any]) -> Any:
+    try:
+        signum = _signal_number(args.get("signal"))
+    except (KeyError, ValueError):
+        raise BadRequest(f"unknown signal {args.get('signal')!r}", hint="use a name like TERM, HUP, USR1 or a number") from None
+    return m.send_signal(_user(args), signum)
+
+
+async def _pod(m: SessionManager, args: dict[str, Any]) -> Any:
+    return m.pod_info()
+
+
+HANDLERS: dict[str, Handler] = {
+    "status": _status,
+    "start": _start,
+    "stop": _stop,
+    "restart": _restart,
+    "pause": _pause,
+    "resume": _resume,
+    "signal": _signal,
+    "pod": _pod,
+}
+
+
+def encode(message: dict[str, Any]) -> bytes:
+    return json.dumps({"version": PROTOCOL_VERSION, **message}).encode() + b"\n"
+
+
+class ControlServer:
+    """Serves the control protocol on a Unix socket for one :class:`SessionManager`."""
+
+    def __init__(self, manager: SessionManager, path: Path, handlers: dict[str, Handler] | None = None) -> None:
+        self.manager = manager
+        self.path = path
+        self.handlers = dict(HANDLERS if handlers is None else handlers)
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(self.path.parent, 0o700)
+        sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+        try:
+            self.path.unlink()
+        except FileNotFoundError:
+            pass
+        old_umask = os.umask(0o177)
+        try:
+            await sock.bind(str(self.path))
+        finally:
+            os.umask(old_umask)
+        sock.listen(128)
+        listener = trio.SocketListener(sock)
+        log.info("control socket listening on %s", self.path)
+        try:
+            async with listener:
+                task_status.started()
+                await trio.serve_listeners(self._handle, [listener])
+        finally:
+            try:
+                self.path.unlink()
+            except FileNotFoundError:
+                pass
+
+    async def _handle(self, stream: trio.SocketStream) -> None:
+        async with stream:
+            try:
+                request = await self._read_request(stream)
+                verb = request.get("verb")
+                args = request.get("args") or {}
+                if not isinstance(args, dict):
+                    raise BadRequest("'args' must be an object")
+                if verb == "tail":
+                    await self._tail(stream, args)
+                    return
+                handler = self.handlers.get(verb) if isinstance(verb, str) else None
+                if handler is None:
+                    raise BadRequest(f"unknown verb {verb!r}; known: {', '.join(sorted([*self.handlers, 'tail']))}")
+                result = await handler(self.manager, args)
+                await stream.send_all(encode({"ok": True, "result": result}))
+            except SupervisorError as exc:
+                await self._send_error(stream, exc.to_dict())
+            except trio.BrokenResourceError:
+                pass
+            except Exception as exc:  # noqa: BLE001 - one bad request must not take the daemon down
+                log.exception("control request failed")
+                await self._send_error(stream, {"reason": "internal_error", "message": f"{type(exc).__name__}: {exc}", "hint": "see the daemon's log"})
+
+    @staticmethod
+    async def _send_error(stream: trio.SocketStream, error: dict[str, str]) -> None:
+        try:
+            await stream.send_all(encode({"ok": False, "error": error}))
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+
+    @staticmethod
+    async def _read_request(stream: trio.SocketStream) -> dict[str, Any]:
+        buffer = b""
+        with trio.fail_after(10):
+            while b"\n" not in buffer:
+                chunk = await stream.receive_some(4096)
+                if not chunk:
+                    break
+                buffer += chunk
+                if len(buffer) > MAX_REQUEST:
+                    raise BadRequest("request too large")
+        try:
+            request = json.loads(buffer.split(b"\n", 1)[0] or b"null")
+        except ValueError:
+            raise BadRequest("request is not JSON") from None
+        if not isinstance(request, dict):
+            raise BadRequest("request must be a JSON object")
+        return request
+
+    async def _tail(self, stream: trio.SocketStream, args: dict[str, Any]) -> None:
+        rt = self.manager.runtime(_user(args))
+        lines = args.get("lines", 20)
+        if not isinstance(lines, int) or lines < 0:
+            raise BadRequest("'lines' must be a whole number")
+        data, offset = logfiles.read_tail(rt.log_path, lines)
+        await stream.send_all(encode({"ok": True, "result": {"log": str(rt.log_path), "data": data.decode(errors="replace")}}))
+        if not args.get("follow"):
+            return
+        while True:
+            await trio.sleep(0.25)
+            data, offset = logfiles.read_from(rt.log_path, offset)
+            if data:
+                await stream.send_all(encode({"data": data.decode(errors="replace")}))

@@ -1,0 +1,127 @@
+"""`workspace-supervisor`: the trio entry point.
+
+One nursery holds the services (session manager, control socket). Signals:
+
+- SIGTERM / SIGINT: graceful shutdown. With ``[daemon] sigterm = "stop"`` (the default, and always
+  when running as PID 1) every user is stopped within ``shutdown_deadline``; with ``"detach"`` the
+  daemon exits and leaves users running for the next daemon to re-adopt.
+- SIGUSR2: detach (exit, users keep running) - for upgrades.
+- SIGHUP: logged and ignored (configuration reload is not supported yet; restart to apply).
+- SIGCHLD: exit statuses are collected; as PID 1 every orphaned zombie is reaped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import NoReturn
+
+import trio
+
+from supervisor import __version__, config as config_module
+from supervisor.cgroups.detect import detect
+from supervisor.config import Config
+from supervisor.control import ControlServer
+from supervisor.errors import SupervisorError
+from supervisor.manager import SessionManager
+
+log = logging.getLogger("supervisor")
+
+
+async def wait_for_shutdown(default_mode: str) -> str:
+    """Block until a shutdown signal; return ``"stop"`` or ``"detach"``."""
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGUSR2, signal.SIGHUP) as signals:
+        async for signum in signals:
+            if signum == signal.SIGHUP:
+                log.warning("SIGHUP: configuration reload is not supported yet; restart the daemon to apply changes")
+                continue
+            mode = "detach" if signum == signal.SIGUSR2 else default_mode
+            log.info("%s received: shutting down (%s)", signal.Signals(signum).name, mode)
+            return mode
+    raise AssertionError("unreachable")
+
+
+async def run_daemon(
+    config: Config, *, task_status: trio.TaskStatus[SessionManager] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """Run every service until a shutdown signal, then shut down as configured."""
+    pid1 = os.getpid() == 1
+    driver = detect(config.cgroups)
+    manager = SessionManager(config, driver)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(manager.serve)
+        await nursery.start(ControlServer(manager, config.control.socket).serve)
+        log.info(
+            "workspace-supervisor %s ready: pod %s, capacity %d, %s%s",
+            __version__, config.pod_id, config.pod.capacity, driver.describe(), " (PID 1)" if pid1 else "",
+        )
+        task_status.started(manager)
+        mode = await wait_for_shutdown("stop" if pid1 else config.daemon.sigterm)
+        if mode == "stop":
+            await manager.stop_all(config.daemon.shutdown_deadline)
+        else:
+            log.info("detaching: %d user(s) keep running for the next daemon", manager.pod.occupied())
+        nursery.cancel_scope.cancel()
+    log.info("workspace-supervisor stopped")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="workspace-supervisor", description="Run one confined IDE per user in this pod.")
+    parser.add_argument("--version", action="version", version=__version__)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, help in (("run", "run the daemon"), ("check-config", "validate the configuration and exit")):
+        sub = commands.add_parser(name, help=help, description=help)
+        sub.add_argument("--config", type=Path, default=None,
+                         help=f"TOML config file (default: $WSUP_CONFIG, else {config_module.DEFAULT_CONFIG_PATH} if it exists, else built-in defaults)")
+        sub.add_argument("--socket", type=Path, default=None, help="control socket (overrides [control] socket)")
+    commands.add_parser("config-reference", help="print every setting with its default and help")
+    return parser
+
+
+def _config_path(arg: Path | None) -> Path | None:
+    if arg is not None:
+        return arg
+    if os.environ.get("WSUP_CONFIG"):
+        return Path(os.environ["WSUP_CONFIG"])
+    return config_module.DEFAULT_CONFIG_PATH if config_module.DEFAULT_CONFIG_PATH.exists() else None
+
+
+def main(argv: list[str] | None = None) -> NoReturn:
+    args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
+    if args.command == "config-reference":
+        print(config_module.describe())
+        sys.exit(0)
+    path = _config_path(args.config)
+    environ = dict(os.environ)
+    if args.socket is not None:
+        environ["WSUP_CONTROL_SOCKET"] = str(args.socket)
+    try:
+        config = config_module.load(path, environ)
+    except SupervisorError as exc:
+        print(f"workspace-supervisor: {exc}", file=sys.stderr)
+        sys.exit(2)
+    if args.command == "check-config":
+        print(f"{path or 'built-in defaults'}: ok")
+        sys.exit(0)
+    logging.basicConfig(
+        level=config.daemon.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    log.info("configuration: %s", path or "built-in defaults")
+    try:
+        trio.run(run_daemon, config)
+    except SupervisorError as exc:
+        log.error("%s", exc)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,647 @@
+"""The trio adapter around :mod:`supervisor.sessions`: carries out actions against the kernel.
+
+One :class:`SessionManager` per daemon. Every event for a user (operator verb, process exit,
+readiness, retry timer) is handled under that user's lock: the pure state machine decides, then
+the actions run in order. Exits are noticed through a pidfd per main process (and SIGCHLD, which
+also reaps orphans when the daemon is PID 1); nothing polls for them.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import trio
+
+from supervisor import launch, logfiles
+from supervisor.cgroups import CgroupDriver, Limits
+from supervisor.config import Config, TierConfig
+from supervisor.errors import CgroupError, InvalidTransition, SupervisorError, UnknownUser
+from supervisor.paths import UserPaths, ensure_private_dir, ensure_user_dirs, resolve_uid, user_paths, validate_user_id
+from supervisor.sessions import (
+    LIVE,
+    Action,
+    CancelRetry,
+    Cleanup,
+    ExitInfo,
+    Freeze,
+    KillTree,
+    Pod,
+    RestartPolicy,
+    ScheduleRetry,
+    Spawn,
+    State,
+    Terminate,
+    Thaw,
+    UserSession,
+)
+from supervisor.statefile import StateStore, UserRecord
+
+log = logging.getLogger(__name__)
+SOCKET_NAME = "ide.sock"
+
+
+class Reaper:
+    """Collects exit statuses of the daemon's children (and, as PID 1, reaps every orphan)."""
+
+    def __init__(self) -> None:
+        self.statuses: dict[int, int] = {}
+        self.orphans_reaped = 0
+
+    def collect(self, managed: Callable[[int], bool] = lambda pid: True) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            if managed(pid):
+                self.statuses[pid] = status
+            else:
+                self.orphans_reaped += 1
+
+    def pop(self, pid: int) -> int | None:
+        self.collect()
+        return self.statuses.pop(pid, None)
+
+
+def limits_for(tier: TierConfig, *, starting: bool = False) -> Limits:
+    """The cgroup limits of a tier; while STARTING the CPU may be boosted to ``start_cpu``."""
+    cpu = max(tier.cpu, tier.start_cpu) if starting else tier.cpu
+    return Limits(
+        cpu_millicores=cpu,
+        memory_bytes=tier.memory,
+        memory_high_bytes=int(tier.memory * tier.memory_high) if tier.memory_high < 1 else None,
+        pids=tier.pids,
+    )
+
+
+def exit_info(status: int | None, oom: bool) -> ExitInfo:
+    if status is None:
+        return ExitInfo(oom=oom)
+    if os.WIFSIGNALED(status):
+        return ExitInfo(signal=os.WTERMSIG(status), oom=oom)
+    return ExitInfo(code=os.waitstatus_to_exitcode(status), oom=oom)
+
+
+async def probe_http(socket_path: Path, timeout: float = 5.0) -> bool:
+    """True once something answers ``GET /`` with an HTTP status line on ``socket_path``."""
+    sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+    try:
+        with trio.move_on_after(timeout):
+            try:
+                await sock.connect(str(socket_path))
+            except OSError as exc:
+                if exc.errno in (errno.ENOENT, errno.ECONNREFUSED, errno.EAGAIN):
+                    return False
+                raise
+            await sock.send(b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+            data = await sock.recv(16)
+            return data.startswith(b"HTTP/1.")
+        return False
+    except OSError:
+        return False
+    finally:
+        sock.close()
+
+
+@dataclass
+class UserRuntime:
+    """Effects-side facts about one user (the decisions live in ``session``)."""
+
+    session: UserSession
+    uid: int
+    gid: int
+    paths: UserPaths
+    socket_dir: Path
+    log_path: Path
+    lock: trio.Lock = field(default_factory=trio.Lock)
+    pid_start: int | None = None
+    oom_baseline: int = 0
+    oom_kills: int = 0
+    memory_bytes: int = 0
+    cpu_usage_us: int = 0
+    started_wall: float | None = None
+    running_since_wall: float | None = None
+    retry_scope: trio.CancelScope | None = None
+
+    @property
+    def socket_path(self) -> Path:
+        return self.socket_dir / SOCKET_NAME
+
+
+class SessionManager:
+    """Runs every user's IDE; the single owner of users' processes and cgroups."""
+
+    def __init__(
+        self, config: Config, driver: CgroupDriver, *, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.config = config
+        self.driver = driver
+        self.clock = clock
+        self.pod = Pod(capacity=config.pod.capacity)
+        self.runtimes: dict[str, UserRuntime] = {}
+        self.reaper = Reaper()
+        self.store = StateStore(config.daemon.state_dir)
+        self.policy = RestartPolicy(
+            healthy_after=config.restart.healthy_after,
+            backoff_initial=config.restart.backoff_initial,
+            backoff_max=config.restart.backoff_max,
+            max_failures=config.restart.max_failures,
+        )
+        self.started_wall = time.time()
+        self.oom_kills_total = 0
+        self._changed = trio.Event()
+        self._nursery: trio.Nursery | None = None
+
+    # ---- service ---------------------------------------------------------------------------
+
+    async def serve(self, *, task_status: trio.TaskStatus[SessionManager] = trio.TASK_STATUS_IGNORED) -> None:
+        """Prepare cgroups, re-adopt surviving users, then run until cancelled."""
+        self.store.open()
+        self.driver.prepare()
+        log.info("cgroups: %s", self.driver.describe())
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            nursery.start_soon(self._sigchld_loop)
+            await self._adopt_all()
+            nursery.start_soon(self._sample_loop)
+            task_status.started(self)
+
+    @property
+    def nursery(self) -> trio.Nursery:
+        assert self._nursery is not None, "SessionManager.serve() is not running"
+        return self._nursery
+
+    async def _sigchld_loop(self) -> None:
+        with trio.open_signal_receiver(signal.SIGCHLD) as signals:
+            self.reaper.collect(self._is_managed)
+            async for _ in signals:
+                self.reaper.collect(self._is_managed)
+
+    def _is_managed(self, pid: int) -> bool:
+        return any(rt.session.pid == pid for rt in self.runtimes.values())
+
+    async def _sample_loop(self) -> None:
+        while True:
+            await trio.sleep(self.config.daemon.usage_interval)
+            self.sample_usage()
+
+    def sample_usage(self) -> None:
+        """Refresh usage of every live user; notice OOM kills of non-main processes; rotate logs."""
+        for rt in list(self.runtimes.values()):
+            if rt.session.state not in LIVE:
+                continue
+            try:
+                usage = self.driver.usage(rt.session.user)
+            except CgroupError as exc:
+                log.warning("user=%s cannot read cgroup usage: %s", rt.session.user, exc)
+                continue
+            rt.memory_bytes = usage.memory_bytes
+            rt.cpu_usage_us = usage.cpu_usage_us
+            if usage.oom_kills > rt.oom_baseline + rt.oom_kills:
+                new = usage.oom_kills - rt.oom_baseline - rt.oom_kills
+                rt.oom_kills += new
+                self.oom_kills_total += new
+                log.warning(
+                    "user=%s OOM: the kernel killed %d process(es) in the tree at the %s memory limit",
+                    rt.session.user, new, rt.session.tier,
+                )
+            logfiles.rotate_if_needed(rt.log_path, self.config.daemon.log_max_bytes, self.config.daemon.log_backups)
+
+    # ---- operator verbs --------------------------------------------------------------------
+
+    def runtime(self, user: str) -> UserRuntime:
+        validate_user_id(user)
+        try:
+            return self.runtimes[user]
+        except KeyError:
+            raise UnknownUser(f"unknown user {user!r}: this daemon has never started it") from None
+
+    async def start(self, user: str, tier: str | None = None, *, wait: bool = True) -> dict[str, Any]:
+        """Start ``user`` (or change its tier in place); with ``wait``, return once it is RUNNING
+        or has failed. Raises CapacityExceeded/Draining/UnknownTier before touching anything."""
+        validate_user_id(user)
+        rt = self.runtimes.get(user)
+        tier_name = tier or (rt.session.tier if rt else "free")
+        tier_config = self.config.tier(tier_name)
+        self.pod.check_admission(user)
+        if rt is None:
+            rt = self._new_runtime(user, tier_name)
+        async with rt.lock:
+            if tier_name != rt.session.tier:
+                self._change_tier(rt, tier_name, tier_config)
+            await self._handle(rt, rt.session.on_start(self.clock()))
+        if wait:
+            await self.wait_for(user, lambda s: s.state is not State.STARTING, self.config.ide.ready_timeout + 5)
+        return self.describe(rt)
+
+    async def stop(self, user: str, *, wait: bool = True) -> dict[str, Any]:
+        rt = self.runtime(user)
+        async with rt.lock:
+            await self._handle(rt, rt.session.on_stop(self.clock(), self.config.ide.stop_grace))
+        if wait:
+            await self.wait_for(user, lambda s: s.state not in LIVE, self.config.ide.stop_grace + 30)
+        return self.describe(rt)
+
+    async def restart(self, user: str) -> dict[str, Any]:
+        await self.stop(user)
+        return await self.start(user)
+
+    async def pause(self, user: str) -> dict[str, Any]:
+        rt = self.runtime(user)
+        async with rt.lock:
+            await self._handle(rt, rt.session.on_pause(self.clock()))
+        return self.describe(rt)
+
+    async def resume(self, user: str) -> dict[str, Any]:
+        rt = self.runtime(user)
+        async with rt.lock:
+            await self._handle(rt, rt.session.on_resume(self.clock()))
+        return self.describe(rt)
+
+    def send_signal(self, user: str, signum: int) -> dict[str, Any]:
+        rt = self.runtime(user)
+        pid = rt.session.pid
+        if pid is None or rt.session.state not in LIVE:
+            raise InvalidTransition(f"user {user} has no running process (state {rt.session.state.value})")
+        os.kill(pid, signum)
+        log.info("user=%s sent signal %s to pid %d", user, signal.Signals(signum).name, pid)
+        return self.describe(rt)
+
+    async def stop_all(self, deadline: float) -> None:
+        """Stop every live user gracefully at once; kill what is left when ``deadline`` passes."""
+        live = [rt for rt in self.runtimes.values() if rt.session.state not in (State.STOPPED, State.EXITED, State.FATAL)]
+        grace = min(self.config.ide.stop_grace, max(0.0, deadline - 1.0))
+        with trio.move_on_after(deadline):
+            async with trio.open_nursery() as nursery:
+                for rt in live:
+                    nursery.start_soon(self._stop_one, rt, grace)
+        for rt in live:
+            if rt.session.state in LIVE:
+                log.error("user=%s did not stop within the shutdown deadline; killing its tree", rt.session.user)
+                self._kill_now(rt)
+
+    async def _stop_one(self, rt: UserRuntime, grace: float) -> None:
+        async with rt.lock:
+            await self._handle(rt, rt.session.on_stop(self.clock(), grace))
+        await self.wait_for(rt.session.user, lambda s: s.state not in LIVE, grace + 30)
+
+    async def wait_for(self, user: str, predicate: Callable[[UserSession], bool], timeout: float) -> None:
+        rt = self.runtimes[user]
+        with trio.move_on_after(timeout):
+            while not predicate(rt.session):
+                await self._changed.wait()
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    # ---- runtime construction and adoption -------------------------------------------------
+
+    def _new_runtime(self, user: str, tier: str) -> UserRuntime:
+        ws = self.config.workspace
+        paths = user_paths(ws.root, ws.shards, user)
+        uid = resolve_uid(ws.root, ws.shards, user, self.config.users.uid_min, self.config.users.uid_max)
+        rt = UserRuntime(
+            session=UserSession(user=user, tier=tier, policy=self.policy),
+            uid=uid,
+            gid=uid,
+            paths=paths,
+            socket_dir=self.config.daemon.run_dir / "users" / user,
+            log_path=self.config.daemon.log_dir / f"{user}.log",
+        )
+        self.runtimes[user] = rt
+        self.pod.users[user] = rt.session
+        return rt
+
+    def _change_tier(self, rt: UserRuntime, tier_name: str, tier: TierConfig) -> None:
+        old = rt.session.tier
+        rt.session.tier = tier_name
+        if rt.session.state in LIVE and self.driver.exists(rt.session.user):
+            self.driver.set_limits(rt.session.user, limits_for(tier, starting=rt.session.state is State.STARTING))
+        log.info("user=%s tier %s -> %s (limits rewritten in place)", rt.session.user, old, tier_name)
+        self._save(rt)
+
+    async def _adopt_all(self) -> None:
+        """Take over users a previous daemon left running; kill cgroups nobody accounts for."""
+        now, wall = self.clock(), time.time()
+        for record in self.store.load_all():
+            if record.tier not in self.config.tiers:
+                log.warning("user=%s state file names unknown tier %r; using 'free'", record.user, record.tier)
+            rt = self._new_runtime_from(record)
+            session = rt.session
+            session.state = State(record.state)
+            session.since = now
+            if record.running_since_wall is not None:
+                session.running_since = now - (wall - record.running_since_wall)
+                rt.running_since_wall = record.running_since_wall
+            rt.started_wall = record.started_wall
+            if session.state not in LIVE:
+                if session.state is State.BACKOFF:
+                    self.nursery.start_soon(self._handle_locked, rt, session.on_retry_due)
+                continue
+            alive = (
+                record.pid is not None
+                and launch.process_start_time(record.pid) == record.pid_start
+                and self.driver.exists(record.user)
+            )
+            if not alive or record.pid is None:
+                log.warning("user=%s was %s but its process is gone", record.user, record.state)
+                session.state = State.STARTING if session.state is State.STARTING else State.RUNNING
+                self.nursery.start_soon(self._handle_locked, rt, lambda now: rt.session.on_exit(now, ExitInfo()))
+                continue
+            pidfd = os.pidfd_open(record.pid)
+            session.pid = record.pid
+            rt.pid_start = record.pid_start
+            rt.oom_baseline = self.driver.usage(record.user).oom_kills
+            if self.driver.is_frozen(record.user):
+                session.state = State.PAUSED
+            self.nursery.start_soon(self._watch_exit, rt, record.pid, pidfd)
+            if session.state is State.STARTING:
+                self.nursery.start_soon(self._await_ready, rt, record.pid)
+            elif session.state is State.STOPPING:
+                session.state = State.RUNNING  # stop it again from the top: SIGTERM, grace, kill
+                self.nursery.start_soon(self._stop_one, rt, self.config.ide.stop_grace)
+            log.info("user=%s re-adopted pid %d in state %s", record.user, record.pid, session.state.value)
+        for user in self.driver.users():
+            if user not in self.runtimes or self.runtimes[user].session.state not in LIVE:
+                log.warning("user=%s cgroup with no live process on record: killing the orphaned tree", user)
+                self.driver.kill(user)
+                await self._wait_empty(user)
+                self._remove_cgroup(user)
+
+    async def _handle_locked(self, rt: UserRuntime, event: Callable[[float], list[Action]]) -> None:
+        async with rt.lock:
+            await self._handle(rt, event(self.clock()))
+
+    def _new_runtime_from(self, record: UserRecord) -> UserRuntime:
+        ws = self.config.workspace
+        tier = record.tier if record.tier in self.config.tiers else "free"
+        rt = UserRuntime(
+            session=UserSession(user=record.user, tier=tier, policy=self.policy, restarts=record.restarts, reason=record.reason),
+            uid=record.uid,
+            gid=record.gid,
+            paths=user_paths(ws.root, ws.shards, record.user),
+            socket_dir=self.config.daemon.run_dir / "users" / record.user,
+            log_path=self.config.daemon.log_dir / f"{record.user}.log",
+        )
+        self.runtimes[record.user] = rt
+        self.pod.users[record.user] = rt.session
+        return rt
+
+    # ---- carrying out actions --------------------------------------------------------------
+
+    async def _handle(self, rt: UserRuntime, actions: list[Action]) -> None:
+        """Carry out ``actions`` (caller holds ``rt.lock``), then persist and notify waiters."""
+        for action in actions:
+            await self._execute(rt, action)
+        self._save(rt)
+        self._notify()
+
+    async def _execute(self, rt: UserRuntime, action: Action) -> None:
+        user = rt.session.user
+        if isinstance(action, Spawn):
+            for follow_up in self._spawn(rt):
+                await self._execute(rt, follow_up)
+        elif isinstance(action, Terminate):
+            if rt.session.pid is not None:
+                self._signal_pid(rt.session.pid, signal.SIGTERM)
+                self.nursery.start_soon(self._kill_after_grace, rt, rt.session.pid, action.grace)
+        elif isinstance(action, KillTree):
+            if self.driver.exists(user):
+                self.driver.kill(user)
+                await self._wait_empty(user)
+        elif isinstance(action, Cleanup):
+            self._remove_cgroup(user)
+            self._remove_socket(rt)
+        elif isinstance(action, ScheduleRetry):
+            rt.retry_scope = trio.CancelScope()
+            self.nursery.start_soon(self._retry_after, rt, action.delay, rt.retry_scope)
+        elif isinstance(action, CancelRetry):
+            if rt.retry_scope is not None:
+                rt.retry_scope.cancel()
+                rt.retry_scope = None
+        elif isinstance(action, Freeze):
+            self.driver.freeze(user)
+            log.info("user=%s frozen", user)
+        elif isinstance(action, Thaw):
+            if self.driver.exists(user):
+                self.driver.thaw(user)
+                log.info("user=%s thawed", user)
+
+    def _spawn(self, rt: UserRuntime) -> list[Action]:
+        """Start the tree; on failure return the state machine's follow-up actions."""
+        session = rt.session
+        user = session.user
+        try:
+            tier = self.config.tier(session.tier)
+            ensure_user_dirs(rt.paths, self.config.workspace.root, rt.uid, rt.gid)
+            ensure_private_dir(rt.socket_dir, rt.uid, rt.gid)
+            self._remove_socket_file(rt)
+            self.driver.create(user, limits_for(tier, starting=True))
+            rt.oom_baseline = self.driver.usage(user).oom_kills
+            rt.oom_kills = 0
+            spec = launch.build_spec(
+                user=user, uid=rt.uid, gid=rt.gid,
+                command=self.config.ide.command, extra_env=self.config.ide.env, shell=self.config.ide.shell,
+                workspace=rt.paths.workspace, home=rt.paths.home, socket_path=rt.socket_path,
+                procs_files=self.driver.procs_files(user), log_path=rt.log_path,
+            )
+            pid = launch.spawn(spec)
+        except SupervisorError as exc:
+            log.error("user=%s cannot start: %s", user, exc)
+            return session.on_spawn_failed(self.clock(), str(exc))
+        pidfd = os.pidfd_open(pid)
+        session.on_spawned(pid)
+        rt.pid_start = launch.process_start_time(pid)
+        rt.started_wall = time.time()
+        rt.running_since_wall = None
+        log.info("user=%s spawned pid %d (tier %s, uid %d): %s", user, pid, session.tier, rt.uid, session.reason)
+        self.nursery.start_soon(self._watch_exit, rt, pid, pidfd)
+        self.nursery.start_soon(self._await_ready, rt, pid)
+        return []
+
+    async def _watch_exit(self, rt: UserRuntime, pid: int, pidfd: int) -> None:
+        try:
+            await trio.lowlevel.wait_readable(pidfd)
+        finally:
+            os.close(pidfd)
+        status = self.reaper.pop(pid)
+        oom = False
+        try:
+            oom = self.driver.exists(rt.session.user) and (
+                self.driver.usage(rt.session.user).oom_kills > rt.oom_baseline + rt.oom_kills
+            )
+        except CgroupError:
+            pass
+        info = exit_info(status, oom)
+        async with rt.lock:
+            if rt.session.pid != pid:
+                return
+            if oom:
+                self.oom_kills_total += 1
+            level = logging.INFO if rt.session.state is State.STOPPING else logging.WARNING
+            log.log(level, "user=%s pid %d %s (state %s)", rt.session.user, pid, info.describe(), rt.session.state.value)
+            await self._handle(rt, rt.session.on_exit(self.clock(), info))
+
+    async def _await_ready(self, rt: UserRuntime, pid: int) -> None:
+        timeout = self.config.ide.ready_timeout
+        deadline = self.clock() + timeout
+        delay = 0.001
+        while True:
+            if rt.session.pid != pid or rt.session.state is not State.STARTING:
+                return
+            if await probe_http(rt.socket_path):
+                break
+            if self.clock() >= deadline:
+                async with rt.lock:
+                    if rt.session.pid == pid:
+                        log.error("user=%s not ready within %gs; killing this attempt", rt.session.user, timeout)
+                        await self._handle(rt, rt.session.on_ready_timeout(self.clock(), timeout))
+                return
+            await trio.sleep(delay)
+            delay = min(delay * 1.5, 0.05)
+        async with rt.lock:
+            if rt.session.pid != pid:
+                return
+            tier = self.config.tier(rt.session.tier)
+            if tier.start_cpu > tier.cpu:
+                self.driver.set_limits(rt.session.user, limits_for(tier))
+            rt.running_since_wall = time.time()
+            await self._handle(rt, rt.session.on_ready(self.clock()))
+        log.info("user=%s RUNNING (pid %d)", rt.session.user, pid)
+
+    async def _kill_after_grace(self, rt: UserRuntime, pid: int, grace: float) -> None:
+        await trio.sleep(grace)
+        if rt.session.pid == pid and rt.session.state is State.STOPPING:
+            log.warning("user=%s did not exit %gs after SIGTERM; killing the tree", rt.session.user, grace)
+            self._kill_now(rt)
+
+    async def _retry_after(self, rt: UserRuntime, delay: float, scope: trio.CancelScope) -> None:
+        with scope:
+            await trio.sleep(delay)
+            async with rt.lock:
+                if rt.retry_scope is scope:
+                    rt.retry_scope = None
+                    await self._handle(rt, rt.session.on_retry_due(self.clock()))
+
+    async def _wait_empty(self, user: str, timeout: float = 10.0) -> None:
+        delay = 0.001
+        with trio.move_on_after(timeout):
+            while self.driver.pids(user):
+                await trio.sleep(delay)
+                delay = min(delay * 2, 0.05)
+            return
+        log.error("user=%s processes still in the cgroup %gs after kill: %s", user, timeout, self.driver.pids(user))
+
+    def _kill_now(self, rt: UserRuntime) -> None:
+        user = rt.session.user
+        try:
+            if self.driver.exists(user):
+                if self.driver.is_frozen(user):
+                    self.driver.thaw(user)
+                self.driver.kill(user)
+        except CgroupError as exc:
+            log.error("user=%s cannot kill the tree: %s", user, exc)
+
+    @staticmethod
+    def _signal_pid(pid: int, signum: int) -> None:
+        try:
+            os.kill(pid, signum)
+        except ProcessLookupError:
+            pass
+
+    def _remove_cgroup(self, user: str) -> None:
+        try:
+            self.driver.remove(user)
+        except CgroupError as exc:
+            log.error("user=%s cannot remove its cgroup: %s", user, exc)
+
+    def _remove_socket_file(self, rt: UserRuntime) -> None:
+        try:
+            rt.socket_path.unlink()
+        except FileNotFoundError:
+            pass
+
+    def _remove_socket(self, rt: UserRuntime) -> None:
+        self._remove_socket_file(rt)
+        try:
+            rt.socket_dir.rmdir()
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            log.warning("user=%s cannot remove %s: %s", rt.session.user, rt.socket_dir, exc)
+
+    def _save(self, rt: UserRuntime) -> None:
+        s = rt.session
+        if s.state is State.STOPPED:
+            self.store.delete(s.user)
+            return
+        self.store.save(UserRecord(
+            user=s.user, tier=s.tier, uid=rt.uid, gid=rt.gid, state=s.state.value, pid=s.pid,
+            pid_start=rt.pid_start if s.pid else None, restarts=s.restarts,
+            running_since_wall=rt.running_since_wall, started_wall=rt.started_wall, reason=s.reason,
+        ))
+
+    # ---- reading -------------------------------------------------------------------------------
+
+    def describe(self, rt: UserRuntime) -> dict[str, Any]:
+        """One user's status as `workspacectl status --json` shows it."""
+        s = rt.session
+        tier = self.config.tiers.get(s.tier)
+        uptime = self.clock() - s.running_since if s.running_since is not None and s.state in (State.RUNNING, State.PAUSED) else 0.0
+        return {
+            "user": s.user,
+            "state": s.state.value,
+            "pid": s.pid,
+            "tier": s.tier,
+            "shard": rt.paths.shard,
+            "workspace": str(rt.paths.workspace),
+            "uid": rt.uid,
+            "memory_bytes": rt.memory_bytes,
+            "memory_limit_bytes": tier.memory if tier else None,
+            "cpu_limit_millicores": tier.cpu if tier else None,
+            "restarts": s.restarts,
+            "uptime_s": round(uptime, 3),
+            "reason": s.reason,
+            "last_exit": s.last_exit.describe() if s.last_exit else None,
+            "oom_kills": rt.oom_kills,
+            "log": str(rt.log_path),
+        }
+
+    def status(self, users: list[str] | None = None) -> list[dict[str, Any]]:
+        if users:
+            return [self.describe(self.runtime(u)) for u in users]
+        by_name = sorted(self.runtimes.values(), key=lambda rt: rt.session.user)
+        for rt in by_name:
+            if rt.session.state in LIVE:
+                try:
+                    usage = self.driver.usage(rt.session.user)
+                    rt.memory_bytes = usage.memory_bytes
+                except CgroupError:
+                    pass
+        return [self.describe(rt) for rt in by_name]
+
+    def pod_info(self) -> dict[str, Any]:
+        return {
+            "pod": self.config.pod_id,
+            "capacity": self.pod.capacity,
+            "occupied": self.pod.occupied(),
+            "free_slots": self.pod.free_slots(),
+            "draining": self.pod.draining,
+            "users_by_state": self.pod.counts_by_state(),
+            "cgroup_version": self.driver.version,
+            "cgroup_driver": self.driver.describe(),
+            "oom_kills": self.oom_kills_total,
+            "orphans_reaped": self.reaper.orphans_reaped,
+            "uptime_s": round(time.time() - self.started_wall, 3),
+            "pid": os.getpid(),
+        }
