@@ -1,0 +1,342 @@
+"""cgroup v1 driver, built on cgroupspy.
+
+One group per user in every hierarchy the driver needs: ``<hierarchy>/<name>/<user>`` where a
+hierarchy is a v1 mount under ``<mount>`` holding one or more of cpu, cpuacct, memory, pids and
+freezer (``cpu`` and ``cpuacct`` may be mounted apart or together as ``cpu,cpuacct``). Which mount
+holds which controller is read from ``/proc/self/mountinfo``, not guessed from directory names.
+
+cgroupspy provides the tree nodes and the typed cpu, cpuacct and memory files; the pids and
+freezer files, which it lacks, are declared below the same way (controller classes with file
+descriptors).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Literal, Mapping
+
+from cgroupspy.controllers import Controller, CpuAcctController, CpuController, MemoryController
+from cgroupspy.interfaces import BaseFileInterface, IntegerFile
+from cgroupspy.nodes import Node
+from cgroupspy.trees import BaseTree
+
+from supervisor.cgroups.base import Limits, Usage
+from supervisor.cgroups.v2 import check_group_name, cpu_quota_us, read_pids, rmdir_when_empty, wait_until
+from supervisor.errors import CgroupError
+
+REQUIRED_CONTROLLERS = ("cpu", "cpuacct", "memory", "pids", "freezer")
+
+MISSING_HIERARCHIES_HINT = (
+    "mount the missing cgroup v1 controllers under the configured [cgroups] mount "
+    "(e.g. mount -t cgroup -o pids cgroup /sys/fs/cgroup/pids), or use a cgroup v2 host"
+)
+
+
+# --- mount discovery (pure parsing apart from reading the file) --------------------------------
+
+
+@dataclass(frozen=True)
+class MountEntry:
+    """One line of ``/proc/self/mountinfo``."""
+
+    mount_point: Path
+    fstype: str
+    super_options: tuple[str, ...]
+
+
+def _unescape(field: str) -> str:
+    """mountinfo escapes space, tab, newline and backslash as octal (``\\040``)."""
+    out, i = [], 0
+    while i < len(field):
+        code = field[i + 1 : i + 4]
+        if field[i] == "\\" and len(code) == 3 and code.isdigit():
+            out.append(chr(int(code, 8)))
+            i += 4
+        else:
+            out.append(field[i])
+            i += 1
+    return "".join(out)
+
+
+def parse_mountinfo(text: str) -> list[MountEntry]:
+    """Parse ``/proc/self/mountinfo`` (see proc(5)): fields, optional fields, ``-``, fs type, source, super options."""
+    entries: list[MountEntry] = []
+    for line in text.splitlines():
+        before, sep, after = line.partition(" - ")
+        fields, tail = before.split(), after.split()
+        if not sep or len(fields) < 5 or len(tail) < 3:
+            continue
+        entries.append(MountEntry(Path(_unescape(fields[4])), tail[0], tuple(tail[2].split(","))))
+    return entries
+
+
+def read_mountinfo() -> list[MountEntry]:
+    try:
+        return parse_mountinfo(Path("/proc/self/mountinfo").read_text())
+    except OSError as exc:
+        raise CgroupError(f"cannot read /proc/self/mountinfo: {exc.strerror}") from exc
+
+
+def v1_hierarchies(entries: list[MountEntry], mount: Path) -> dict[str, Path]:
+    """Map each required v1 controller to the mount point of its hierarchy directly under ``mount``."""
+    found: dict[str, Path] = {}
+    for entry in entries:
+        if entry.fstype != "cgroup" or entry.mount_point.parent != mount:
+            continue
+        for option in entry.super_options:
+            if option in REQUIRED_CONTROLLERS:
+                found.setdefault(option, entry.mount_point)
+    return found
+
+
+# --- controller files cgroupspy lacks ---------------------------------------------------------
+
+
+class PidsController(Controller):
+    """pids.max (``max`` or a number) and pids.current."""
+
+    max = BaseFileInterface("pids.max")
+    current = IntegerFile("pids.current")
+
+
+class FreezerController(Controller):
+    """freezer.state: THAWED, FREEZING or FROZEN."""
+
+    state = BaseFileInterface("freezer.state")
+
+
+def _oom_kills(oom_control: Mapping[str, int] | Any, failcnt: int) -> int:
+    """OOM kills from memory.oom_control's ``oom_kill`` (Linux 4.13+), else memory.failcnt."""
+    if isinstance(oom_control, Mapping) and "oom_kill" in oom_control:
+        return int(oom_control["oom_kill"])
+    return failcnt
+
+
+# --- the driver -------------------------------------------------------------------------------
+
+
+class V1Driver:
+    """A :class:`~supervisor.cgroups.base.CgroupDriver` for cgroup v1 hierarchies.
+
+    ``memory_bytes`` is a hard limit on RAM and swap together (``memory.memsw.limit_in_bytes``
+    where swap accounting exists); ``memory_high_bytes`` becomes the soft limit. Lowering the
+    memory limit below what the group uses fails with EBUSY (v1 reclaims; it does not OOM-kill
+    on a write). :meth:`kill` returns only once the group is empty.
+    """
+
+    version: Literal[1] = 1
+    wait_timeout = 5.0
+
+    def __init__(self, mount: Path, name: str) -> None:
+        check_group_name("subtree", name)
+        self.mount = Path(mount)
+        self.name = name
+        self._controller_mounts = v1_hierarchies(read_mountinfo(), self.mount)
+        missing = [c for c in REQUIRED_CONTROLLERS if c not in self._controller_mounts]
+        if missing:
+            raise CgroupError(
+                f"cgroup v1 controllers {', '.join(missing)} are not mounted under {self.mount}",
+                reason="cgroup_controllers_missing",
+                hint=MISSING_HIERARCHIES_HINT,
+            )
+        # One entry per hierarchy: co-mounted controllers share a directory.
+        self._hierarchies = list(dict.fromkeys(self._controller_mounts[c] for c in REQUIRED_CONTROLLERS))
+
+    # -- navigation (fresh cgroupspy nodes each time: a Node caches its children)
+
+    def _subtree(self, hierarchy: Path) -> Node:
+        return Node(self.name, parent=Node(str(hierarchy)))
+
+    def _node(self, controller: str, user: str) -> Node:
+        check_group_name("user", user)
+        return Node(user, parent=self._subtree(self._controller_mounts[controller]))
+
+    def _dirs(self, user: str) -> list[Path]:
+        check_group_name("user", user)
+        return [h / self.name / user for h in self._hierarchies]
+
+    def _cpu(self, user: str) -> Any:
+        return CpuController(self._node("cpu", user))
+
+    def _cpuacct(self, user: str) -> Any:
+        return CpuAcctController(self._node("cpuacct", user))
+
+    def _memory(self, user: str) -> Any:
+        return MemoryController(self._node("memory", user))
+
+    def _pids(self, user: str) -> Any:
+        return PidsController(self._node("pids", user))
+
+    def _freezer(self, user: str) -> Any:
+        return FreezerController(self._node("freezer", user))
+
+    def _require(self, user: str) -> None:
+        missing = [d for d in self._dirs(user) if not d.is_dir()]
+        if missing:
+            raise CgroupError(f"cgroup {missing[0]} does not exist", reason="cgroup_missing", hint="create() the user's group first")
+
+    # -- introspection and set-up
+
+    def describe(self) -> str:
+        return f"cgroup v1 at {self.mount} ({' '.join(REQUIRED_CONTROLLERS)}), subtree {self.name}"
+
+    def prepare(self) -> None:
+        for hierarchy in self._hierarchies:
+            with _errors(f"create {hierarchy / self.name}"):
+                Node(str(hierarchy)).create_cgroup(self.name)
+        memory = MemoryController(self._subtree(self._controller_mounts["memory"]))
+        with _errors(f"enable memory.use_hierarchy in {self._controller_mounts['memory'] / self.name}"):
+            if not memory.use_hierarchy:  # always on since Linux 5.x; older kernels need it set
+                memory.use_hierarchy = True
+
+    def create(self, user: str, limits: Limits) -> None:
+        check_group_name("user", user)
+        for hierarchy in self._hierarchies:
+            if not (hierarchy / self.name).is_dir():
+                raise CgroupError(f"cannot create {user!r}: {hierarchy / self.name} is missing", hint="call prepare() first")
+            with _errors(f"create {hierarchy / self.name / user}"):
+                self._subtree(hierarchy).create_cgroup(user)
+        with _errors(f"enable the OOM killer for {user}"):
+            self._memory(user).oom_control = 0  # oom_kill_disable 0: the kernel kills, as by default
+        self.set_limits(user, limits)
+
+    def set_limits(self, user: str, limits: Limits) -> None:
+        self._require(user)
+        cpu, memory, pids = self._cpu(user), self._memory(user), self._pids(user)
+        with _errors(f"set the cpu limit of {user}"):
+            cpu.cfs_period_us = limits.cpu_period_us
+            cpu.cfs_quota_us = cpu_quota_us(limits.cpu_millicores, limits.cpu_period_us)
+        with _errors(f"set the memory limit of {user}"):
+            self._set_memory(memory, limits.memory_bytes)
+            memory.soft_limit_in_bytes = limits.memory_high_bytes  # None writes -1: unlimited
+        with _errors(f"set pids.max of {user}"):
+            pids.max = limits.pids
+
+    def _set_memory(self, memory: Any, limit: int) -> None:
+        """Set RAM and RAM+swap to ``limit``; the kernel keeps limit <= memsw at every step."""
+        if not os.path.exists(memory.filepath(b"memory.memsw.limit_in_bytes")):
+            memory.limit_in_bytes = limit
+            return
+        memsw = memory.memsw_limit_in_bytes
+        if memsw is not None and limit > memsw:
+            memory.memsw_limit_in_bytes = limit
+            memory.limit_in_bytes = limit
+        else:
+            memory.limit_in_bytes = limit
+            memory.memsw_limit_in_bytes = limit
+
+    # -- membership
+
+    def procs_files(self, user: str) -> list[str]:
+        return [str(d / "cgroup.procs") for d in self._dirs(user)]
+
+    def pids(self, user: str) -> list[int]:
+        found: set[int] = set()
+        for directory in self._dirs(user):
+            for node in _tree(directory):
+                found.update(read_pids(Path(os.fsdecode(node.full_path)) / "cgroup.procs"))
+        return sorted(found)
+
+    def exists(self, user: str) -> bool:
+        return any(d.is_dir() for d in self._dirs(user))
+
+    def users(self) -> list[str]:
+        names: set[str] = set()
+        for hierarchy in self._hierarchies:
+            try:
+                names.update(e.name for e in os.scandir(hierarchy / self.name) if e.is_dir())
+            except FileNotFoundError:
+                continue
+        return sorted(names)
+
+    # -- freezer and kill
+
+    def _set_state(self, user: str, state: str) -> bool:
+        """Write freezer.state and wait until the kernel reports it; False on timeout."""
+        freezer = self._freezer(user)
+        with _errors(f"set freezer.state of {user} to {state}"):
+            freezer.state = state
+        return wait_until(lambda: bool(freezer.state == state), self.wait_timeout)
+
+    def freeze(self, user: str) -> None:
+        self._require(user)
+        if not self._set_state(user, "FROZEN"):
+            raise CgroupError(
+                f"{user} was not reported FROZEN within {self.wait_timeout:g} s",
+                hint="a task in uninterruptible sleep (e.g. on NFS) delays freezing",
+            )
+
+    def thaw(self, user: str) -> None:
+        self._require(user)
+        if not self._set_state(user, "THAWED"):
+            raise CgroupError(f"{user} was not reported THAWED within {self.wait_timeout:g} s", hint="a frozen parent keeps its children frozen")
+
+    def is_frozen(self, user: str) -> bool:
+        if not self.exists(user):
+            return False
+        with _errors(f"read freezer.state of {user}"):
+            return bool(self._freezer(user).state == "FROZEN")
+
+    def kill(self, user: str) -> None:
+        """Freeze, SIGKILL every task, thaw, and repeat until the group is empty.
+
+        Frozen, nothing can fork, so each round sees every task; a fork in flight completes
+        before its parent freezes and its child is then in the group for the next round.
+        """
+        if not self.exists(user):
+            return
+        self._require(user)
+        for _round in range(20):
+            self._set_state(user, "FROZEN")  # proceed even if a task is slow to freeze
+            pids = self.pids(user)
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            if not self._set_state(user, "THAWED"):
+                raise CgroupError(f"{user} was not reported THAWED after killing its tasks")
+            if not pids or wait_until(lambda: not self.pids(user), self.wait_timeout):
+                return
+        raise CgroupError(f"tasks of {user} survive SIGKILL", hint="a task in uninterruptible sleep cannot die until it wakes")
+
+    def remove(self, user: str) -> None:
+        for directory in self._dirs(user):
+            for node in reversed(list(_tree(directory))):  # deepest first
+                rmdir_when_empty(Path(os.fsdecode(node.full_path)), self.wait_timeout)
+
+    # -- usage
+
+    def usage(self, user: str) -> Usage:
+        self._require(user)
+        memory = self._memory(user)
+        with _errors(f"read the usage of {user}"):
+            return Usage(
+                memory_bytes=int(memory.usage_in_bytes),
+                cpu_usage_us=int(self._cpuacct(user).usage) // 1000,
+                oom_kills=_oom_kills(memory.oom_control, int(memory.failcnt)),
+                pids=int(self._pids(user).current),
+            )
+
+
+def _tree(directory: Path) -> Iterator[Node]:
+    """``directory`` and every cgroup below it, pre-order (cgroupspy's tree walk); none if gone."""
+    try:
+        return iter(list(BaseTree(root_path=str(directory)).walk()))
+    except FileNotFoundError:
+        return iter([])
+
+
+@contextmanager
+def _errors(doing: str) -> Iterator[None]:
+    """Turn an OSError from a cgroup file into a CgroupError naming what was being done."""
+    try:
+        yield
+    except OSError as exc:
+        where = f" ({exc.filename!r})" if exc.filename else ""
+        raise CgroupError(f"cannot {doing}: {exc.strerror}{where}") from exc
