@@ -129,7 +129,7 @@ class V1Driver:
     on a write). :meth:`kill` returns only once the group is empty.
     """
 
-    version: Literal[1] = 1
+    version: Literal[1, 2] = 1
     wait_timeout = 5.0
 
     def __init__(self, mount: Path, name: str) -> None:

@@ -195,7 +195,7 @@ class V2Driver:
     are skipped or read as zero instead of failing.
     """
 
-    version: Literal[2] = 2
+    version: Literal[1, 2] = 2
     wait_timeout = 5.0  # freeze/thaw acknowledgement and rmdir of a dying group
 
     def __init__(
