@@ -229,3 +229,7 @@ def main(argv: list[str] | None = None) -> NoReturn:
         sys.stderr.close()
         code = EXIT_FAILED
     sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

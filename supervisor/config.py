@@ -402,7 +402,7 @@ def describe() -> str:
     for section, cls in _SECTIONS.items():
         lines.append(f"[{section}]")
         for f in dataclasses.fields(cls):
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[operator]
             lines.append(f"# {f.metadata.get('help', '')}")
             lines.append(f"# {f.name} = {default!r}")
         lines.append("")

@@ -3,7 +3,7 @@
 Protocol: the client sends one JSON line ``{"verb": ..., "args": {...}}``; the server answers one
 JSON line ``{"ok": true, "result": ...}`` or ``{"ok": false, "error": {"reason", "message", "hint"}}``.
 ``tail`` with ``follow`` streams further ``{"data": ...}`` lines until the client hangs up.
-The socket lives in a root-only directory and is itself mode 0600.
+The socket is root-owned with mode 0600: only root can connect.
 """
 
 from __future__ import annotations
@@ -126,8 +126,9 @@ class ControlServer:
         self.handlers = dict(HANDLERS if handlers is None else handlers)
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        os.chmod(self.path.parent, 0o700)
+        # The socket itself is root-only (0600); its directory may be shared with the users'
+        # socket directories (run_dir), so it is only created, never tightened.
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
         sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
         try:
             self.path.unlink()

@@ -22,7 +22,7 @@ import trio
 from supervisor import launch, logfiles
 from supervisor.cgroups import CgroupDriver, Limits
 from supervisor.config import Config, TierConfig
-from supervisor.errors import CgroupError, InvalidTransition, SupervisorError, UnknownUser
+from supervisor.errors import CgroupError, InvalidTransition, SupervisorError, UnknownUser, UnsafePath
 from supervisor.paths import UserPaths, ensure_private_dir, ensure_user_dirs, resolve_uid, user_paths, validate_user_id
 from supervisor.sessions import (
     LIVE,
@@ -165,6 +165,12 @@ class SessionManager:
 
     async def serve(self, *, task_status: trio.TaskStatus[SessionManager] = trio.TASK_STATUS_IGNORED) -> None:
         """Prepare cgroups, re-adopt surviving users, then run until cancelled."""
+        root = self.config.workspace.root
+        if not root.is_dir():
+            raise UnsafePath(
+                f"workspace root {root} does not exist or is not a directory",
+                hint="mount the shared workspace volume there (or create it), or set [workspace] root",
+            )
         self.store.open()
         self.driver.prepare()
         log.info("cgroups: %s", self.driver.describe())

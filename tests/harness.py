@@ -1,0 +1,188 @@
+"""Runs the real daemon as a subprocess, driven through the real `workspacectl`, for kernel tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Callable
+
+STUB = Path(__file__).parent / "fixtures" / "ide_stub.py"
+SYSTEM_PYTHON = "/usr/bin/python3"
+
+
+def poll(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
+    """Poll ``predicate`` until truthy (returning its value) or fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    delay = 0.005
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(delay)
+        delay = min(delay * 2, 0.1)
+
+
+class Daemon:
+    """One daemon with its own workspace root, state, sockets and cgroup subtree."""
+
+    def __init__(self, **overrides: Any) -> None:
+        self.base = Path(tempfile.mkdtemp(prefix="wsup-test-", dir="/tmp"))
+        os.chmod(self.base, 0o755)
+        self.name = f"wsup-test-{uuid.uuid4().hex[:8]}"
+        stub = self.base / "ide_stub.py"
+        shutil.copy(STUB, stub)
+        os.chmod(stub, 0o644)
+        (self.base / "workspace").mkdir(mode=0o755)
+        self.socket = self.base / "run" / "control.sock"
+        sections: dict[str, dict[str, Any]] = {
+            "pod": {"id": "test-pod", "capacity": 10},
+            "workspace": {"root": str(self.base / "workspace"), "shards": 4},
+            "ide": {"command": [SYSTEM_PYTHON, "-I", "-S", str(stub), "{user}"], "ready_timeout": "10s", "stop_grace": "3s",
+                    "env": {"STUB_MARK": "{user}"}},
+            "restart": {"healthy_after": "2s", "backoff_initial": "50ms", "backoff_max": "200ms", "max_failures": 3},
+            "control": {"socket": str(self.socket)},
+            "daemon": {"state_dir": str(self.base / "state"), "run_dir": str(self.base / "run"),
+                       "log_dir": str(self.base / "log"), "usage_interval": "200ms", "log_level": "debug"},
+            "cgroups": {"name": self.name},
+        }
+        for key, value in overrides.items():
+            section, _, name = key.partition("__")
+            sections.setdefault(section, {})[name] = value
+        self.config = self.base / "config.toml"
+        self.config.write_text(_toml(sections))
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log = self.base / "daemon.log"
+
+    def start(self, *, env: dict[str, str] | None = None, wrapper: list[str] | None = None) -> None:
+        full_env = {**os.environ, "DAEMON_TEST_SECRET": "hunter2", **(env or {})}
+        argv = [*(wrapper or []), sys.executable, "-m", "supervisor.daemon", "run", "--config", str(self.config)]
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(argv, stdout=log, stderr=log, env=full_env, start_new_session=True)
+        poll(lambda: self.ctl("pod").returncode == 0 or self._died(), 20, "the control socket")
+        if self._died():
+            raise AssertionError(f"daemon exited early:\n{self.log.read_text()}")
+
+    def _died(self) -> bool:
+        return self.proc is not None and self.proc.poll() is not None
+
+    def ctl(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "supervisor.cli", "--socket", str(self.socket), *args],
+            capture_output=True, text=True, timeout=timeout,
+        )
+
+    def ctl_json(self, *args: str) -> dict[str, Any]:
+        result = self.ctl(*args, "--json")
+        assert result.returncode == 0, result.stderr
+        data: dict[str, Any] = json.loads(result.stdout)
+        assert data["version"] == 1
+        return data
+
+    def user(self, user: str) -> dict[str, Any]:
+        users: list[dict[str, Any]] = self.ctl_json("status", user)["users"]
+        return users[0]
+
+    def kill(self, signum: int = signal.SIGKILL) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signum)
+        self.proc.wait(30)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def cgroup_dirs(self, user: str | None = None) -> list[Path]:
+        """Every directory of this daemon's subtree (or one user's group) in every hierarchy."""
+        found = []
+        for hierarchy in Path("/sys/fs/cgroup").iterdir():
+            for path in hierarchy.rglob(self.name):
+                target = path / user if user else path
+                if target.exists():
+                    found.append(target)
+        return found
+
+    def cleanup(self) -> None:
+        self.stop()
+        for group in sorted(self.cgroup_dirs(), key=lambda p: len(p.parts), reverse=True):
+            _kill_and_remove(group)
+        shutil.rmtree(self.base, ignore_errors=True)
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+def _kill_and_remove(group: Path) -> None:
+    for child in sorted((p for p in group.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True) + [group]:
+        procs = child / "cgroup.procs"
+        try:
+            for pid in procs.read_text().split():
+                try:
+                    os.kill(int(pid), signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        except OSError:
+            pass
+        for _ in range(200):
+            try:
+                child.rmdir()
+                break
+            except FileNotFoundError:
+                break
+            except OSError:
+                time.sleep(0.01)
+
+
+def http_get(socket_path: Path, target: str = "/", timeout: float = 5.0) -> str:
+    import socket as socketlib
+
+    with socketlib.socket(socketlib.AF_UNIX, socketlib.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect(str(socket_path))
+        sock.sendall(f"GET {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    return data.decode(errors="replace")
+
+
+def descendants(pid: int) -> list[int]:
+    import psutil
+
+    try:
+        return [p.pid for p in psutil.Process(pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def cgroup_of(pid: int) -> str:
+    return Path(f"/proc/{pid}/cgroup").read_text()
+
+
+def _toml(sections: dict[str, dict[str, Any]]) -> str:
+    lines = []
+    for section, values in sections.items():
+        lines.append(f"[{section}]")
+        for key, value in values.items():
+            lines.append(f"{key} = {_toml_value(value)}")
+    return "\n".join(lines) + "\n"
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + " }"
+    return json.dumps(value)
