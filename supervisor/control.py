@@ -211,8 +211,20 @@ class ControlServer:
         await stream.send_all(encode({"ok": True, "result": {"log": str(rt.log_path), "data": data.decode(errors="replace")}}))
         if not args.get("follow"):
             return
-        while True:
-            await trio.sleep(0.25)
-            data, offset = logfiles.read_from(rt.log_path, offset)
-            if data:
-                await stream.send_all(encode({"data": data.decode(errors="replace")}))
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_cancel_on_hangup, stream, nursery.cancel_scope)
+            while True:
+                await trio.sleep(0.25)
+                data, offset = logfiles.read_from(rt.log_path, offset)
+                if data:
+                    await stream.send_all(encode({"data": data.decode(errors="replace")}))
+
+
+async def _cancel_on_hangup(stream: trio.SocketStream, scope: trio.CancelScope) -> None:
+    """Stop following a log as soon as the client goes away (it sends nothing more)."""
+    try:
+        while await stream.receive_some(1024):
+            pass
+    except trio.BrokenResourceError:
+        pass
+    scope.cancel()

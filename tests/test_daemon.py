@@ -236,3 +236,53 @@ def test_bad_config_exits_before_touching_anything(tmp_path: Path) -> None:
                             capture_output=True, text=True)
     assert result.returncode == 2
     assert "pod.capacity" in result.stderr and "'lots'" in result.stderr
+
+
+def test_as_pid_1_reaps_orphans_and_stops_users_on_sigterm() -> None:
+    import psutil
+
+    d = Daemon()
+    d.start(wrapper=["unshare", "--pid", "--fork", "--mount-proc", "--kill-child"])
+    try:
+        assert d.proc is not None
+        daemon_pid = poll(lambda: psutil.Process(d.proc.pid).children(), 5, "daemon under unshare")[0].pid
+        assert d.ctl_json("pod")["pod"]["pid"] == 1
+        assert d.ctl("start", "forker-9").returncode == 0
+        group = [p for p in d.cgroup_dirs("forker-9") if "pids" in p.parts][0]
+        poll(lambda: len((group / "cgroup.procs").read_text().split()) == 3, 5, "main and two grandchildren")
+        # Killing the main process orphans its two grandchildren onto PID 1 (the daemon); the
+        # daemon kills the leftover tree and must reap them, or they stay zombies forever.
+        assert d.ctl("signal", "KILL", "forker-9").returncode == 0
+        poll(lambda: d.ctl_json("pod")["pod"]["orphans_reaped"] >= 2, 10, "orphans reaped")
+        poll(lambda: d.user("forker-9")["state"] == "RUNNING", 10, "restart")
+        zombies = [p for p in psutil.Process(daemon_pid).children() if p.status() == psutil.STATUS_ZOMBIE]
+        assert zombies == []
+        user_pids = [int(p) for p in (group / "cgroup.procs").read_text().split()]
+        os.kill(daemon_pid, signal.SIGTERM)
+        assert d.proc.wait(30) == 0
+        for pid in user_pids:
+            assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+        assert d.cgroup_dirs("forker-9") == []
+        assert "stopped" in d.log_text()
+    finally:
+        d.cleanup()
+
+
+def test_tail_follow_streams_new_lines(daemon: Daemon) -> None:
+    assert daemon.ctl("start", "tailed").returncode == 0
+    follower = subprocess.Popen(
+        [sys.executable, "-m", "supervisor.cli", "--socket", str(daemon.socket), "tail", "-f", "tailed"],
+        stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert follower.stdout is not None
+        assert "serving tailed" in follower.stdout.readline()
+        log = daemon.base / "log" / "tailed.log"
+        with open(log, "a") as f:
+            f.write("a line written later\n")
+        assert follower.stdout.readline() == "a line written later\n"
+    finally:
+        follower.terminate()
+        follower.wait(10)
+        if follower.stdout is not None:
+            follower.stdout.close()
