@@ -372,6 +372,9 @@ def test_children_inherit_neither_socket_env_nor_node_flags(ide: Ide, tmp_path: 
 
         children = ide.descendants()
         print("backend descendants:", [(p.pid, _cmdline(p)[:3]) for p in children])
+        tree = [psutil.Process(ide.proc.pid), *children]
+        rss = {p.pid: p.memory_info().rss // 2**20 for p in tree if p.is_running()}
+        print(f"tree RSS with a workbench loaded: {sum(rss.values())} MiB {rss}")
         for p in children:
             try:
                 env = p.environ()
