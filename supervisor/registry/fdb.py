@@ -13,8 +13,8 @@ Layout. Everything lives in the directory ``("workspace-supervisor", "registry")
 keys packed with the tuple layer, values versioned JSON (:mod:`supervisor.registry.records`)::
 
     ("meta", "schema_version")        -> tuple (SCHEMA_VERSION,)
-    ("pod", pod_id)                   -> pod JSON (with "available": room as of this write)
-    ("room", -available, pod_id)      -> b""      room index: most room first, ties by pod id
+    ("pod", pod_id)                   -> pod JSON (with "room_key", see placement.room_key)
+    ("room", -room_key, pod_id)       -> b""      room index: most room first, ties by pod id
     ("res", pod_id, reservation_id)   -> reservation JSON
     ("res_id", reservation_id)        -> tuple (pod_id,)
     ("res_user", user, reservation_id)-> tuple (pod_id,)
@@ -71,7 +71,7 @@ from supervisor.registry.placement import (
     no_capacity,
     partition,
     refusal,
-    room,
+    room_key,
     stamp,
 )
 from supervisor.registry.records import SCHEMA_VERSION, PodRecord, Reservation, SessionRecord
@@ -182,8 +182,8 @@ class Keys:
     def pods(self) -> tuple[bytes, bytes]:
         return self._range(("pod",))
 
-    def room(self, available: int, pod_id: str) -> bytes:
-        return bytes(self.space.pack(("room", -available, pod_id)))
+    def room(self, room_key: int, pod_id: str) -> bytes:
+        return bytes(self.space.pack(("room", -room_key, pod_id)))
 
     def rooms(self) -> tuple[bytes, bytes]:
         return self._range(("room",))
@@ -248,7 +248,7 @@ def _get(tr: Any, key: bytes) -> bytes | None:
 @dataclass(frozen=True)
 class _PodState:
     pod: PodRecord  # with ``reserved`` = live reservations
-    available: int  # the room index entry as stored
+    room_key: int | None  # the room index entry as stored
     live: list[Reservation]
     expired: list[Reservation]
 
@@ -259,18 +259,18 @@ def _pod_state(tr: Any, keys: Keys, pod_id: str, now: float) -> _PodState | None
         return None
     held = [records.reservation_from_value(kv.value) for kv in tr.get_range(*keys.res_of_pod(pod_id))]
     live, expired = partition(held, now)
-    pod, available = records.pod_from_value(pod_id, raw, reserved=len(live))
-    return _PodState(pod, available, live, expired)
+    pod, key = records.pod_from_value(pod_id, raw, reserved=len(live))
+    return _PodState(pod, key, live, expired)
 
 
-def _write_pod(tr: Any, keys: Keys, pod: PodRecord, old_available: int | None) -> None:
+def _write_pod(tr: Any, keys: Keys, pod: PodRecord, old_key: int | None) -> None:
     """Store the record and move its room index entry, in the caller's transaction."""
-    available = room(pod, pod.reserved)
-    if old_available is not None and old_available > 0 and old_available != available:
-        tr.clear(keys.room(old_available, pod.pod_id))
-    tr.set(keys.pod(pod.pod_id), records.pod_value(pod, available=available))
-    if available > 0:
-        tr.set(keys.room(available, pod.pod_id), b"")
+    key = room_key(pod, pod.reserved)
+    if old_key is not None and old_key != key:
+        tr.clear(keys.room(old_key, pod.pod_id))
+    tr.set(keys.pod(pod.pod_id), records.pod_value(pod, room_key=key))
+    if key is not None:
+        tr.set(keys.room(key, pod.pod_id), b"")
 
 
 def _delete_reservation(tr: Any, keys: Keys, reservation: Reservation) -> None:
@@ -291,13 +291,13 @@ def _tx_init(tr: Any, keys: Keys) -> None:
 
 def _tx_publish(tr: Any, keys: Keys, record: PodRecord, users: frozenset[str], now: float, lease: float) -> PodRecord:
     raw = _get(tr, keys.pod(record.pod_id))
-    old_available = records.pod_from_value(record.pod_id, raw)[1] if raw is not None else None
+    old_key = records.pod_from_value(record.pod_id, raw)[1] if raw is not None else None
     held = [records.reservation_from_value(kv.value) for kv in tr.get_range(*keys.res_of_pod(record.pod_id))]
     keep, drop = partition(held, now, users)
     for reservation in drop:
         _delete_reservation(tr, keys, reservation)
     stored = stamp(record, now, lease, len(keep))
-    _write_pod(tr, keys, stored, old_available)
+    _write_pod(tr, keys, stored, old_key)
     return stored
 
 
@@ -379,7 +379,7 @@ def _tx_reserve(
     tr.set(keys.res(pod.pod_id, reservation_id), records.reservation_value(reservation))
     tr.set(keys.res_id(reservation_id), _pack(pod.pod_id))
     tr.set(keys.res_user(user, reservation_id), _pack(pod.pod_id))
-    _write_pod(tr, keys, replace(pod, reserved=pod.reserved + 1), chosen.available)
+    _write_pod(tr, keys, replace(pod, reserved=pod.reserved + 1), chosen.room_key)
     return reservation
 
 
@@ -394,7 +394,7 @@ def _tx_release(tr: Any, keys: Keys, reservation_id: str, now: float) -> bool:
     tr.clear(keys.res_id(reservation_id))
     state = _pod_state(tr, keys, pod_id, now)
     if state is not None:
-        _write_pod(tr, keys, state.pod, state.available)
+        _write_pod(tr, keys, state.pod, state.room_key)
     return True
 
 
@@ -407,15 +407,14 @@ def _remove_pod(tr: Any, keys: Keys, pod_id: str) -> bool:
     raw = _get(tr, keys.pod(pod_id))
     if raw is not None:
         try:
-            available: int | None = records.pod_from_value(pod_id, raw)[1]
-        except RegistryError:
-            available = None  # unreadable: find its index entry the slow way
-        if available is None:
+            old_key = records.pod_from_value(pod_id, raw)[1]
+        except RegistryError:  # unreadable: find its index entry the slow way
             for kv in tr.get_range(*keys.rooms()):
                 if keys.unpack(kv.key)[2] == pod_id:
                     tr.clear(kv.key)
-        elif available > 0:
-            tr.clear(keys.room(available, pod_id))
+        else:
+            if old_key is not None:
+                tr.clear(keys.room(old_key, pod_id))
         tr.clear(keys.pod(pod_id))
     for kv in tr.get_range(*keys.res_of_pod(pod_id)):
         reservation_id = keys.unpack(kv.key)[-1]

@@ -43,9 +43,17 @@ def new_reservation_id() -> str:
     return uuid.uuid4().hex
 
 
-def room(pod: PodRecord, reserved: int) -> int:
-    """Slots still reservable on ``pod`` with ``reserved`` live unclaimed reservations."""
-    return 0 if pod.draining else max(0, pod.free_slots - reserved)
+def room_key(pod: PodRecord, reserved: int) -> int | None:
+    """The pod's key in the room index as of a write: its room net of ``reserved``; ``None`` (no
+    entry) while the pod itself reports no free slot or is draining.
+
+    A pod whose free slots are all reserved keeps an entry (key 0, at the end of the index), so it
+    is offered again the moment a reservation expires, without waiting for another write. Readers
+    always recompute room from live reservations; the key only orders the walk.
+    """
+    if pod.draining or pod.free_slots == 0:
+        return None
+    return max(0, pod.free_slots - reserved)
 
 
 def partition(

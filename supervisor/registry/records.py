@@ -170,22 +170,23 @@ def _build(what: str, factory: Callable[..., R], known: tuple[str, ...], value: 
         raise RegistryCorrupt(f"stored {what} is malformed: {exc}") from None
 
 
-def pod_value(record: PodRecord, *, available: int) -> bytes:
-    """Encode a pod record; ``available`` (room as of this write) is kept for the room index."""
+def pod_value(record: PodRecord, *, room_key: int | None) -> bytes:
+    """Encode a pod record with its room index key (see :func:`placement.room_key`), kept so the
+    next write can move the index entry."""
     fields = asdict(record)
-    return encode({**{k: fields[k] for k in _POD_STORED}, "available": available})
+    return encode({**{k: fields[k] for k in _POD_STORED}, "room_key": room_key})
 
 
-def pod_from_value(pod_id: str, raw: bytes | str, *, reserved: int = 0) -> tuple[PodRecord, int]:
-    """Decode a pod value; returns the record and the ``available`` its room index entry has."""
+def pod_from_value(pod_id: str, raw: bytes | str, *, reserved: int = 0) -> tuple[PodRecord, int | None]:
+    """Decode a pod value; returns the record and its room index key (None: not indexed)."""
     what = f"pod {pod_id!r}"
     value = decode(raw, what)
-    available = value.get("available", 0)
-    if not isinstance(available, int) or isinstance(available, bool):
-        raise RegistryCorrupt(f"stored {what} has a malformed room index value {available!r}")
+    key = value.get("room_key")
+    if key is not None and (not isinstance(key, int) or isinstance(key, bool)):
+        raise RegistryCorrupt(f"stored {what} has a malformed room index key {key!r}")
     record = _build(what, PodRecord, (*_POD_STORED, "pod_id", "reserved"),
                     {**value, "pod_id": pod_id, "reserved": reserved})
-    return record, available
+    return record, key
 
 
 def session_value(session: SessionRecord) -> bytes:

@@ -5,9 +5,10 @@
   read, so two processes placing on the last slot are serialised, never both admitted); reads run
   in one deferred transaction so they see one snapshot.
 - Records are stored as versioned JSON values (see :mod:`supervisor.registry.records`) next to the
-  few columns that are filtered or indexed. ``pods.available`` (room as of the pod's last write)
-  feeds the partial index ``pods_room (available DESC, pod_id) WHERE available > 0``, from which
-  :meth:`SqliteRegistry.pods_with_room` and placement read in order without scanning every pod.
+  few columns that are filtered or indexed. ``pods.room_key`` (room as of the pod's last write;
+  NULL when the pod reports no free slot or drains, see :func:`placement.room_key`) feeds the
+  partial index ``pods_room (room_key DESC, pod_id) WHERE room_key IS NOT NULL``, which
+  :meth:`SqliteRegistry.pods_with_room` and placement walk in order without scanning every pod.
 - One connection per registry object, guarded by a lock, so one object may be used from many
   threads (``trio.to_thread.run_sync`` picks any worker thread).
 - Every ``sqlite3`` and file-system error is raised as a :class:`RegistryError` whose hint says
@@ -40,57 +41,57 @@ from supervisor.registry.placement import (
     no_capacity,
     partition,
     refusal,
-    room,
+    room_key,
     stamp,
 )
 from supervisor.registry.records import SCHEMA_VERSION, PodRecord, Reservation, SessionRecord
 
 log = logging.getLogger(__name__)
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (
+_SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS meta (
     key TEXT PRIMARY KEY,
     value TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS pods (
+)""",
+    """CREATE TABLE IF NOT EXISTS pods (
     pod_id TEXT PRIMARY KEY,
     free_slots INTEGER NOT NULL,
-    available INTEGER NOT NULL,        -- room as of the last write: the room index key
+    room_key INTEGER,                  -- room as of the last write; NULL = not offered
     lease_expires_at REAL NOT NULL,
     value TEXT NOT NULL                -- versioned JSON (records.pod_value)
-);
-CREATE INDEX IF NOT EXISTS pods_room ON pods (available DESC, pod_id) WHERE available > 0;
-CREATE INDEX IF NOT EXISTS pods_lease ON pods (lease_expires_at);
-CREATE TABLE IF NOT EXISTS sessions (
+)""",
+    """CREATE INDEX IF NOT EXISTS pods_room ON pods (room_key DESC, pod_id) WHERE room_key IS NOT NULL""",
+    """CREATE INDEX IF NOT EXISTS pods_lease ON pods (lease_expires_at)""",
+    """CREATE TABLE IF NOT EXISTS sessions (
     session_id TEXT PRIMARY KEY,
     pod_id TEXT NOT NULL,
     user TEXT NOT NULL,
     since REAL NOT NULL,
     value TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS sessions_pod ON sessions (pod_id, since);
-CREATE INDEX IF NOT EXISTS sessions_user ON sessions (user, since);
-CREATE TABLE IF NOT EXISTS reservations (
+)""",
+    """CREATE INDEX IF NOT EXISTS sessions_pod ON sessions (pod_id, since)""",
+    """CREATE INDEX IF NOT EXISTS sessions_user ON sessions (user, since)""",
+    """CREATE TABLE IF NOT EXISTS reservations (
     reservation_id TEXT PRIMARY KEY,
     pod_id TEXT NOT NULL,
     user TEXT NOT NULL,
     expires_at REAL NOT NULL,
     created_at REAL NOT NULL,
     value TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS reservations_pod ON reservations (pod_id, expires_at);
-CREATE INDEX IF NOT EXISTS reservations_user ON reservations (user, expires_at);
-"""
+)""",
+    """CREATE INDEX IF NOT EXISTS reservations_pod ON reservations (pod_id, expires_at)""",
+    """CREATE INDEX IF NOT EXISTS reservations_user ON reservations (user, expires_at)""",
+)
 
 # Live reservations on the pod row ``p`` at time :now.
 _RESERVED = "(SELECT count(*) FROM reservations r WHERE r.pod_id = p.pod_id AND r.expires_at > :now)"
 
 # The room index walk: live pods in index order whose room, net of live reservations, is positive.
-# ``available > 0`` matches the partial index's WHERE so the planner walks it in ORDER BY order.
+# ``room_key IS NOT NULL`` matches the partial index's WHERE, so the planner walks it in order.
 _WITH_ROOM = f"""
 SELECT p.pod_id, p.value, {_RESERVED} AS reserved FROM pods p
-WHERE p.available > 0 AND p.lease_expires_at > :now AND p.free_slots > {_RESERVED}
-ORDER BY p.available DESC, p.pod_id
+WHERE p.room_key IS NOT NULL AND p.lease_expires_at > :now AND p.free_slots > {_RESERVED}
+ORDER BY p.room_key DESC, p.pod_id
 """
 
 # SQLite primary result codes (sqlite3.h).
@@ -151,9 +152,8 @@ class SqliteRegistry:
                             self.path, mode)
             conn.execute("PRAGMA synchronous = NORMAL")
             conn.execute("BEGIN IMMEDIATE")
-            for statement in _SCHEMA.split(";"):
-                if statement.strip():
-                    conn.execute(statement)
+            for statement in _SCHEMA:
+                conn.execute(statement)
             row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
             if row is None:
                 conn.execute("INSERT INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
@@ -250,22 +250,20 @@ class SqliteRegistry:
         return stored
 
     def _write_pod(self, conn: sqlite3.Connection, pod: PodRecord) -> None:
-        available = room(pod, pod.reserved)
+        key = room_key(pod, pod.reserved)
         conn.execute(
-            "INSERT INTO pods (pod_id, free_slots, available, lease_expires_at, value) VALUES (?, ?, ?, ?, ?) "
+            "INSERT INTO pods (pod_id, free_slots, room_key, lease_expires_at, value) VALUES (?, ?, ?, ?, ?) "
             "ON CONFLICT (pod_id) DO UPDATE SET free_slots = excluded.free_slots, "
-            "available = excluded.available, lease_expires_at = excluded.lease_expires_at, value = excluded.value",
-            (pod.pod_id, pod.free_slots, available, pod.lease_expires_at,
-             records.pod_value(pod, available=available).decode()),
+            "room_key = excluded.room_key, lease_expires_at = excluded.lease_expires_at, value = excluded.value",
+            (pod.pod_id, pod.free_slots, key, pod.lease_expires_at, records.pod_value(pod, room_key=key).decode()),
         )
 
-    def _refresh_available(self, conn: sqlite3.Connection, pod_id: str, now: float) -> None:
-        """Recompute the pod's room index entry after its reservations changed."""
+    def _refresh_room_key(self, conn: sqlite3.Connection, pod_id: str, now: float) -> None:
+        """Move the pod's room index entry after its reservations changed."""
         row = conn.execute(f"SELECT p.value, {_RESERVED} FROM pods p WHERE p.pod_id = :pod",
                            {"pod": pod_id, "now": now}).fetchone()
         if row is not None:
-            pod, _ = records.pod_from_value(pod_id, row[0], reserved=row[1])
-            conn.execute("UPDATE pods SET available = ? WHERE pod_id = ?", (room(pod, pod.reserved), pod_id))
+            self._write_pod(conn, records.pod_from_value(pod_id, row[0], reserved=row[1])[0])
 
     def get_pod(self, pod_id: str, *, include_expired: bool = False) -> PodRecord | None:
         now = self._clock()
@@ -387,7 +385,7 @@ class SqliteRegistry:
                 "VALUES (?, ?, ?, ?, ?, ?)",
                 (rid, chosen, user, reservation.expires_at, now, records.reservation_value(reservation).decode()),
             )
-            self._refresh_available(conn, chosen, now)
+            self._refresh_room_key(conn, chosen, now)
         return reservation
 
     def release(self, reservation_id: str) -> bool:
@@ -398,7 +396,7 @@ class SqliteRegistry:
             if row is None:
                 return False
             conn.execute("DELETE FROM reservations WHERE reservation_id = ?", (reservation_id,))
-            self._refresh_available(conn, row[0], now)
+            self._refresh_room_key(conn, row[0], now)
         return True
 
     def list_reservations(self, *, pod: str | None = None, include_expired: bool = False) -> list[Reservation]:
