@@ -414,3 +414,52 @@ def test_stops_on_sigterm_and_removes_its_socket(ide: Ide) -> None:
     assert not ide.socket_path.exists()
     # Theia exits 1 on SIGTERM (after stopping its contributions): not a crash.
     assert code in (0, 1, -signal.SIGTERM), ide.logs()
+
+
+def _user_dirs() -> tuple[Path, Path, Path, Path]:
+    base = Path(tempfile.mkdtemp(prefix="wsup-theia-test-"))
+    base.chmod(0o711)
+    dirs = [base / name for name in ("home", "workspace", "run")]
+    for d in dirs:
+        d.mkdir(mode=0o700)
+        os.chown(d, UID, GID)
+    return base, *dirs  # type: ignore[return-value]
+
+
+def _run_until_exit(env_extra: dict[str, str], home: Path, workspace: Path) -> tuple[int, str]:
+    env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": str(home), "SHELL": "/bin/bash", **env_extra}
+    argv = ["setpriv", f"--reuid={UID}", f"--regid={GID}", "--clear-groups", "--no-new-privs", *ide_command(workspace)]
+    proc = subprocess.Popen(argv, env=env, cwd=str(workspace), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
+    try:
+        out, _ = proc.communicate(timeout=START_DEADLINE)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, _ = proc.communicate()
+        pytest.fail(f"IDE kept running although it could not listen:\n{out.decode(errors='replace')[-3000:]}")
+    return proc.returncode, out.decode("utf-8", "replace")
+
+
+def test_without_socket_variable_the_preload_refuses_tcp() -> None:
+    """Fail closed: a backend started with the preload but no WSUP_IDE_SOCKET exits at once instead
+    of listening on a TCP port every tenant of the pod could reach."""
+    base, home, workspace, _run = _user_dirs()
+    try:
+        code, out = _run_until_exit({}, home, workspace)
+        assert code != 0
+        assert "WSUP_IDE_SOCKET is not set: refusing to listen on TCP" in out, out[-3000:]
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_preload_never_deletes_a_non_socket_at_the_path() -> None:
+    base, home, workspace, run = _user_dirs()
+    try:
+        victim = run / "ide.sock"
+        victim.write_text("not a socket\n")
+        code, out = _run_until_exit({SOCKET_ENV: str(victim)}, home, workspace)
+        assert code != 0
+        assert "exists and is not a socket" in out, out[-3000:]
+        assert victim.read_text() == "not a socket\n"
+    finally:
+        shutil.rmtree(base, ignore_errors=True)

@@ -8,8 +8,9 @@
 // host the caller asked for. The listen callback still fires (Theia logs its address then).
 //
 // - WSUP_IDE_SOCKET is deleted from process.env as soon as this file loads, so nothing the IDE
-//   starts later (file watcher, terminals, language servers) inherits it. Without the variable
-//   the preload does nothing (so a child that somehow loads it is unaffected).
+//   starts later (file watcher, terminals, language servers) inherits it.
+// - Without the variable the preload fails closed: the first http/https listen() throws instead
+//   of opening a TCP port that every tenant of the pod could reach.
 // - A stale socket left by a previous run is removed first; any other kind of file at the path
 //   is an error (never deleted).
 // - The socket is created 0600 (umask held at 0177 around bind(), then chmod to be sure) before
@@ -22,7 +23,19 @@ const ENV_NAME = 'WSUP_IDE_SOCKET';
 const socketPath = process.env[ENV_NAME];
 delete process.env[ENV_NAME];
 
-if (socketPath) {
+if (!socketPath) {
+    const net = require('net');
+    const http = require('http');
+    const https = require('https');
+    const originalListen = net.Server.prototype.listen;
+    net.Server.prototype.listen = function listen(...args) {
+        if (!(this instanceof http.Server || this instanceof https.Server)) {
+            return originalListen.apply(this, args);
+        }
+        net.Server.prototype.listen = originalListen;
+        throw new Error(`${ENV_NAME} is not set: refusing to listen on TCP (unix-socket-preload.js)`);
+    };
+} else {
     const fs = require('fs');
     const net = require('net');
     const http = require('http');
