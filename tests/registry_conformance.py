@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterator
 
 import pytest
 import trio
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from supervisor.errors import SupervisorError
@@ -507,55 +507,67 @@ class RegistryConformance:
 
     # --- a property: room is never oversold, and place() agrees with pods_with_room() ----------
 
-    @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-    @given(steps=st.lists(
-        st.one_of(
-            st.tuples(st.just("publish"), st.sampled_from("abc"), st.integers(0, 3), st.booleans(),
-                      st.sets(st.sampled_from(["u0", "u1", "u2", "u3", "u4"]), max_size=2)),
-            st.tuples(st.just("place"), st.sampled_from(["u0", "u1", "u2", "u3", "u4"]), st.sampled_from([5.0, 20.0])),
-            st.tuples(st.just("release"), st.integers(0, 10)),
-            st.tuples(st.just("advance"), st.sampled_from([1.0, 4.0, 10.0])),
-            st.tuples(st.just("remove"), st.sampled_from("abc")),
-        ),
-        max_size=25,
-    ))
-    def test_property_room_is_never_oversold(self, registry: Registry, clock: FakeClock,
-                                             steps: list[tuple[Any, ...]]) -> None:
-        for stale in registry.list_pods(include_expired=True):  # one store serves every example
-            registry.remove_pod(stale.pod_id)
-        clock.now = START
-        placed: list[Reservation] = []
-        for step in steps:
-            if step[0] == "publish":
-                _, pod_id, free, draining, users = step
-                registry.publish_pod(pod(pod_id, free, capacity=3, draining=draining), users=users)
-            elif step[0] == "place":
-                _, user, ttl = step
-                offered = registry.pods_with_room(limit=1)
-                mine = [r for r in registry.list_reservations() if r.user == user]
-                try:
-                    held = place(registry, user, ttl=ttl)
-                except NoCapacity:
-                    assert offered == [], "place() refused while pods_with_room() offered a pod"
-                    continue
-                if held in mine:
-                    continue  # the user's live reservation, handed out again
-                assert offered and held.pod_id == offered[0].pod_id
-                assert held.created_at == clock.now and held.expires_at == clock.now + ttl
-                placed.append(held)
-                after = registry.get_pod(held.pod_id)
-                assert after is not None and not after.draining
-                assert after.reserved <= after.free_slots
-            elif step[0] == "release" and placed:
-                registry.release(placed[step[1] % len(placed)].reservation_id)
-            elif step[0] == "advance":
-                clock.advance(step[1])
-            elif step[0] == "remove":
-                registry.remove_pod(step[1])
-            offered_all = registry.pods_with_room(limit=10)
-            assert [p.room for p in offered_all] == sorted((p.room for p in offered_all), reverse=True)
-            for p in offered_all:
-                assert p.room > 0 and not p.draining and p.alive(clock.now)
-            for p in registry.list_pods():
-                live = registry.list_reservations(pod=p.pod_id)
-                assert p.reserved == len(live)
+    def test_property_room_is_never_oversold(self, registry: Registry, clock: FakeClock) -> None:
+        """Random heartbeats, placements, releases, removals and clock jumps: place() agrees with
+        pods_with_room(), never hands out a slot a pod does not have, and room is ordered."""
+
+        @settings(max_examples=40, deadline=None)
+        @given(steps=STEPS)
+        def check(steps: list[tuple[Any, ...]]) -> None:
+            for stale in registry.list_pods(include_expired=True):  # one store serves every example
+                registry.remove_pod(stale.pod_id)
+            clock.now = START
+            run_steps(registry, clock, steps)
+
+        check()
+
+
+USERS = ["u0", "u1", "u2", "u3", "u4"]
+STEPS = st.lists(
+    st.one_of(
+        st.tuples(st.just("publish"), st.sampled_from("abc"), st.integers(0, 3), st.booleans(),
+                  st.sets(st.sampled_from(USERS), max_size=2)),
+        st.tuples(st.just("place"), st.sampled_from(USERS), st.sampled_from([5.0, 20.0])),
+        st.tuples(st.just("release"), st.integers(0, 10)),
+        st.tuples(st.just("advance"), st.sampled_from([1.0, 4.0, 10.0])),
+        st.tuples(st.just("remove"), st.sampled_from("abc")),
+    ),
+    max_size=25,
+)
+
+
+def run_steps(registry: Registry, clock: FakeClock, steps: list[tuple[Any, ...]]) -> None:
+    placed: list[Reservation] = []
+    for step in steps:
+        if step[0] == "publish":
+            _, pod_id, free, draining, users = step
+            registry.publish_pod(pod(pod_id, free, capacity=3, draining=draining), users=users)
+        elif step[0] == "place":
+            _, user, ttl = step
+            offered = registry.pods_with_room(limit=1)
+            mine = [r for r in registry.list_reservations() if r.user == user]
+            try:
+                held = place(registry, user, ttl=ttl)
+            except NoCapacity:
+                assert offered == [], "place() refused while pods_with_room() offered a pod"
+                continue
+            if held in mine:
+                continue  # the user's live reservation, handed out again
+            assert offered and held.pod_id == offered[0].pod_id
+            assert held.created_at == clock.now and held.expires_at == clock.now + ttl
+            placed.append(held)
+            after = registry.get_pod(held.pod_id)
+            assert after is not None and not after.draining
+            assert after.reserved <= after.free_slots
+        elif step[0] == "release" and placed:
+            registry.release(placed[step[1] % len(placed)].reservation_id)
+        elif step[0] == "advance":
+            clock.advance(step[1])
+        elif step[0] == "remove":
+            registry.remove_pod(step[1])
+        offered_all = registry.pods_with_room(limit=10)
+        assert [p.room for p in offered_all] == sorted((p.room for p in offered_all), reverse=True)
+        for p in offered_all:
+            assert p.room > 0 and not p.draining and p.alive(clock.now)
+        for p in registry.list_pods():
+            assert p.reserved == len(registry.list_reservations(pod=p.pod_id))

@@ -9,12 +9,13 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+from functools import partial
 from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
 
-from registry_conformance import LEASE, START, FakeClock, RegistryConformance, pod
+from registry_conformance import LEASE, START, FakeClock, RegistryConformance, pod, race
 from supervisor.config import RegistryConfig
 from supervisor.registry import (
     SCHEMA_VERSION,
@@ -247,11 +248,9 @@ def test_file_corrupted_under_a_running_registry(db_path: Path, clock: FakeClock
 
 def test_one_object_from_many_threads_is_safe(registry: SqliteRegistry) -> None:
     """The daemon's worker threads change between calls; one registry object serves them all."""
-    from registry_conformance import race
-
     registry.publish_pod(pod("a", 5))
-    results = race([lambda i=i: registry.publish_pod(pod("a", 5)) if i % 2 else place(registry, f"u{i}")
-                    for i in range(10)])
+    heartbeat = partial(registry.publish_pod, pod("a", 5))
+    results = race([heartbeat if i % 2 else partial(place, registry, f"u{i}") for i in range(10)])
     assert not [r for r in results if isinstance(r, BaseException)], results
     stored = registry.get_pod("a")
     assert stored is not None and stored.reserved == 5 and stored.room == 0
