@@ -412,6 +412,8 @@ def test_stops_on_sigterm_and_removes_its_socket(ide: Ide) -> None:
     code = ide.proc.wait(timeout=15)
     print(f"backend exited with {code} {time.monotonic() - t0:.2f}s after SIGTERM")
     assert not ide.socket_path.exists()
+    gone, alive = psutil.wait_procs(list(ide.seen.values()), timeout=5)
+    print(f"descendants gone after the backend's exit: {[p.pid for p in gone]}; still alive: {[p.pid for p in alive]}")
     # Theia exits 1 on SIGTERM (after stopping its contributions): not a crash.
     assert code in (0, 1, -signal.SIGTERM), ide.logs()
 
