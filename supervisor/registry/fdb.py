@@ -35,17 +35,17 @@ Running the conformance suite against a real FoundationDB
 ---------------------------------------------------------
 Neither the server nor ``libfdb_c`` can be installed on the CI machines (no package registry they
 reach has them), so ``tests/test_registry_fdb.py`` skips its real run there. On a machine that can
-install FoundationDB (packages from https://github.com/apple/foundationdb/releases)::
+install FoundationDB (packages from https://github.com/apple/foundationdb/releases; client and
+server of one version, matching the ``foundationdb`` Python package's major.minor)::
 
-    # Debian/Ubuntu, x86_64; use one version for both packages, matching the Python binding
-    sudo dpkg -i foundationdb-clients_8.0.*_amd64.deb foundationdb-server_8.0.*_amd64.deb
+    sudo dpkg -i foundationdb-clients_<version>_amd64.deb foundationdb-server_<version>_amd64.deb
     fdbcli --exec status                  # the server package starts a one-process cluster
     export FDB_CLUSTER_FILE=/etc/foundationdb/fdb.cluster
     .venv/bin/pytest tests/test_registry_fdb.py -v
 
 The suite works in throwaway directories (``("workspace-supervisor-test", <uuid>)``) and removes
 them afterwards. With ``FDB_CLUSTER_FILE`` set, a missing library fails the run instead of
-skipping it.
+skipping it. (The same text is in ``supervisor/registry/README.md``.)
 """
 
 from __future__ import annotations
