@@ -125,8 +125,15 @@ class UsersConfig:
 @dataclass(frozen=True)
 class IdeConfig:
     command: list[str] = setting(
-        ["/usr/bin/node", "/opt/theia/lib/backend/main.js", "{workspace}"],
-        "IDE argv; placeholders {user}, {workspace}, {home}, {socket}. It must serve HTTP on {socket}.",
+        [
+            "/usr/bin/node", "--expose-gc",
+            "--require", "/opt/theia/unix-socket-preload.js", "--require", "/opt/theia/gc-preload.js",
+            "/opt/theia/lib/backend/main.js", "{workspace}", "--hostname", "127.0.0.1",
+            "--session-preference=security.workspace.trust.enabled=false",
+        ],
+        "IDE argv; placeholders {user}, {workspace}, {home}, {socket}. It must serve HTTP on the Unix "
+        "socket {socket} (also passed as $WSUP_IDE_SOCKET, which the Theia preload listens on). "
+        "Node flags go on this command line, never in NODE_OPTIONS (it leaks into user terminals).",
         _argv,
     )
     env: dict[str, str] = setting({}, "Extra environment for the IDE (the rest is cleared).", _str_map)
