@@ -238,9 +238,9 @@ class SqliteRegistry:
     # --- pods ------------------------------------------------------------------------------------
 
     def publish_pod(self, record: PodRecord, *, users: Collection[str] = ()) -> PodRecord:
-        now = self._clock()
         claimed = frozenset(users)
         with self._transaction("publish_pod", write=True) as conn:
+            now = self._clock()  # after the lock: waiting for it must not age the heartbeat
             held = self._reservations(conn, "WHERE pod_id = ?", (record.pod_id,))
             keep, drop = partition(held, now, claimed)
             conn.executemany("DELETE FROM reservations WHERE reservation_id = ?",
@@ -350,10 +350,10 @@ class SqliteRegistry:
 
     def reserve(self, user: str, pod_id: str | None = None, *, ttl: float) -> Reservation:
         check_ttl(ttl)
-        now = self._clock()
-        rid = new_reservation_id()
         records.check_id("user", user)
+        rid = new_reservation_id()
         with self._transaction("reserve", write=True) as conn:
+            now = self._clock()
             # The user's live reservation on a live, non-draining pod is returned again.
             held = conn.execute(
                 "SELECT r.value FROM reservations r JOIN pods p ON p.pod_id = r.pod_id "
@@ -389,8 +389,8 @@ class SqliteRegistry:
         return reservation
 
     def release(self, reservation_id: str) -> bool:
-        now = self._clock()
         with self._transaction("release", write=True) as conn:
+            now = self._clock()
             row = conn.execute("SELECT pod_id FROM reservations WHERE reservation_id = ?",
                                (reservation_id,)).fetchone()
             if row is None:
