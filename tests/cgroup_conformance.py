@@ -27,10 +27,17 @@ from typing import Callable, ClassVar, Iterator
 import psutil
 import pytest
 
+from conftest import CGROUP_MOUNT, is_root
+
 from supervisor.cgroups.base import CgroupDriver, Limits
 from supervisor.errors import CgroupError
 
 REPO = Path(__file__).resolve().parent.parent
+UNIFIED = CGROUP_MOUNT / "unified"
+needs_unified = pytest.mark.skipif(
+    not (is_root() and (UNIFIED / "cgroup.procs").exists()),
+    reason="needs root and a hybrid host's cgroup v2 hierarchy at /sys/fs/cgroup/unified",
+)
 # The VM tier emulates a CPU in software: everything is several times slower there.
 SLOW = 5.0 if os.environ.get("WSUP_VM_TIER") else 1.0
 DEADLINE = 20.0 * SLOW
