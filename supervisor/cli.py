@@ -141,7 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
         return sub
 
     verb("status", "show users (all, or the ones named)", "many", json_flag=True)
-    verb("start", "start a user's IDE, or change its tier in place", "one", json_flag=True).add_argument("--tier", help="licence tier")
+    start = verb("start", "start a user's IDE, or change its tier in place; waits until RUNNING", "one", json_flag=True)
+    start.add_argument("--tier", help="licence tier")
+    start.add_argument("--no-wait", action="store_true", help="return once the IDE is spawned (STARTING)")
     verb("stop", "stop a user's IDE (USER or 'all'); returns once the tree is gone", "one", json_flag=True)
     verb("restart", "stop then start a user's IDE", "one", json_flag=True)
     verb("pause", "freeze a user's whole process tree", "one", json_flag=True)
@@ -171,8 +173,8 @@ def run(argv: list[str]) -> int:
             call_args = {"user": args.user, "signal": args.signal}
         elif args.verb != "pod":
             call_args["user"] = args.user
-        if args.verb == "start" and args.tier:
-            call_args["tier"] = args.tier
+        if args.verb == "start":
+            call_args.update(tier=args.tier, wait=not args.no_wait)
         result = conn.call(args.verb, call_args)
     finally:
         conn.close()
@@ -190,7 +192,8 @@ def _report(args: argparse.Namespace, result: Any) -> int:
         print_status(users)
     if args.verb in ("start", "restart"):
         user = users[0]
-        if user["state"] != "RUNNING":
+        accepted = ("RUNNING", "STARTING") if getattr(args, "no_wait", False) else ("RUNNING",)
+        if user["state"] not in accepted:
             print(f"workspacectl: {user['user']} did not reach RUNNING: {user['state']}: {user.get('reason', '')}", file=sys.stderr)
             print("hint: see `workspacectl tail " + user["user"] + "`", file=sys.stderr)
             return EXIT_FAILED

@@ -172,7 +172,12 @@ class TierConfig:
     storage: int = setting(10 * 2**30, "Workspace storage quota (10Gi).", parse_size)
     sessions: int = setting(1, "Concurrent browser sessions allowed.", _int(1, 10_000))
     pids: int = setting(1024, "Most processes and threads in the user's tree.", _int(16, 4_194_304))
-    start_cpu: int = setting(0, "CPU allowed while STARTING (0 = the tier's cpu).", lambda v: 0 if v in (0, "0") else parse_cpu(v))
+    start_cpu: int = setting(
+        1000,
+        "CPU allowed while STARTING, so a cold start takes about a second even on a small tier "
+        "(0 = the tier's cpu); the tier's cpu applies once RUNNING.",
+        lambda v: 0 if v in (0, "0") else parse_cpu(v),
+    )
     idle: dict[str, Any] = setting({}, "Per-tier overrides of [idle].", lambda v: dict(_table(v)))
 
 

@@ -66,7 +66,7 @@ async def _start(m: SessionManager, args: dict[str, Any]) -> Any:
     tier = args.get("tier")
     if tier is not None and not isinstance(tier, str):
         raise BadRequest("'tier' must be a string")
-    return await m.start(_user(args), tier)
+    return await m.start(_user(args), tier, wait=bool(args.get("wait", True)))
 
 
 async def _stop(m: SessionManager, args: dict[str, Any]) -> Any:

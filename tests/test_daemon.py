@@ -286,3 +286,18 @@ def test_tail_follow_streams_new_lines(daemon: Daemon) -> None:
         follower.wait(10)
         if follower.stdout is not None:
             follower.stdout.close()
+
+
+def test_cpu_is_boosted_while_starting_and_tier_quota_applies_once_running() -> None:
+    d = Daemon(**{"tiers.free__start_cpu": "1500m"})
+    d.start()
+    try:
+        assert d.ctl("start", "slow-1", "--no-wait").returncode == 0
+        quota_files = [p / "cpu.cfs_quota_us" for p in d.cgroup_dirs("slow-1") if (p / "cpu.cfs_quota_us").exists()]
+        quota_files += [p / "cpu.max" for p in d.cgroup_dirs("slow-1") if (p / "cpu.max").exists()]
+        assert len(quota_files) == 1
+        assert quota_files[0].read_text().split()[0] == "150000"  # the stub waits 1 s before listening
+        poll(lambda: d.user("slow-1")["state"] == "RUNNING", 10, "RUNNING")
+        assert quota_files[0].read_text().split()[0] == "20000"
+    finally:
+        d.cleanup()
