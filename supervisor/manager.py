@@ -48,13 +48,18 @@ SOCKET_NAME = "ide.sock"
 
 
 class Reaper:
-    """Collects exit statuses of the daemon's children (and, as PID 1, reaps every orphan)."""
+    """Collects exit statuses of the daemon's children (and, as PID 1, reaps every orphan).
 
-    def __init__(self) -> None:
+    ``managed(pid)`` tells whether a pid is a user's main process, whose status is kept until
+    :meth:`pop`; any other child (an orphan re-parented to PID 1) is reaped and counted.
+    """
+
+    def __init__(self, managed: Callable[[int], bool]) -> None:
+        self.managed = managed
         self.statuses: dict[int, int] = {}
         self.orphans_reaped = 0
 
-    def collect(self, managed: Callable[[int], bool] = lambda pid: True) -> None:
+    def collect(self) -> None:
         while True:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
@@ -62,12 +67,13 @@ class Reaper:
                 return
             if pid == 0:
                 return
-            if managed(pid):
+            if self.managed(pid):
                 self.statuses[pid] = status
             else:
                 self.orphans_reaped += 1
 
     def pop(self, pid: int) -> int | None:
+        """The exit status of ``pid`` (a managed child), or None if it was not our child."""
         self.collect()
         return self.statuses.pop(pid, None)
 
@@ -148,7 +154,7 @@ class SessionManager:
         self.clock = clock
         self.pod = Pod(capacity=config.pod.capacity)
         self.runtimes: dict[str, UserRuntime] = {}
-        self.reaper = Reaper()
+        self.reaper = Reaper(self._is_managed)
         self.store = StateStore(config.daemon.state_dir)
         self.policy = RestartPolicy(
             healthy_after=config.restart.healthy_after,
@@ -188,9 +194,9 @@ class SessionManager:
 
     async def _sigchld_loop(self) -> None:
         with trio.open_signal_receiver(signal.SIGCHLD) as signals:
-            self.reaper.collect(self._is_managed)
+            self.reaper.collect()
             async for _ in signals:
-                self.reaper.collect(self._is_managed)
+                self.reaper.collect()
 
     def _is_managed(self, pid: int) -> bool:
         return any(rt.session.pid == pid for rt in self.runtimes.values())
