@@ -95,6 +95,23 @@ def _listen(value: Any) -> str:
     return text
 
 
+def _optional_listen(value: Any) -> str:
+    return "" if _str(value) == "" else _listen(value)
+
+
+_JWT_ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA", "HS256", "HS384", "HS512")
+
+
+def _algorithms(value: Any) -> list[str]:
+    names = _str_list(value)
+    for name in names:
+        if name not in _JWT_ALGORITHMS:
+            raise ValueError(f"{name!r} is not an accepted JWT algorithm; allowed: {', '.join(_JWT_ALGORITHMS)} ('none' never is)")
+    if not names:
+        raise ValueError("expected at least one algorithm")
+    return names
+
+
 def _path(value: Any) -> Path:
     return Path(_str(value))
 
@@ -221,19 +238,46 @@ class CgroupsConfig:
 
 @dataclass(frozen=True)
 class HttpConfig:
-    listen: str = setting("0.0.0.0:8080", "Front door address.", _listen)
+    listen: str = setting(
+        "0.0.0.0:8080",
+        "Front door address (port 0 picks a free port, logged as 'front door listening on HOST:PORT'); "
+        "empty disables it. It also stays off, with a warning, until [auth] names a key.",
+        _optional_listen,
+    )
+    header_timeout: float = setting(10.0, "A request's whole head must arrive within this, or the connection is cut (slowloris).", parse_duration)
+    keepalive_timeout: float = setting(75.0, "An idle keep-alive connection is closed after this.", parse_duration)
+    idle_timeout: float = setting(60.0, "An HTTP body that makes no progress for this long is cut off (WebSockets have no idle limit).", parse_duration)
+    max_header_bytes: int = setting(32 * 2**10, "Largest request head (request line and headers); a larger one gets 431.", parse_size)
+    max_connections: int = setting(10_000, "Most client connections at once; above it new ones get 503 and are closed.", _int(1, 10_000_000))
+    max_cold_starts: int = setting(8, "Most IDE cold starts in flight at once; a request that would start one more gets 429.", _int(1, 100_000))
+    start_timeout: float = setting(30.0, "How long a request is held while its user's IDE starts; then a 'starting' page that retries.", parse_duration)
+    retry_after: float = setting(5.0, "Retry-After of 503 (pod full, draining, still starting) and 429 answers.", parse_duration)
+    session_linger: float = setting(
+        30.0,
+        "A browser session (the token's sid) is live while it has a request or WebSocket open through the "
+        "front door and for this long after its last one ends; a new sid above the tier's sessions gets 409.",
+        parse_duration,
+    )
+    buffer_size: int = setting(256 * 2**10, "Bytes read per step when streaming bodies and WebSockets.", parse_size)
 
 
 @dataclass(frozen=True)
 class AuthConfig:
-    algorithms: list[str] = setting(["RS256", "ES256"], "JWT algorithms accepted.", _str_list)
+    algorithms: list[str] = setting(["RS256", "ES256"], "JWT algorithms accepted (never 'none'; HS* only with hs256_secret_file).", _algorithms)
     public_key_file: Path | None = setting(None, "PEM public key.", _optional_path)
     jwks_file: Path | None = setting(None, "JWKS file (reloaded on change).", _optional_path)
-    hs256_secret_file: Path | None = setting(None, "Development-only HS256 secret.", _optional_path)
+    hs256_secret_file: Path | None = setting(
+        None, "Development only: a file holding an HS256 secret (>= 32 bytes); then HS256 is the only algorithm accepted.", _optional_path
+    )
     issuer: str = setting("", "Required iss claim.", _str)
     audience: str = setting("workspace", "Required aud claim.", _str)
     leeway: float = setting(30.0, "Clock leeway for exp/nbf.", parse_duration)
     cookie_secure: bool = setting(True, "Set Secure on the session cookie.", _bool)
+    cookie_name: str = setting("wsup_session", "Name of the front door's session cookie (never forwarded to the IDE).", _str)
+    cookie_samesite: str = setting("Lax", "SameSite of the session cookie: Lax, or Strict (only when the login page is same-site).", _choice("Lax", "Strict"))
+    cookie_secret_file: Path | None = setting(
+        None, "HMAC key (>= 32 bytes) signing session cookies; empty: <daemon.state_dir>/cookie.key, created once (0600).", _optional_path
+    )
 
 
 @dataclass(frozen=True)
@@ -393,6 +437,7 @@ def _check_consistency(config: Config) -> None:
         raise ConfigError("idle steps must be in order: lsp_pause_after <= gc_after <= freeze_after <= stop_after")
     if not config.workspace.root.is_absolute():
         raise ConfigError(f"workspace.root must be an absolute path, not {str(config.workspace.root)!r}")
+    _check_auth(config.auth)
     placeholders = {"{user}", "{workspace}", "{home}", "{socket}"}
     for arg in config.ide.command:
         for token in _placeholders(arg):
@@ -400,6 +445,17 @@ def _check_consistency(config: Config) -> None:
                 raise ConfigError(
                     f"ide.command uses unknown placeholder {token}; allowed: {', '.join(sorted(placeholders))}"
                 )
+
+
+def _check_auth(auth: AuthConfig) -> None:
+    symmetric = [a for a in auth.algorithms if a.startswith("HS")]
+    if auth.hs256_secret_file is not None:
+        if auth.public_key_file is not None or auth.jwks_file is not None:
+            raise ConfigError("auth.hs256_secret_file cannot be combined with auth.public_key_file or auth.jwks_file (HS* is never accepted when an asymmetric key is configured)")
+    elif symmetric:
+        raise ConfigError(f"auth.algorithms lists {symmetric[0]} but no auth.hs256_secret_file is set (HS* is for development only)")
+    if auth.public_key_file is not None and auth.jwks_file is not None:
+        raise ConfigError("set only one of auth.public_key_file and auth.jwks_file")
 
 
 def _placeholders(arg: str) -> list[str]:
