@@ -43,8 +43,10 @@ class CgroupDriver(Protocol):
         ...
 
     def prepare(self) -> None:
-        """Create the supervisor's subtree (idempotent). v2: move the daemon into its own leaf and
-        enable cpu, memory and pids for the users' subtree first (no-internal-process rule)."""
+        """Create the supervisor's subtree (idempotent). v2: move the daemon (and every other process
+        in its cgroup) into the leaf ``<base>/daemon`` and enable cpu, memory and pids for the users'
+        subtree ``<base>/<name>`` (no-internal-process rule); raises CgroupError with reason
+        ``cgroup_controllers_missing`` when they are not delegated."""
         ...
 
     def create(self, user: str, limits: Limits) -> None:
@@ -84,13 +86,15 @@ class CgroupDriver(Protocol):
 
     def kill(self, user: str) -> None:
         """SIGKILL every process in the group, forks in flight included (v2 ``cgroup.kill``; v1:
-        freeze, kill each task, thaw, repeat until empty). Does not wait for them to exit."""
+        freeze, kill each task, thaw, repeat until empty). v2 does not wait for them to exit; v1
+        returns once the group is empty. Works on a frozen group. A missing group is a no-op."""
         ...
 
     def remove(self, user: str) -> None:
-        """Remove the user's (empty) group in every hierarchy; a missing group is not an error."""
+        """Remove the user's (empty) group in every hierarchy; a missing group is not an error.
+        Waits briefly while the kernel reaps tasks that are dying after :meth:`kill`."""
         ...
 
     def usage(self, user: str) -> Usage:
-        """Current usage of the group."""
+        """Current usage of the group (CgroupError when it does not exist)."""
         ...
