@@ -109,11 +109,10 @@ class Daemon:
     def cgroup_dirs(self, user: str | None = None) -> list[Path]:
         """Every directory of this daemon's subtree (or one user's group) in every hierarchy."""
         found = []
-        for hierarchy in Path("/sys/fs/cgroup").iterdir():
-            for path in hierarchy.rglob(self.name):
-                target = path / user if user else path
-                if target.exists():
-                    found.append(target)
+        for path in Path("/sys/fs/cgroup").rglob(self.name):
+            target = path / user if user else path
+            if target.is_dir():
+                found.append(target)
         return found
 
     def cleanup(self) -> None:
