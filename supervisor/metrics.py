@@ -6,8 +6,16 @@ known up front are created at import so that dashboards see zeros rather than ga
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge
+import math
+from typing import Iterable
 
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, disable_created_metrics
+from prometheus_client.process_collector import ProcessCollector
+
+from supervisor.idle import Stage
+from supervisor.sessions import State
+
+disable_created_metrics()  # no *_created series: they double the series count and nobody graphs them
 REGISTRY = CollectorRegistry(auto_describe=True)
 PREFIX = "workspace_supervisor"
 
@@ -24,7 +32,10 @@ PROXY_BYTES = Counter(
     f"{PREFIX}_proxy_bytes", "Bytes proxied, by direction (client_to_ide, ide_to_client).", ["direction"], registry=REGISTRY
 )
 COLD_STARTS = Counter(
-    f"{PREFIX}_cold_starts", "IDEs started because a browser arrived for a user who was not running, by tier.", ["tier"], registry=REGISTRY
+    f"{PREFIX}_cold_starts",
+    "IDEs started because a start request (a browser at the front door, or an operator) found the user not running, by tier. "
+    "Counted in one place, SessionManager.start.",
+    ["tier"], registry=REGISTRY,
 )
 
 for _kind in ("http", "websocket"):
@@ -32,3 +43,128 @@ for _kind in ("http", "websocket"):
     PROXY_ACTIVE.labels(kind=_kind)
 for _direction in ("client_to_ide", "ide_to_client"):
     PROXY_BYTES.labels(direction=_direction)
+
+# ---- the pod, its users and their processes (session manager) ----------------------------------
+#
+# Gauges of the pod's current state are set from the session manager's live state just before each
+# scrape (``supervisor.probes``); counters and histograms are updated where the event happens.
+
+USERS = Gauge(f"{PREFIX}_users", "Users known to this pod, by state and tier.", ["state", "tier"], registry=REGISTRY)
+ACTIVE_USERS = Gauge(
+    f"{PREFIX}_active_users", "Users occupying a slot now (STARTING, RUNNING, PAUSED, BACKOFF, STOPPING).", registry=REGISTRY
+)
+CAPACITY = Gauge(f"{PREFIX}_capacity", "Most users this pod runs at once ([pod] capacity).", registry=REGISTRY)
+FREE_SLOTS = Gauge(f"{PREFIX}_free_slots", "Users this pod can still admit (0 while draining).", registry=REGISTRY)
+SESSIONS = Gauge(f"{PREFIX}_sessions", "Browser sessions open on this pod (as reported to the registry).", registry=REGISTRY)
+DRAINING = Gauge(f"{PREFIX}_draining", "1 while the pod is draining (admitting no new users), else 0.", registry=REGISTRY)
+
+SPAWN_BUCKETS = (0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 45.0, 60.0, 90.0, 120.0, 180.0, 300.0)
+
+
+def spawn_buckets(timeout: float) -> tuple[float, ...]:
+    """Histogram buckets for spawn durations: the standard ones below ``timeout``, then ``timeout``
+    itself (a spawn slower than that has failed; it lands in +Inf only if observed at all)."""
+    if not math.isfinite(timeout) or timeout <= 0:
+        raise ValueError(f"timeout must be a positive number of seconds, not {timeout!r}")
+    return tuple(b for b in SPAWN_BUCKETS if b < timeout) + (float(timeout),)
+
+
+def _spawn_histogram(timeout: float) -> Histogram:
+    return Histogram(
+        f"{PREFIX}_spawn_duration_seconds",
+        "Time from spawning an IDE to its answering GET / (RUNNING), by tier; buckets end at [ide] ready_timeout.",
+        ["tier"], buckets=spawn_buckets(timeout), registry=REGISTRY,
+    )
+
+
+SPAWN_DURATION = _spawn_histogram(60.0)
+RESTARTS = Counter(
+    f"{PREFIX}_restarts",
+    "Automatic restarts of IDEs that exited or failed, by tier and how the process ended "
+    "(exit, signal, oom, unknown).",
+    ["tier", "reason"], registry=REGISTRY,
+)
+RESTART_REASONS = ("exit", "signal", "oom", "unknown")
+OOM_KILLS = Counter(
+    f"{PREFIX}_oom_kills", "Processes killed by the kernel OOM killer at a user's memory limit, by tier.", ["tier"], registry=REGISTRY
+)
+
+# ---- the idle ladder (supervisor.idle) -----------------------------------------------------------
+
+IDLE_USERS = Gauge(
+    f"{PREFIX}_idle_users",
+    "Users on each stage of the idle reclaim ladder (active, lsp_paused, reclaimed, frozen, stopped). "
+    "Zeros until the idle ladder runs in the daemon.",
+    ["stage"], registry=REGISTRY,
+)
+IDLE_TRANSITIONS = Counter(
+    f"{PREFIX}_idle_transitions",
+    "Moves on the idle reclaim ladder, by the stage entered (active = woken up). "
+    "Zeros until the idle ladder runs in the daemon.",
+    ["stage"], registry=REGISTRY,
+)
+
+# ---- the occupancy registry (supervisor.publisher) -----------------------------------------------
+
+REGISTRY_HEARTBEAT = Histogram(
+    f"{PREFIX}_registry_heartbeat_seconds",
+    "Time a registry heartbeat (publish of the pod record, with pending session writes) took, successful or not.",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 15.0), registry=REGISTRY,
+)
+REGISTRY_FAILURES = Counter(
+    f"{PREFIX}_registry_heartbeat_failures",
+    "Registry heartbeats that failed, by reason (registry_unavailable, registry_corrupt, timeout, ...).",
+    ["reason"], registry=REGISTRY,
+)
+REGISTRY_FAILURE_REASONS = (
+    "registry_unavailable", "registry_corrupt", "registry_schema_too_new", "registry_closed",
+    "fdb_library_missing", "registry_error", "timeout",
+)
+REGISTRY_UP = Gauge(
+    f"{PREFIX}_registry_up", "1 when the last registry heartbeat succeeded, 0 when it failed.", registry=REGISTRY
+)
+REGISTRY_LAST_SUCCESS = Gauge(
+    f"{PREFIX}_registry_last_success_timestamp_seconds",
+    "Unix time of the last successful registry heartbeat (0: none yet).", registry=REGISTRY,
+)
+
+# ---- resource use of the users' cgroups, summed per tier ------------------------------------------
+
+CGROUP_CPU = Counter(
+    f"{PREFIX}_cgroup_cpu_seconds",
+    "CPU time used by the users' cgroups, by tier (summed from the periodic usage samples).",
+    ["tier"], registry=REGISTRY,
+)
+CGROUP_MEMORY = Gauge(
+    f"{PREFIX}_cgroup_memory_bytes",
+    "Memory charged to the users' cgroups now, by tier (as of the last usage sample).",
+    ["tier"], registry=REGISTRY,
+)
+
+BUILD = Info(f"{PREFIX}_build", "The daemon's version and cgroup version.", registry=REGISTRY)
+ProcessCollector(namespace=PREFIX, registry=REGISTRY)
+
+for _stage in Stage:
+    IDLE_USERS.labels(stage=_stage.label)
+    IDLE_TRANSITIONS.labels(stage=_stage.label)
+for _reason in REGISTRY_FAILURE_REASONS:
+    REGISTRY_FAILURES.labels(reason=_reason)
+
+
+def configure(*, tiers: Iterable[str], ready_timeout: float, version: str, cgroup_version: int) -> None:
+    """Fit the metrics to one daemon's configuration: spawn-duration buckets ending at the start
+    timeout, and every per-tier series created up front (zeros rather than gaps)."""
+    global SPAWN_DURATION
+    REGISTRY.unregister(SPAWN_DURATION)
+    SPAWN_DURATION = _spawn_histogram(ready_timeout)
+    for tier in tiers:
+        COLD_STARTS.labels(tier=tier)
+        SPAWN_DURATION.labels(tier=tier)
+        OOM_KILLS.labels(tier=tier)
+        CGROUP_CPU.labels(tier=tier)
+        CGROUP_MEMORY.labels(tier=tier)
+        for reason in RESTART_REASONS:
+            RESTARTS.labels(tier=tier, reason=reason)
+        for state in State:
+            USERS.labels(state=state.value, tier=tier)
+    BUILD.info({"version": version, "cgroup_version": str(cgroup_version)})
