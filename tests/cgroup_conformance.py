@@ -367,6 +367,48 @@ class CgroupDriverConformance:
         assert not driver.is_frozen(user)
         assert select.select([fd], [], [], DEADLINE)[0] != [], "the thawed process made no progress"
 
+    def test_freeze_processes_pauses_only_those(self, driver: CgroupDriver, user: str, spawn: Spawner) -> None:
+        """Language servers are frozen in a child group while the rest of the tree keeps running."""
+        driver.create(user, GENEROUS)
+        paused, running = spawn(user, TICKER), spawn(user, TICKER)
+        assert paused.stdout is not None and running.stdout is not None
+        fds = paused.stdout.fileno(), running.stdout.fileno()
+        for fd in fds:
+            wait_for(lambda fd=fd: select.select([fd], [], [], 0)[0] != [], "a first tick")
+        exited = subprocess.Popen(["true"])
+        exited.wait()  # a pid that no longer exists is skipped
+        assert driver.freeze_processes(user, [paused.pid, exited.pid]) == [paused.pid]
+        assert paused.pid in driver.pids(user)  # still the user's, still under its limits
+        drain(fds[0])
+        drain(fds[1])
+        assert select.select([fds[1]], [], [], DEADLINE)[0] != [], "the rest of the tree was frozen too"
+        drain(fds[0])
+        assert select.select([fds[0]], [], [], 0.3 * SLOW)[0] == [], "a paused process made progress"
+        # Freezing and thawing the whole user keeps the paused group paused.
+        driver.freeze(user)
+        driver.thaw(user)
+        drain(fds[0])
+        assert select.select([fds[0]], [], [], 0.3 * SLOW)[0] == [], "thawing the user resumed a paused process"
+        driver.thaw_processes(user)
+        assert select.select([fds[0]], [], [], DEADLINE)[0] != [], "the thawed process made no progress"
+        driver.thaw_processes(user)  # idempotent
+
+    def test_kill_and_remove_with_paused_processes(self, driver: CgroupDriver, user: str, spawn: Spawner) -> None:
+        driver.create(user, GENEROUS)
+        proc = spawn(user, SLEEPER)
+        assert read_line(proc) == "ready"
+        driver.freeze_processes(user, [proc.pid])
+        driver.kill(user)
+        assert proc.wait(timeout=DEADLINE) == -signal.SIGKILL
+        driver.remove(user)
+        assert not driver.exists(user)
+
+    def test_reclaim_memory_answers(self, driver: CgroupDriver, user: str) -> None:
+        driver.create(user, GENEROUS)
+        assert driver.reclaim_memory(user) in (True, False)
+        if driver.version == 1:
+            assert driver.reclaim_memory(user) is False
+
     def test_kill_empties_group_with_forking_child(self, driver: CgroupDriver, user: str, spawn: Spawner) -> None:
         driver.create(user, GENEROUS)
         marker = unique("wsup-fork-chain")

@@ -84,6 +84,21 @@ class CgroupDriver(Protocol):
     def is_frozen(self, user: str) -> bool:
         ...
 
+    def freeze_processes(self, user: str, pids: list[int]) -> list[int]:
+        """Move ``pids`` (processes of the user's tree, e.g. its language servers) into the
+        user's child group ``paused`` and freeze that group only; they stay under the user's
+        limits. Returns the pids that were moved (the others had exited)."""
+        ...
+
+    def thaw_processes(self, user: str) -> None:
+        """Thaw the user's ``paused`` child group; a no-op when there is none."""
+        ...
+
+    def reclaim_memory(self, user: str) -> bool:
+        """Ask the kernel to reclaim what it can of the group's memory (v2 ``memory.reclaim``).
+        False where unsupported or when nothing could be reclaimed (e.g. no swap for anon pages)."""
+        ...
+
     def kill(self, user: str) -> None:
         """SIGKILL every process in the group, forks in flight included (v2 ``cgroup.kill``; v1:
         freeze, kill each task, thaw, repeat until empty). v2 does not wait for them to exit; v1

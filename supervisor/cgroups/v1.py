@@ -26,7 +26,16 @@ from cgroupspy.nodes import Node
 from cgroupspy.trees import BaseTree
 
 from supervisor.cgroups.base import Limits, Usage
-from supervisor.cgroups.v2 import check_group_name, cpu_quota_us, read_pids, rmdir_when_empty, wait_until
+from supervisor.cgroups.v2 import (
+    PAUSED_GROUP,
+    check_group_name,
+    cpu_quota_us,
+    read_pids,
+    read_text,
+    rmdir_when_empty,
+    wait_until,
+    write_text,
+)
 from supervisor.errors import CgroupError
 
 REQUIRED_CONTROLLERS = ("cpu", "cpuacct", "memory", "pids", "freezer")
@@ -282,6 +291,45 @@ class V1Driver:
         with _errors(f"read freezer.state of {user}"):
             return bool(self._freezer(user).state == "FROZEN")
 
+    def _paused_dir(self, user: str) -> Path:
+        check_group_name("user", user)
+        return self._controller_mounts["freezer"] / self.name / user / PAUSED_GROUP
+
+    def freeze_processes(self, user: str, pids: list[int]) -> list[int]:
+        """The ``paused`` child exists in the freezer hierarchy only: the processes stay in the
+        user's cpu, memory and pids groups."""
+        self._require(user)
+        paused = self._paused_dir(user)
+        with _errors(f"create {paused}"):
+            paused.mkdir(exist_ok=True)
+        moved = []
+        for pid in pids:
+            try:
+                write_text(paused / "cgroup.procs", str(pid))
+            except CgroupError as exc:
+                if isinstance(exc.__cause__, ProcessLookupError):
+                    continue
+                raise
+            moved.append(pid)
+        state = paused / "freezer.state"
+        write_text(state, "FROZEN")
+        if not wait_until(lambda: read_text(state).strip() == "FROZEN", self.wait_timeout):
+            raise CgroupError(f"{paused} was not reported FROZEN within {self.wait_timeout:g} s")
+        return moved
+
+    def thaw_processes(self, user: str) -> None:
+        paused = self._paused_dir(user)
+        if not paused.is_dir():
+            return
+        state = paused / "freezer.state"
+        write_text(state, "THAWED")
+        # Under a frozen parent (the whole user frozen) the child reports FROZEN until that thaws.
+        if not wait_until(lambda: read_text(state).strip() == "THAWED" or self.is_frozen(user), self.wait_timeout):
+            raise CgroupError(f"{paused} was not reported THAWED within {self.wait_timeout:g} s")
+
+    def reclaim_memory(self, user: str) -> bool:
+        return False  # v1 has no memory.reclaim; force_empty only works on an empty group
+
     def kill(self, user: str) -> None:
         """Freeze, SIGKILL every task, thaw, and repeat until the group is empty.
 
@@ -291,6 +339,7 @@ class V1Driver:
         if not self.exists(user):
             return
         self._require(user)
+        self.thaw_processes(user)  # a self-frozen child would keep its tasks from dying
         for _round in range(20):
             self._set_state(user, "FROZEN")  # proceed even if a task is slow to freeze
             pids = self.pids(user)

@@ -24,6 +24,7 @@ from supervisor.errors import CgroupError
 
 REQUIRED_CONTROLLERS = ("cpu", "memory", "pids")
 DAEMON_LEAF = "daemon"
+PAUSED_GROUP = "paused"  # a user's child group holding its frozen language servers
 MIN_CPU_QUOTA_US = 1000  # the kernel refuses a smaller quota in cpu.max / cpu.cfs_quota_us
 # Limit files that may be absent even when every required controller is enabled
 # (memory.swap.max needs swap accounting); they are skipped rather than failing.
@@ -364,6 +365,48 @@ class V2Driver:
     def is_frozen(self, user: str) -> bool:
         group = self._group(user)
         return group.is_dir() and self._events(group).get("frozen") == 1
+
+    def freeze_processes(self, user: str, pids: list[int]) -> list[int]:
+        paused = self._existing(user) / PAUSED_GROUP
+        paused.mkdir(exist_ok=True)
+        moved = []
+        for pid in pids:
+            try:
+                write_text(paused / "cgroup.procs", str(pid))
+            except CgroupError as exc:
+                if isinstance(exc.__cause__, ProcessLookupError):
+                    continue
+                raise
+            moved.append(pid)
+        write_text(paused / "cgroup.freeze", "1")
+        if not wait_until(lambda: self._events(paused).get("frozen") == 1, self.wait_timeout):
+            raise CgroupError(f"{paused} was not reported frozen within {self.wait_timeout:g} s")
+        return moved
+
+    def thaw_processes(self, user: str) -> None:
+        paused = self._group(user) / PAUSED_GROUP
+        if not paused.is_dir():
+            return
+        write_text(paused / "cgroup.freeze", "0")
+        # Under a frozen parent (the whole user frozen) the child stays frozen until that thaws.
+        thawed = lambda: self._events(paused).get("frozen") == 0 or self.is_frozen(user)  # noqa: E731
+        if not wait_until(thawed, self.wait_timeout):
+            raise CgroupError(f"{paused} was not reported thawed within {self.wait_timeout:g} s")
+
+    def reclaim_memory(self, user: str) -> bool:
+        group = self._existing(user)
+        target = group / "memory.reclaim"
+        if not target.exists():
+            return False
+        amount = self._counter(group / "memory.current")
+        try:
+            with open(target, "w") as f:
+                f.write(str(amount))
+        except OSError as exc:
+            if exc.errno in (errno.EAGAIN, errno.EBUSY):
+                return False  # only part (or none) could be reclaimed, e.g. anon memory without swap
+            raise CgroupError(f"cannot write {target}: {exc.strerror}") from exc
+        return True
 
     def kill(self, user: str) -> None:
         group = self._group(user)
