@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 import trio
 
-from supervisor import launch, logfiles
+from supervisor import launch, logfiles, metrics
 from supervisor.cgroups import CgroupDriver, Limits
 from supervisor.config import Config, TierConfig
 from supervisor.errors import CgroupError, InvalidTransition, SupervisorError, UnknownUser, UnsafePath
@@ -134,6 +134,9 @@ class UserRuntime:
     oom_kills: int = 0
     memory_bytes: int = 0
     cpu_usage_us: int = 0
+    cpu_sampled_at: float | None = None  # when cpu_usage_us was read (None: no baseline yet)
+    cpu_millicores: int = 0  # CPU rate between the last two samples
+    restarts_counted: int = 0  # session.restarts already counted in the restarts metric
     started_wall: float | None = None
     running_since_wall: float | None = None
     retry_scope: trio.CancelScope | None = None
@@ -164,6 +167,9 @@ class SessionManager:
         )
         self.started_wall = time.time()
         self.oom_kills_total = 0
+        self.cgroup_error: str | None = None  # the latest cgroup failure (readiness), until one succeeds
+        #: Extra sections of pod_info(), e.g. "registry" and "probes" (set by the daemon).
+        self.info_providers: dict[str, Callable[[], Any]] = {}
         self._changed = trio.Event()
         self._nursery: trio.Nursery | None = None
 
@@ -208,6 +214,7 @@ class SessionManager:
 
     def sample_usage(self) -> None:
         """Refresh usage of every live user; notice OOM kills of non-main processes; rotate logs."""
+        read = failed = 0
         for rt in list(self.runtimes.values()):
             if rt.session.state not in LIVE:
                 continue
@@ -215,18 +222,34 @@ class SessionManager:
                 usage = self.driver.usage(rt.session.user)
             except CgroupError as exc:
                 log.warning("user=%s cannot read cgroup usage: %s", rt.session.user, exc)
+                self.cgroup_error, failed = str(exc), failed + 1
                 continue
+            read += 1
             rt.memory_bytes = usage.memory_bytes
-            rt.cpu_usage_us = usage.cpu_usage_us
+            self._account_cpu(rt, usage.cpu_usage_us)
             if usage.oom_kills > rt.oom_baseline + rt.oom_kills:
                 new = usage.oom_kills - rt.oom_baseline - rt.oom_kills
                 rt.oom_kills += new
                 self.oom_kills_total += new
+                metrics.OOM_KILLS.labels(tier=rt.session.tier).inc(new)
                 log.warning(
                     "user=%s OOM: the kernel killed %d process(es) in the tree at the %s memory limit",
                     rt.session.user, new, rt.session.tier,
                 )
             logfiles.rotate_if_needed(rt.log_path, self.config.daemon.log_max_bytes, self.config.daemon.log_backups)
+        if read and not failed:
+            self.cgroup_error = None
+
+    def _account_cpu(self, rt: UserRuntime, cpu_usage_us: int) -> None:
+        """Add the CPU used since the last sample to the per-tier counter; update the user's rate.
+        A counter below the last one means a new cgroup: all of it is new use."""
+        now = self.clock()
+        if rt.cpu_sampled_at is not None:
+            used = cpu_usage_us - rt.cpu_usage_us if cpu_usage_us >= rt.cpu_usage_us else cpu_usage_us
+            metrics.CGROUP_CPU.labels(tier=rt.session.tier).inc(used / 1e6)
+            elapsed = now - rt.cpu_sampled_at
+            rt.cpu_millicores = round(used / 1000 / elapsed) if elapsed > 0 else 0
+        rt.cpu_usage_us, rt.cpu_sampled_at = cpu_usage_us, now
 
     # ---- operator verbs --------------------------------------------------------------------
 
@@ -250,7 +273,10 @@ class SessionManager:
         async with rt.lock:
             if tier_name != rt.session.tier:
                 self._change_tier(rt, tier_name, tier_config)
-            await self._handle(rt, rt.session.on_start(self.clock()))
+            actions = rt.session.on_start(self.clock())
+            if any(isinstance(a, Spawn) for a in actions):
+                metrics.COLD_STARTS.labels(tier=tier_name).inc()
+            await self._handle(rt, actions)
         if wait:
             await self.wait_for(user, lambda s: s.state is not State.STARTING, self.config.ide.ready_timeout + 5)
         return self.describe(rt)
@@ -401,6 +427,7 @@ class SessionManager:
             session=UserSession(user=record.user, tier=tier, policy=self.policy, restarts=record.restarts, reason=record.reason),
             uid=record.uid,
             gid=record.gid,
+            restarts_counted=record.restarts,
             paths=user_paths(ws.root, ws.shards, record.user),
             socket_dir=self.config.daemon.run_dir / "users" / record.user,
             log_path=self.config.daemon.log_dir / f"{record.user}.log",
@@ -415,8 +442,23 @@ class SessionManager:
         """Carry out ``actions`` (caller holds ``rt.lock``), then persist and notify waiters."""
         for action in actions:
             await self._execute(rt, action)
+        self._count_restarts(rt)
         self._save(rt)
         self._notify()
+
+    @staticmethod
+    def _count_restarts(rt: UserRuntime) -> None:
+        """Count automatic restarts the state machine decided since the last call (by how the
+        process ended); an operator's start resets the session's count and the baseline."""
+        s = rt.session
+        if s.restarts > rt.restarts_counted:
+            last = s.last_exit
+            reason = (
+                "unknown" if last is None else "oom" if last.oom else "signal" if last.signal is not None
+                else "exit" if last.code is not None else "unknown"
+            )
+            metrics.RESTARTS.labels(tier=s.tier, reason=reason).inc(s.restarts - rt.restarts_counted)
+        rt.restarts_counted = s.restarts
 
     async def _execute(self, rt: UserRuntime, action: Action) -> None:
         user = rt.session.user
@@ -459,8 +501,11 @@ class SessionManager:
             ensure_private_dir(rt.socket_dir, rt.uid, rt.gid)
             self._remove_socket_file(rt)
             self.driver.create(user, limits_for(tier, starting=True))
-            rt.oom_baseline = self.driver.usage(user).oom_kills
+            usage = self.driver.usage(user)
+            rt.oom_baseline = usage.oom_kills
             rt.oom_kills = 0
+            rt.cpu_usage_us, rt.cpu_sampled_at = usage.cpu_usage_us, self.clock()
+            self.cgroup_error = None
             spec = launch.build_spec(
                 user=user, uid=rt.uid, gid=rt.gid,
                 command=self.config.ide.command, extra_env=self.config.ide.env, shell=self.config.ide.shell,
@@ -470,6 +515,8 @@ class SessionManager:
             pid = launch.spawn(spec)
         except SupervisorError as exc:
             log.error("user=%s cannot start: %s", user, exc)
+            if isinstance(exc, CgroupError):
+                self.cgroup_error = str(exc)
             return session.on_spawn_failed(self.clock(), str(exc))
         pidfd = os.pidfd_open(pid)
         session.on_spawned(pid)
@@ -500,6 +547,7 @@ class SessionManager:
                 return
             if oom:
                 self.oom_kills_total += 1
+                metrics.OOM_KILLS.labels(tier=rt.session.tier).inc()
             level = logging.INFO if rt.session.state is State.STOPPING else logging.WARNING
             log.log(level, "user=%s pid %d %s (state %s)", rt.session.user, pid, info.describe(), rt.session.state.value)
             await self._handle(rt, rt.session.on_exit(self.clock(), info))
@@ -528,6 +576,8 @@ class SessionManager:
             if tier.start_cpu > tier.cpu:
                 self.driver.set_limits(rt.session.user, limits_for(tier))
             rt.running_since_wall = time.time()
+            if rt.session.started_at is not None:
+                metrics.SPAWN_DURATION.labels(tier=rt.session.tier).observe(self.clock() - rt.session.started_at)
             await self._handle(rt, rt.session.on_ready(self.clock()))
         log.info("user=%s RUNNING (pid %d)", rt.session.user, pid)
 
@@ -656,4 +706,5 @@ class SessionManager:
             "orphans_reaped": self.reaper.orphans_reaped,
             "uptime_s": round(time.time() - self.started_wall, 3),
             "pid": os.getpid(),
+            **{name: provide() for name, provide in self.info_providers.items()},
         }
