@@ -225,7 +225,14 @@ class DaemonConfig:
     log_backups: int = setting(3, "Rotated logs kept per user.", _int(0, 100))
     log_level: str = setting("info", "Daemon log level.", _choice("debug", "info", "warning", "error"))
     sigterm: str = setting("stop", "On SIGTERM: 'stop' every user gracefully, or 'detach' (leave them running for a restarted daemon to adopt).", _choice("stop", "detach"))
-    shutdown_deadline: float = setting(30.0, "Longest graceful shutdown on SIGTERM.", parse_duration)
+    shutdown_deadline: float = setting(30.0, "Longest graceful stop of every user at shutdown (after a drain's wait); then what is left is killed.", parse_duration)
+    drain_deadline: float = setting(
+        15.0,
+        "How long a drain (SIGTERM, or `workspacectl drain` without --deadline) lets connected users finish "
+        "before their IDEs are stopped. Keep drain_deadline + shutdown_deadline under the pod's "
+        "terminationGracePeriodSeconds (systemd: TimeoutStopSec).",
+        parse_duration,
+    )
     usage_interval: float = setting(10.0, "How often cgroup usage is sampled.", parse_duration)
 
 
@@ -285,8 +292,8 @@ class RegistryConfig:
     backend: str = setting("sqlite", "sqlite or fdb.", _choice("sqlite", "fdb"))
     path: Path = setting(Path("/var/lib/workspace-supervisor/registry.db"), "SQLite registry file.", _path)
     fdb_cluster_file: Path = setting(Path("/etc/foundationdb/fdb.cluster"), "FoundationDB cluster file.", _path)
-    heartbeat: float = setting(5.0, "Heartbeat period.", parse_duration)
-    lease: float = setting(15.0, "Lease after the last heartbeat.", parse_duration)
+    heartbeat: float = setting(5.0, "Heartbeat period: how often the pod publishes its occupancy.", parse_duration)
+    lease: float = setting(15.0, "Lease after the last heartbeat: a pod silent this long is dead to routers (above heartbeat).", parse_duration)
 
 
 @dataclass(frozen=True)
@@ -430,6 +437,11 @@ def _deep_copy(tree: dict[str, Any]) -> dict[str, Any]:
 def _check_consistency(config: Config) -> None:
     if config.users.uid_min > config.users.uid_max:
         raise ConfigError(f"users.uid_min ({config.users.uid_min}) is above users.uid_max ({config.users.uid_max})")
+    if not 0 < config.registry.heartbeat < config.registry.lease:
+        raise ConfigError(
+            f"registry.heartbeat ({config.registry.heartbeat:g}s) must be above 0 and below registry.lease "
+            f"({config.registry.lease:g}s), or the pod's record expires between heartbeats"
+        )
     if config.restart.backoff_initial > config.restart.backoff_max:
         raise ConfigError("restart.backoff_initial is above restart.backoff_max")
     ladder = config.idle
