@@ -170,6 +170,8 @@ class SessionManager:
         self.cgroup_error: str | None = None  # the latest cgroup failure (readiness), until one succeeds
         #: Extra sections of pod_info(), e.g. "registry" and "probes" (set by the daemon).
         self.info_providers: dict[str, Callable[[], Any]] = {}
+        #: Extra per-user fields of describe(), e.g. the idle ladder's (set by the daemon).
+        self.user_info_providers: list[Callable[[str], dict[str, Any]]] = []
         self._changed = trio.Event()
         self._nursery: trio.Nursery | None = None
 
@@ -466,6 +468,8 @@ class SessionManager:
             for follow_up in self._spawn(rt):
                 await self._execute(rt, follow_up)
         elif isinstance(action, Terminate):
+            if self.driver.exists(user) and self.driver.is_frozen(user):
+                self.driver.thaw(user)  # frozen by the idle ladder: SIGTERM must reach it
             if rt.session.pid is not None:
                 self._signal_pid(rt.session.pid, signal.SIGTERM)
                 self.nursery.start_soon(self._kill_after_grace, rt, rt.session.pid, action.grace)
@@ -677,6 +681,7 @@ class SessionManager:
             "last_exit": s.last_exit.describe() if s.last_exit else None,
             "oom_kills": rt.oom_kills,
             "log": str(rt.log_path),
+            **{k: v for provider in self.user_info_providers for k, v in provider(s.user).items()},
         }
 
     def status(self, users: list[str] | None = None) -> list[dict[str, Any]]:
