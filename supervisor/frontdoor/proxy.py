@@ -1,0 +1,429 @@
+"""HTTP and WebSocket pass-through on trio, h11 on both sides, bodies streamed chunk by chunk.
+
+- :class:`HttpStream`: a trio stream plus an ``h11.Connection`` (the browser side is an h11
+  server, the IDE side an h11 client); every read and write can carry an idle timeout.
+- :func:`forward_http`: one request/response exchange. The request body and the response body
+  are streamed concurrently in ``buffer_size`` pieces, never held whole (Theia's 12 MB bundles,
+  uploads), with backpressure both ways; 1xx answers are passed on.
+- :func:`forward_upgrade`: a WebSocket (any ``Upgrade:``) handshake goes to the IDE; if it answers
+  101 the browser gets that 101 (with the IDE's headers and cookies) and from then on
+  :func:`splice` copies bytes both ways without looking at them; any other answer is passed on
+  as a normal response.
+- Header filtering (pure): hop-by-hop headers are dropped, ``Host`` and every other end-to-end
+  header is kept; the front door's own session cookie and the Bearer token it consumed are
+  removed from what the IDE sees, and an IDE cannot set or clear the front door's cookie.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import select
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence, Union
+
+import h11
+import trio
+
+from supervisor.metrics import PROXY_BYTES
+
+HOP_BY_HOP = frozenset({
+    b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"transfer-encoding",
+    b"upgrade", b"proxy-authorization", b"proxy-authenticate",
+})
+Headers = list[tuple[bytes, bytes]]
+HeaderSeq = Sequence[tuple[bytes, bytes]]
+Event = Union[h11.Request, h11.InformationalResponse, h11.Response, h11.Data, h11.EndOfMessage, h11.ConnectionClosed]
+Counter = Callable[[int], None]
+
+TO_IDE = PROXY_BYTES.labels(direction="client_to_ide")
+TO_CLIENT = PROXY_BYTES.labels(direction="ide_to_client")
+
+
+class UpstreamFailed(Exception):
+    """The IDE closed or broke the exchange before answering (a 502 if the browser got nothing yet)."""
+
+
+class ClientGone(Exception):
+    """The browser went away or stalled mid-exchange: nothing more can be sent to it."""
+
+
+# ---- h11 over a trio stream ----------------------------------------------------------------------
+
+
+class HttpStream:
+    """A trio stream with its h11 state machine."""
+
+    def __init__(self, stream: trio.abc.Stream, role: type[h11.CLIENT] | type[h11.SERVER], *,
+                 buffer_size: int, max_head: int) -> None:
+        self.stream = stream
+        self.conn = h11.Connection(role, max_incomplete_event_size=max_head)
+        self.buffer_size = buffer_size
+
+    async def receive(self, timeout: float = math.inf) -> bytes:
+        """Read once and feed h11 (``b""`` on EOF or a broken stream); TooSlowError after ``timeout``."""
+        with trio.fail_after(timeout):
+            try:
+                data = bytes(await self.stream.receive_some(self.buffer_size))
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                data = b""
+        self.conn.receive_data(data)
+        return data
+
+    async def next_event(self, timeout: float = math.inf) -> Event | type[h11.PAUSED]:
+        """The next h11 event, reading as needed; each read may wait ``timeout``."""
+        while True:
+            event = self.conn.next_event()
+            if event is h11.NEED_DATA:
+                await self.receive(timeout)
+                continue
+            return event  # type: ignore[return-value]
+
+    async def send(self, event: Event | h11.InformationalResponse, timeout: float = math.inf) -> None:
+        data = self.conn.send(event)
+        if data:
+            with trio.fail_after(timeout):
+                await self.stream.send_all(data)
+
+    def idle_and_open(self) -> bool:
+        """True if another request may be sent: both sides IDLE and the peer has not closed."""
+        if self.conn.our_state is not h11.IDLE or self.conn.their_state is not h11.IDLE:
+            return False
+        sock = getattr(self.stream, "socket", None)
+        if sock is None:
+            return True
+        poller = select.poll()
+        poller.register(sock.fileno(), select.POLLIN | select.POLLHUP | select.POLLERR)
+        return not poller.poll(0)  # readable now = EOF or bytes nobody asked for: do not reuse
+
+
+# ---- headers (pure) ----------------------------------------------------------------------------------
+
+
+def connection_tokens(headers: HeaderSeq) -> set[bytes]:
+    tokens: set[bytes] = set()
+    for name, value in headers:
+        if name == b"connection":
+            tokens.update(t.strip().lower() for t in value.split(b",") if t.strip())
+    return tokens
+
+
+def strip_cookie(value: bytes, name: str) -> bytes:
+    """A Cookie header value without the cookie ``name`` (other cookies keep their bytes)."""
+    wanted = name.encode()
+    kept = [pair.strip() for pair in value.split(b";") if pair.strip() and pair.strip().partition(b"=")[0].strip() != wanted]
+    return b"; ".join(kept)
+
+
+def upstream_request_headers(headers: HeaderSeq, *, cookie_name: str, drop_bearer: bool, upgrade: bytes | None) -> Headers:
+    """What the IDE receives: end-to-end headers (Host included), minus our cookie and our token."""
+    listed = connection_tokens(headers) - {b"upgrade", b"keep-alive", b"close"}
+    chunked = any(n == b"transfer-encoding" for n, _ in headers)
+    out: Headers = []
+    for name, value in headers:
+        if name == b"transfer-encoding":
+            out.append((name, value))  # h11 re-frames the body it relays; keep the framing kind
+            continue
+        if name in HOP_BY_HOP or name in listed or (chunked and name == b"content-length"):
+            continue
+        if name == b"cookie":
+            value = strip_cookie(value, cookie_name)
+            if not value:
+                continue
+        elif name == b"authorization" and drop_bearer and value.strip()[:7].lower() == b"bearer ":
+            continue
+        out.append((name, value))
+    if upgrade is not None:
+        out += [(b"connection", b"upgrade"), (b"upgrade", upgrade)]
+    return out
+
+
+def client_response_headers(headers: HeaderSeq, *, cookie_name: str, switching: bool = False) -> Headers:
+    """What the browser receives from the IDE: end-to-end headers and its cookies, not ours."""
+    listed = connection_tokens(headers) - {b"upgrade", b"keep-alive", b"close"}
+    prefix = cookie_name.encode() + b"="
+    out: Headers = []
+    upgrade: bytes | None = None
+    for name, value in headers:
+        if name == b"upgrade":
+            upgrade = value
+        if name in (b"transfer-encoding", b"content-length") and not switching:
+            out.append((name, value))
+            continue
+        if name in HOP_BY_HOP or name in listed:
+            continue
+        if name == b"set-cookie" and value.lstrip().startswith(prefix):
+            continue  # an IDE never sets or clears the front door's cookie
+        out.append((name, value))
+    if switching:
+        out += [(b"connection", b"upgrade"), (b"upgrade", upgrade or b"websocket")]
+    return out
+
+
+def upgrade_of(request: h11.Request) -> bytes | None:
+    """The Upgrade header of a request that asks for a protocol switch, else None."""
+    if b"upgrade" not in connection_tokens(request.headers):
+        return None
+    for name, value in request.headers:
+        if name == b"upgrade":
+            return value
+    return None
+
+
+def has_body(request: h11.Request) -> bool:
+    for name, value in request.headers:
+        if name == b"transfer-encoding" or (name == b"content-length" and value.strip() != b"0"):
+            return True
+    return False
+
+
+# ---- the IDE side -------------------------------------------------------------------------------
+
+
+@dataclass
+class Upstream:
+    """A connection to one user's IDE socket, reusable for the next request of the same user."""
+
+    user: str
+    socket_path: Path
+    http: HttpStream
+    exchanges: int = 0
+    closed: bool = field(default=False)
+
+    @classmethod
+    async def connect(cls, user: str, socket_path: Path, *, buffer_size: int, max_head: int, timeout: float) -> Upstream:
+        """Raises OSError (no socket, refused) or TooSlowError (a frozen or wedged IDE)."""
+        with trio.fail_after(timeout):
+            stream = await trio.open_unix_socket(str(socket_path))
+        return cls(user, socket_path, HttpStream(stream, h11.CLIENT, buffer_size=buffer_size, max_head=max_head))
+
+    def reusable_for(self, user: str, socket_path: Path) -> bool:
+        return not self.closed and self.user == user and self.socket_path == socket_path and self.http.idle_and_open()
+
+    async def aclose(self) -> None:
+        self.closed = True
+        await trio.aclose_forcefully(self.http.stream)
+
+
+# ---- one exchange ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Exchange:
+    """How one forwarded exchange went."""
+
+    status: int = 0
+    answered: bool = False  # the browser got a status line: no error page can follow
+    reusable: bool = False  # both connections may carry another request
+
+
+async def forward_http(
+    client: HttpStream, upstream: Upstream, request: h11.Request, *, target: bytes, headers: Headers,
+    cookie_name: str, idle: float, on_input: Counter,
+) -> Exchange:
+    """Forward one request to the IDE and its answer to the browser, streaming both bodies.
+
+    Raises UpstreamFailed if the IDE broke off before the browser was answered (the caller may
+    answer 502); a failure after that, or on the browser's side, raises ClientGone."""
+    result = Exchange()
+    ide = upstream.http
+    upstream.exchanges += 1
+    request_done = False
+
+    async def pump_request_body() -> None:
+        nonlocal request_done
+        while True:
+            event = await client.next_event(idle)
+            if isinstance(event, h11.Data):
+                TO_IDE.inc(len(event.data))
+                on_input(len(event.data))
+                await ide.send(h11.Data(data=event.data), idle)
+            elif isinstance(event, h11.EndOfMessage):
+                await ide.send(h11.EndOfMessage(), idle)
+                request_done = True
+                return
+            else:
+                raise ClientGone("the browser closed the connection inside a request body")
+
+    try:
+        await ide.send(h11.Request(method=request.method, target=target, headers=headers), idle)
+    except (trio.BrokenResourceError, trio.ClosedResourceError, h11.LocalProtocolError, trio.TooSlowError) as exc:
+        raise UpstreamFailed(f"cannot send the request to the IDE: {type(exc).__name__}") from None
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_guard_client, pump_request_body)
+            response = await _response_head(client, ide, idle)
+            result.status = response.status_code
+            try:
+                await client.send(h11.Response(
+                    status_code=response.status_code, reason=response.reason,
+                    headers=client_response_headers(response.headers, cookie_name=cookie_name),
+                ), idle)
+                result.answered = True
+                await _pump_response_body(client, ide, idle)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError, h11.ProtocolError) as exc:
+                raise ClientGone(f"response to the browser broke off: {type(exc).__name__}") from None
+            if not request_done:
+                nursery.cancel_scope.cancel()  # the IDE answered without reading the whole body
+    except BaseExceptionGroup as group:
+        raise first_leaf(group) from None
+    result.reusable = request_done and client.conn.our_state is h11.DONE and ide.conn.our_state is h11.DONE
+    if result.reusable and ide.conn.their_state is h11.DONE:
+        ide.conn.start_next_cycle()
+    else:
+        result.reusable = False
+    return result
+
+
+async def _guard_client(pump: Callable[[], object]) -> None:
+    try:
+        await pump()  # type: ignore[misc]
+    except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError, h11.ProtocolError) as exc:
+        raise ClientGone(f"request body broke off: {type(exc).__name__}") from None
+
+
+async def _response_head(client: HttpStream, ide: HttpStream, idle: float) -> h11.Response:
+    while True:
+        try:
+            event = await ide.next_event(idle)
+        except (h11.RemoteProtocolError, trio.TooSlowError) as exc:
+            raise UpstreamFailed(f"the IDE did not answer: {type(exc).__name__}") from None
+        if isinstance(event, h11.Response):
+            return event
+        if isinstance(event, h11.InformationalResponse) and event.status_code != 101:
+            with contextlib.suppress(h11.LocalProtocolError):
+                await client.send(h11.InformationalResponse(status_code=event.status_code, headers=[], reason=event.reason), idle)
+            continue
+        raise UpstreamFailed(f"the IDE answered with {type(event).__name__}")
+
+
+async def _pump_response_body(client: HttpStream, ide: HttpStream, idle: float) -> None:
+    while True:
+        try:
+            event = await ide.next_event(idle)
+        except h11.RemoteProtocolError:
+            raise trio.BrokenResourceError("the IDE broke off the response body") from None
+        if isinstance(event, h11.Data):
+            TO_CLIENT.inc(len(event.data))
+            await client.send(h11.Data(data=event.data), idle)
+        elif isinstance(event, h11.EndOfMessage):
+            await client.send(h11.EndOfMessage(), idle)
+            return
+        else:
+            raise trio.BrokenResourceError("the IDE closed inside a response body")
+
+
+def first_leaf(group: BaseExceptionGroup) -> BaseException:
+    """The first exception inside a (nested) exception group: a task's failure, unwrapped."""
+    leaf: BaseException = group
+    while isinstance(leaf, BaseExceptionGroup):
+        leaf = leaf.exceptions[0]
+    return leaf
+
+
+# ---- protocol switches (WebSocket) ---------------------------------------------------------------
+
+
+async def forward_upgrade(
+    client: HttpStream, upstream: Upstream, request: h11.Request, *, target: bytes, headers: Headers,
+    cookie_name: str, idle: float, on_input: Counter, on_switched: Callable[[], None] | None = None,
+) -> Exchange:
+    """Forward an upgrade handshake; on 101, splice the two connections until both ends close."""
+    ide = upstream.http
+    result = Exchange()
+    try:
+        await ide.send(h11.Request(method=request.method, target=target, headers=headers), idle)
+    except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError) as exc:
+        raise UpstreamFailed(f"cannot send the handshake to the IDE: {type(exc).__name__}") from None
+    # Relay any request body (a WebSocket handshake has none), then the IDE's answer.
+    while True:
+        event = await client.next_event(idle)
+        if isinstance(event, h11.Data):
+            on_input(len(event.data))
+            await ide.send(h11.Data(data=event.data), idle)
+        elif isinstance(event, h11.EndOfMessage):
+            await ide.send(h11.EndOfMessage(), idle)
+            break
+        else:
+            raise ClientGone("the browser closed the connection during the handshake")
+    while True:
+        try:
+            answer = await ide.next_event(idle)
+        except (h11.RemoteProtocolError, trio.TooSlowError) as exc:
+            raise UpstreamFailed(f"the IDE did not answer the handshake: {type(exc).__name__}") from None
+        if isinstance(answer, h11.InformationalResponse) and answer.status_code != 101:
+            continue
+        break
+    if isinstance(answer, h11.Response):
+        # Refused (Theia refuses an upgrade without its connection cookie): pass the answer on.
+        result.status = answer.status_code
+        try:
+            await client.send(h11.Response(
+                status_code=answer.status_code, reason=answer.reason,
+                headers=client_response_headers(answer.headers, cookie_name=cookie_name),
+            ), idle)
+            result.answered = True
+            await _pump_response_body(client, ide, idle)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError, h11.ProtocolError) as exc:
+            raise ClientGone(f"response to the browser broke off: {type(exc).__name__}") from None
+        return result
+    if not isinstance(answer, h11.InformationalResponse):
+        raise UpstreamFailed(f"the IDE answered the handshake with {type(answer).__name__}")
+    result.status = 101
+    try:
+        await client.send(h11.InformationalResponse(
+            status_code=101, reason=answer.reason,
+            headers=client_response_headers(answer.headers, cookie_name=cookie_name, switching=True),
+        ), idle)
+    except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError) as exc:
+        raise ClientGone(f"the browser went away during the handshake: {type(exc).__name__}") from None
+    result.answered = True
+    if on_switched is not None:
+        on_switched()
+    client_pending, _ = client.conn.trailing_data
+    ide_pending, _ = ide.conn.trailing_data
+
+    def to_ide(n: int) -> None:
+        TO_IDE.inc(n)
+        on_input(n)
+
+    await splice(client.stream, ide.stream, bytes(client_pending), bytes(ide_pending),
+                 buffer_size=client.buffer_size, linger=idle, a_to_b=to_ide, b_to_a=TO_CLIENT.inc)
+    return result
+
+
+async def splice(
+    a: trio.abc.Stream, b: trio.abc.Stream, a_pending: bytes, b_pending: bytes, *,
+    buffer_size: int, linger: float, a_to_b: Counter, b_to_a: Counter,
+) -> None:
+    """Copy bytes both ways until both directions reach EOF (an EOF is passed on as a half-close).
+
+    ``a_pending``/``b_pending`` were already read from ``a``/``b`` (h11's leftovers after the 101).
+    When one direction ends, the other gets ``linger`` seconds to end too; a broken stream ends both."""
+    async with trio.open_nursery() as nursery:
+        finished = 0
+
+        async def pump(src: trio.abc.Stream, dst: trio.abc.Stream, pending: bytes, count: Counter) -> None:
+            nonlocal finished
+            try:
+                if pending:
+                    await dst.send_all(pending)
+                    count(len(pending))
+                while True:
+                    data = await src.receive_some(buffer_size)
+                    if not data:
+                        break
+                    await dst.send_all(data)
+                    count(len(data))
+                if isinstance(dst, trio.abc.HalfCloseableStream):
+                    await dst.send_eof()
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                nursery.cancel_scope.cancel()
+                return
+            finished += 1
+            if finished == 1:
+                nursery.cancel_scope.deadline = trio.current_time() + linger
+
+        nursery.start_soon(pump, a, b, a_pending, a_to_b)
+        nursery.start_soon(pump, b, a, b_pending, b_to_a)

@@ -1,0 +1,621 @@
+"""The front door: where browsers enter the pod (``[http] listen``, default ``0.0.0.0:8080``).
+
+For every request on every connection (h11 parses them; bodies are streamed by :mod:`.proxy`):
+
+1. **Who** (:mod:`.auth`): ``Authorization: Bearer``, else a ``token`` query parameter, else the
+   session cookie. No valid identity: 401 with a JSON ``reason``. A valid token for a tier this
+   pod does not know: 403 ``unknown_tier``.
+2. **How many** (:mod:`.admission`): a new browser session (``sid``) beyond the tier's
+   ``sessions`` live ones: 409 ``too_many_sessions``.
+3. **First page load** (``GET``/``HEAD`` with ``?token=``): 303 to the same URL without the token,
+   setting the session cookie, so the token leaves the address bar and the history.
+4. **Where**: the authenticated user's own IDE - never anything named by the URL. If it is not
+   running, a cold start: ``manager.start`` and the request is held until RUNNING (at most
+   ``start_timeout``; then a self-reloading "starting" page, 503). More cold starts in flight than
+   ``max_cold_starts``: 429. Pod full or draining: 503 with Retry-After. A FATAL IDE: 502 with an
+   error page (a page load tries it again; background requests do not).
+5. **Through**: the request goes to the IDE's Unix socket with ``Host`` and the browser's other
+   cookies intact and the front door's cookie and token removed; WebSocket upgrades are spliced.
+
+A connection whose request head does not arrive within ``header_timeout`` (slowloris), is larger
+than ``max_header_bytes`` (431) or is not HTTP (400) is answered and closed; each connection runs
+in its own task and every failure stays inside it. Tokens never reach the log: targets are
+logged after the ``token`` parameter is removed, and headers are never logged.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Awaitable, Callable, Protocol
+
+import h11
+import trio
+
+from supervisor.config import Config
+from supervisor.errors import CapacityExceeded, Draining, InvalidTransition, SupervisorError, UnknownTier
+from supervisor.frontdoor.admission import ColdStarts, SessionTable
+from supervisor.frontdoor.answers import Answer, html_page, json_answer, redirect, retry_later, starting_page, unauthorized, wants_html
+from supervisor.frontdoor.auth import AuthError, Authenticator, Identity, credentials
+from supervisor.frontdoor.proxy import (
+    ClientGone,
+    Exchange,
+    HttpStream,
+    Upstream,
+    UpstreamFailed,
+    forward_http,
+    forward_upgrade,
+    has_body,
+    upgrade_of,
+    upstream_request_headers,
+)
+from supervisor.manager import SessionManager
+from supervisor.metrics import AUTH_REJECTIONS, COLD_STARTS, PROXY_ACTIVE, PROXY_CONNECTIONS
+from supervisor.sessions import State
+
+log = logging.getLogger(__name__)
+
+#: States in which the IDE is there to be proxied to (a PAUSED one is woken by its input).
+SERVING = frozenset({State.RUNNING, State.PAUSED})
+#: States in which a start is already under way: wait for it rather than start again.
+UNDER_WAY = frozenset({State.STARTING, State.BACKOFF})
+OTHER_REFUSALS = ("unknown_tier", "too_many_sessions", "too_many_cold_starts", "pod_full", "draining", "method_not_allowed")
+for _reason in OTHER_REFUSALS:
+    AUTH_REJECTIONS.labels(reason=_reason)
+MAX_LOGGED_TARGET = 200
+
+
+# ---- the IDEs behind the door ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class IdeInfo:
+    """What the front door needs to know about one user's IDE."""
+
+    state: State
+    tier: str
+    socket_path: Path
+    reason: str = ""
+
+
+class Ides(Protocol):
+    """The session manager as the front door sees it (a fake in unit tests)."""
+
+    def lookup(self, user: str) -> IdeInfo | None:
+        """The user's IDE, or None if this daemon has never started it."""
+
+    async def start(self, user: str, tier: str) -> None:
+        """Begin starting (or change the tier of) ``user`` without waiting for RUNNING.
+
+        Raises CapacityExceeded, Draining or UnknownTier before touching anything."""
+
+    async def wait_settled(self, user: str, timeout: float) -> IdeInfo | None:
+        """Wait (at most ``timeout``) until the IDE is no longer STARTING or in BACKOFF."""
+
+
+class ManagerIdes:
+    """:class:`Ides` over the daemon's :class:`~supervisor.manager.SessionManager`."""
+
+    def __init__(self, manager: SessionManager) -> None:
+        self.manager = manager
+
+    def lookup(self, user: str) -> IdeInfo | None:
+        rt = self.manager.runtimes.get(user)
+        if rt is None:
+            return None
+        s = rt.session
+        return IdeInfo(state=s.state, tier=s.tier, socket_path=rt.socket_path, reason=s.reason)
+
+    async def start(self, user: str, tier: str) -> None:
+        try:
+            await self.manager.start(user, tier, wait=False)
+        except InvalidTransition:
+            # Stopping right now (e.g. idle stop as the user came back): start once it is down.
+            await self.manager.wait_for(user, lambda s: s.state is not State.STOPPING, self.manager.config.ide.stop_grace + 5)
+            await self.manager.start(user, tier, wait=False)
+
+    async def wait_settled(self, user: str, timeout: float) -> IdeInfo | None:
+        if user in self.manager.runtimes:
+            await self.manager.wait_for(user, lambda s: s.state not in UNDER_WAY, timeout)
+        return self.lookup(user)
+
+
+# ---- the server --------------------------------------------------------------------------------------
+
+
+@dataclass
+class _ColdStart:
+    done: trio.Event = field(default_factory=trio.Event)
+    answer: Answer | None = None
+
+
+def split_listen(listen: str) -> tuple[str | None, int]:
+    host, _, port = listen.rpartition(":")
+    host = host.strip("[]")
+    return (host or None), int(port)
+
+
+def _format_address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def loggable(target: bytes) -> str:
+    """A request target for the log (already without its token), shortened."""
+    text = target.decode("latin-1")
+    return text if len(text) <= MAX_LOGGED_TARGET else text[:MAX_LOGGED_TARGET] + "..."
+
+
+class FrontDoor:
+    """The listening front door (see the module docstring). One per daemon."""
+
+    def __init__(
+        self, config: Config, ides: Ides, auth: Authenticator, *,
+        clock: Callable[[], float] = time.monotonic,
+        on_input: Callable[[str], None] | None = None,
+        wake: Callable[[str], Awaitable[None]] | None = None,
+    ) -> None:
+        self.config = config
+        self.http = config.http
+        self.ides = ides
+        self.auth = auth
+        self.clock = clock
+        self.on_input = on_input or (lambda user: None)
+        self.wake = wake
+        self.sessions = SessionTable(linger=config.http.session_linger)
+        self.cold = ColdStarts(limit=config.http.max_cold_starts)
+        self.connections = 0
+        self.addresses: list[tuple[str, int]] = []
+        self._starting: dict[str, _ColdStart] = {}
+
+    @property
+    def cookie_name(self) -> str:
+        return self.auth.cookies.name
+
+    async def serve(self, *, task_status: trio.TaskStatus[FrontDoor] = trio.TASK_STATUS_IGNORED) -> None:
+        """Listen and serve until cancelled; ``started`` once listening (see :attr:`addresses`)."""
+        host, port = split_listen(self.http.listen)
+        listeners = await trio.open_tcp_listeners(port, host=host)
+        self.addresses = [tuple(listener.socket.getsockname()[:2]) for listener in listeners]
+        for address in self.addresses:
+            log.info("front door listening on %s", _format_address(*address))
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._prune_loop)
+            await nursery.start(trio.serve_listeners, self.handle_connection, listeners)
+            task_status.started(self)
+
+    async def _prune_loop(self) -> None:
+        while True:
+            await trio.sleep(max(10.0, self.http.session_linger))
+            self.sessions.prune(self.clock())
+
+    async def handle_connection(self, stream: trio.SocketStream) -> None:
+        """Serve one client connection; nothing that happens on it escapes it."""
+        try:
+            peer = "%s:%s" % stream.socket.getpeername()[:2]
+        except (OSError, TypeError):
+            peer = "?"
+        if self.connections >= self.http.max_connections:
+            log.warning("front door: %d connections open (max_connections); refusing %s", self.connections, peer)
+            with trio.move_on_after(1):
+                try:
+                    await stream.send_all(
+                        b"HTTP/1.1 503 Service Unavailable\r\nretry-after: 1\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+                    )
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    pass
+            await trio.aclose_forcefully(stream)
+            return
+        self.connections += 1
+        connection = _Connection(self, stream, peer)
+        try:
+            await connection.run()
+        except (ClientGone, trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError) as exc:
+            log.debug("front door: connection from %s ended: %s", peer, exc or type(exc).__name__)
+        except Exception as exc:  # noqa: BLE001 - one connection's failure must never reach the daemon
+            if isinstance(exc, BaseExceptionGroup) and not exc.subgroup(lambda e: not isinstance(
+                    e, (ClientGone, trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError))):
+                log.debug("front door: connection from %s ended: %s", peer, exc)
+            else:
+                log.warning("front door: connection from %s failed: %s: %s", peer, type(exc).__name__, str(exc)[:200], exc_info=log.isEnabledFor(logging.DEBUG))
+        finally:
+            self.connections -= 1
+            await connection.close()
+
+    # ---- cold start ------------------------------------------------------------------------------
+
+    async def ide_for(self, identity: Identity, navigating: bool) -> IdeInfo | Answer:
+        """The user's serving IDE, starting it if needed, or the answer to give instead."""
+        user = identity.user
+        info = self.ides.lookup(user)
+        if info is not None and info.state in SERVING:
+            if info.tier != identity.tier:
+                await self._change_tier(identity)
+            return info
+        if info is not None and info.state is State.FATAL and not navigating:
+            return self._failed(info, navigating)
+        pending = self._starting.get(user)
+        if pending is None:
+            decision = self.cold.begin(user)
+            if decision == "refuse":
+                return retry_later(
+                    429, "too_many_cold_starts",
+                    f"{len(self.cold.in_flight)} workspaces are starting on this pod right now",
+                    "retry shortly", self.http.retry_after,
+                )
+            pending = self._starting[user] = _ColdStart()
+            try:
+                pending.answer = await self._cold_start(identity, info)
+            finally:
+                self.cold.end(user)
+                del self._starting[user]
+                pending.done.set()
+        else:
+            with trio.move_on_after(self.http.start_timeout):
+                await pending.done.wait()
+        if pending.answer is not None:
+            return pending.answer
+        return self._outcome(self.ides.lookup(user), navigating)
+
+    async def _cold_start(self, identity: Identity, info: IdeInfo | None) -> Answer | None:
+        user, tier = identity.user, identity.tier
+        began = self.clock()
+        if info is None or info.state not in UNDER_WAY:
+            try:
+                await self.ides.start(user, tier)
+            except CapacityExceeded as exc:
+                return self._refusal(retry_later(503, "pod_full", exc.message, exc.hint, self.http.retry_after))
+            except Draining as exc:
+                return self._refusal(retry_later(503, "draining", exc.message, exc.hint, self.http.retry_after))
+            except UnknownTier as exc:
+                return self._refusal(json_answer(403, "unknown_tier", exc.message, exc.hint))
+            except SupervisorError as exc:
+                log.error("user=%s cold start failed: %s", user, exc)
+                return json_answer(500, exc.reason, exc.message, exc.hint)
+            COLD_STARTS.labels(tier=tier).inc()
+            log.info("user=%s cold start (tier %s, sid %s)", user, tier, identity.sid[:16])
+        settled = await self.ides.wait_settled(user, self.http.start_timeout)
+        state = settled.state.value if settled else "unknown"
+        log.info("user=%s %s %.3fs after the request arrived", user, state, self.clock() - began)
+        return None
+
+    async def _change_tier(self, identity: Identity) -> None:
+        try:
+            await self.ides.start(identity.user, identity.tier)
+        except SupervisorError as exc:
+            log.warning("user=%s cannot change tier to %s: %s", identity.user, identity.tier, exc)
+
+    def _outcome(self, info: IdeInfo | None, navigating: bool) -> IdeInfo | Answer:
+        if info is not None and info.state in SERVING:
+            return info
+        if info is not None and info.state is State.FATAL:
+            return self._failed(info, navigating)
+        if info is not None and info.state in UNDER_WAY:
+            if navigating:
+                return starting_page(self.http.retry_after)
+            return retry_later(503, "starting", "the workspace is still starting", "retry shortly", min(self.http.retry_after, 2.0))
+        return retry_later(503, "not_running", "the workspace stopped while this request waited", "retry", 1.0)
+
+    def _failed(self, info: IdeInfo, navigating: bool) -> Answer:
+        message = f"Your workspace failed to start: {info.reason or 'unknown reason'}"
+        if navigating:
+            return html_page(502, "ide_failed", "Your workspace could not start", message + ". Reload this page to try again.")
+        return json_answer(502, "ide_failed", message, "reload the page to try again")
+
+    def _refusal(self, answer: Answer) -> Answer:
+        AUTH_REJECTIONS.labels(reason=answer.reason).inc()
+        return answer
+
+
+class _Connection:
+    """One browser connection: a loop of request/response exchanges (or one WebSocket)."""
+
+    def __init__(self, front: FrontDoor, stream: trio.SocketStream, peer: str) -> None:
+        self.front = front
+        self.http = front.http
+        self.peer = peer
+        self.client = HttpStream(stream, h11.SERVER, buffer_size=self.http.buffer_size, max_head=self.http.max_header_bytes)
+        self.upstream: Upstream | None = None
+
+    async def close(self) -> None:
+        await self._drop_upstream()
+        await trio.aclose_forcefully(self.client.stream)
+
+    async def _drop_upstream(self) -> None:
+        if self.upstream is not None:
+            upstream, self.upstream = self.upstream, None
+            await upstream.aclose()
+            PROXY_ACTIVE.labels(kind="http").dec()
+
+    async def run(self) -> None:
+        first = True
+        while True:
+            request = await self._request_head(first)
+            if request is None:
+                return
+            first = False
+            if not await self._exchange(request):
+                return
+            conn = self.client.conn
+            if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
+                return
+            conn.start_next_cycle()
+
+    async def _request_head(self, first: bool) -> h11.Request | None:
+        """The next request's head, or None (closed, timed out, or malformed and answered)."""
+        conn = self.client.conn
+        started = first
+        deadline = trio.current_time() + (self.http.header_timeout if first else self.http.keepalive_timeout)
+        while True:
+            try:
+                event = conn.next_event()
+            except h11.RemoteProtocolError as exc:
+                await self._protocol_error(exc)
+                return None
+            if isinstance(event, h11.Request):
+                return event
+            if event is not h11.NEED_DATA:
+                return None  # ConnectionClosed
+            with trio.move_on_at(deadline) as scope:
+                try:
+                    data = bytes(await self.client.stream.receive_some(self.client.buffer_size))
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    return None
+            if scope.cancelled_caught:
+                if started:
+                    log.info("front door: %s sent no complete request head within %gs: cut off", self.peer, self.http.header_timeout)
+                    await self._send_canned(408, "request_timeout", "the request head did not arrive in time")
+                return None
+            if data and not started:
+                started = True
+                deadline = trio.current_time() + self.http.header_timeout
+            conn.receive_data(data)
+
+    async def _protocol_error(self, exc: h11.RemoteProtocolError) -> None:
+        status = exc.error_status_hint
+        reason = "headers_too_large" if status == 431 else "bad_request"
+        log.info("front door: %s sent a malformed request (%s): %d", self.peer, str(exc)[:100], status)
+        await self._send_canned(status, reason, "the request could not be parsed" if status != 431 else "the request head is too large")
+
+    async def _send_canned(self, status: int, reason: str, message: str) -> None:
+        conn = self.client.conn
+        if conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+            return
+        answer = json_answer(status, reason, message)
+        with trio.move_on_after(1):
+            try:
+                await self.client.send(h11.Response(status_code=status, headers=[*answer.head(), (b"connection", b"close")]))
+                await self.client.send(h11.Data(data=answer.body))
+                await self.client.send(h11.EndOfMessage())
+            except (trio.BrokenResourceError, trio.ClosedResourceError, h11.LocalProtocolError):
+                pass
+
+    # ---- one exchange ----------------------------------------------------------------------------
+
+    async def _exchange(self, request: h11.Request) -> bool:
+        """Handle one request; True if the connection may carry another."""
+        front = self.front
+        creds = credentials(request.headers, request.target, front.cookie_name)
+        try:
+            identity, source = front.auth.authenticate(creds)
+        except AuthError as exc:
+            return await self._refuse(request, creds.target, unauthorized(exc.reason, exc.message, exc.hint))
+        tier = front.config.tiers.get(identity.tier)
+        if tier is None:
+            return await self._refuse(request, creds.target, json_answer(
+                403, "unknown_tier", f"tier {identity.tier[:64]!r} is not offered on this pod",
+                "ask for a token with one of the tiers in the pod's configuration",
+            ), identity)
+        now = front.clock()
+        if not front.sessions.admits(identity.user, identity.sid, tier.sessions, now):
+            return await self._refuse(request, creds.target, json_answer(
+                409, "too_many_sessions",
+                f"user {identity.user} already has {tier.sessions} open session(s), the most the {identity.tier} tier allows",
+                f"close the workspace in another browser window (a closed one is released after {front.http.session_linger:g}s)",
+            ), identity)
+        if source == "query" and request.method in (b"GET", b"HEAD"):
+            front.sessions.touch(identity.user, identity.sid, now)
+            log.info("user=%s sid=%s signed in from %s: session cookie set", identity.user, identity.sid[:16], self.peer)
+            return await self._answer(request, redirect(creds.target, front.auth.cookies.set_cookie(identity)))
+        front.sessions.open(identity.user, identity.sid, now)
+        try:
+            return await self._route(request, identity, source, creds.target)
+        finally:
+            front.sessions.close(identity.user, identity.sid, front.clock())
+
+    async def _route(self, request: h11.Request, identity: Identity, source: str, target: bytes) -> bool:
+        front = self.front
+        user = identity.user
+        if request.method == b"CONNECT":
+            return await self._refuse(request, target, json_answer(405, "method_not_allowed", "CONNECT is not served here"), identity)
+        ide = await front.ide_for(identity, wants_html(request.method, request.headers))
+        if isinstance(ide, Answer):
+            log.info("user=%s %s %s: %d %s", user, request.method.decode(), loggable(target), ide.status, ide.reason)
+            return await self._answer(request, ide)
+        if front.wake is not None:
+            await front.wake(user)  # thaw an idle IDE before its request reaches it
+        front.on_input(user)
+        upgrade = upgrade_of(request)
+        headers = upstream_request_headers(request.headers, cookie_name=front.cookie_name, drop_bearer=source == "bearer", upgrade=upgrade)
+
+        def on_input(n: int) -> None:
+            front.on_input(user)
+
+        if upgrade is not None:
+            return await self._websocket(request, identity, ide, target, headers, on_input)
+        retry = True
+        while True:
+            reused = await self._upstream_for(user, ide.socket_path)
+            if reused is None:
+                return await self._answer(request, self._unavailable(user))
+            assert self.upstream is not None
+            try:
+                exchange = await forward_http(
+                    self.client, self.upstream, request, target=target, headers=headers,
+                    cookie_name=front.cookie_name, idle=self.http.idle_timeout, on_input=on_input,
+                )
+            except UpstreamFailed as exc:
+                await self._drop_upstream()
+                if reused and retry and request.method in (b"GET", b"HEAD") and not has_body(request):
+                    retry = False  # the IDE closed an idle kept-alive connection as we sent: once more
+                    continue
+                log.warning("user=%s %s %s: the IDE failed: %s", user, request.method.decode(), loggable(target), exc)
+                return await self._answer(request, self._unavailable(user))
+            except BaseException:
+                await self._drop_upstream()
+                raise
+            break
+        log.debug("user=%s %s %s -> %d", user, request.method.decode(), loggable(target), exchange.status)
+        if not exchange.reusable:
+            await self._drop_upstream()
+        return exchange.reusable
+
+    async def _upstream_for(self, user: str, socket_path: Path) -> bool | None:
+        """Make :attr:`upstream` a connection to ``socket_path``; True if an old one is reused,
+        None if the IDE cannot be reached."""
+        if self.upstream is not None and self.upstream.reusable_for(user, socket_path):
+            return True
+        await self._drop_upstream()
+        try:
+            self.upstream = await Upstream.connect(
+                user, socket_path, buffer_size=self.http.buffer_size, max_head=max(self.http.max_header_bytes, 64 * 1024),
+                timeout=self.http.header_timeout,
+            )
+        except (OSError, trio.TooSlowError) as exc:
+            log.warning("user=%s cannot reach the IDE at %s: %s", user, socket_path, exc)
+            return None
+        PROXY_CONNECTIONS.labels(kind="http").inc()
+        PROXY_ACTIVE.labels(kind="http").inc()
+        return False
+
+    async def _websocket(self, request: h11.Request, identity: Identity, ide: IdeInfo, target: bytes,
+                         headers: list[tuple[bytes, bytes]], on_input: Callable[[int], None]) -> bool:
+        await self._drop_upstream()
+        user = identity.user
+        try:
+            upstream = await Upstream.connect(
+                user, ide.socket_path, buffer_size=self.http.buffer_size, max_head=max(self.http.max_header_bytes, 64 * 1024),
+                timeout=self.http.header_timeout,
+            )
+        except (OSError, trio.TooSlowError) as exc:
+            log.warning("user=%s cannot reach the IDE at %s: %s", user, ide.socket_path, exc)
+            return await self._answer(request, self._unavailable(user))
+        PROXY_CONNECTIONS.labels(kind="websocket").inc()
+        gauge = PROXY_ACTIVE.labels(kind="websocket")
+        switched = False
+
+        def on_switched() -> None:
+            nonlocal switched
+            switched = True
+            gauge.inc()
+
+        exchange = Exchange()
+        try:
+            exchange = await forward_upgrade(
+                self.client, upstream, request, target=target, headers=headers, cookie_name=self.front.cookie_name,
+                idle=self.http.idle_timeout, on_input=on_input, on_switched=on_switched,
+            )
+        except UpstreamFailed as exc:
+            log.warning("user=%s upgrade %s: the IDE failed: %s", user, loggable(target), exc)
+            return await self._answer(request, self._unavailable(user))
+        finally:
+            if switched:
+                gauge.dec()
+            await upstream.aclose()
+        log.debug("user=%s upgrade %s -> %d", user, loggable(target), exchange.status)
+        return False
+
+    def _unavailable(self, user: str) -> Answer:
+        return retry_later(502, "ide_unavailable", f"the workspace of {user} did not answer", "retry shortly", 1.0)
+
+    # ---- answering -------------------------------------------------------------------------------
+
+    async def _refuse(self, request: h11.Request, target: bytes, answer: Answer, identity: Identity | None = None) -> bool:
+        AUTH_REJECTIONS.labels(reason=answer.reason).inc()
+        who = f"user={identity.user}" if identity else f"from {self.peer}"
+        log.info("%s %s %s refused: %d %s", who, request.method.decode(), loggable(target), answer.status, answer.reason)
+        return await self._answer(request, answer)
+
+    async def _answer(self, request: h11.Request, answer: Answer) -> bool:
+        """Send one of the front door's own answers; True if the connection may carry another request."""
+        timeout = self.http.idle_timeout
+        try:
+            if self.client.conn.our_state is not h11.SEND_RESPONSE:
+                return False  # something was already sent (e.g. a 100 Continue then a failure)
+            await self.client.send(h11.Response(status_code=answer.status, headers=answer.head()), timeout)
+            if request.method != b"HEAD" and answer.body:
+                await self.client.send(h11.Data(data=answer.body), timeout)
+            await self.client.send(h11.EndOfMessage(), timeout)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError, h11.LocalProtocolError):
+            return False
+        return self._drain_request()
+
+    def _drain_request(self) -> bool:
+        """Discard what is left of the request if it is already here; False if more would have to be read."""
+        conn = self.client.conn
+        while conn.their_state is h11.SEND_BODY:
+            try:
+                event = conn.next_event()
+            except h11.RemoteProtocolError:
+                return False
+            if event is h11.NEED_DATA or isinstance(event, h11.ConnectionClosed):
+                return False
+        return conn.their_state is h11.DONE and conn.our_state is h11.DONE
+
+
+# ---- the daemon's service ----------------------------------------------------------------------
+
+
+@dataclass
+class FrontDoorHandle:
+    """What :func:`run_frontdoor` gives the daemon: the running front door (None if disabled)."""
+
+    scope: trio.CancelScope
+    front: FrontDoor | None = None
+
+    @property
+    def addresses(self) -> list[tuple[str, int]]:
+        return self.front.addresses if self.front else []
+
+    def cancel(self) -> None:
+        """Stop accepting and drop every connection (before users are stopped at shutdown)."""
+        self.scope.cancel()
+
+
+def enabled(config: Config) -> str | None:
+    """Why the front door is off, or None if it runs."""
+    if not config.http.listen:
+        return "[http] listen is empty"
+    auth = config.auth
+    if auth.public_key_file is None and auth.jwks_file is None and auth.hs256_secret_file is None:
+        return "no [auth] public_key_file, jwks_file or hs256_secret_file is configured"
+    return None
+
+
+async def run_frontdoor(
+    config: Config, manager: SessionManager, *, on_input: Callable[[str], None] | None = None,
+    wake: Callable[[str], Awaitable[None]] | None = None,
+    task_status: trio.TaskStatus[FrontDoorHandle] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """The daemon's front-door service: ``started`` with a :class:`FrontDoorHandle` once listening.
+
+    ``on_input(user)`` is called for every request and every piece of a body or WebSocket the
+    browser sends; ``await wake(user)`` before each request is passed to the IDE (the idle ladder's
+    hooks). Raises ConfigError (keys or cookie secret unusable) before listening."""
+    with trio.CancelScope() as scope:
+        handle = FrontDoorHandle(scope)
+        why_off = enabled(config)
+        if why_off is not None:
+            log.warning("front door disabled: %s", why_off)
+            task_status.started(handle)
+            return
+        auth = Authenticator.from_config(config.auth, config.daemon.state_dir)
+        front = FrontDoor(config, ManagerIdes(manager), auth, on_input=on_input, wake=wake)
+        handle.front = front
+        async with trio.open_nursery() as nursery:
+            await nursery.start(front.serve)
+            task_status.started(handle)
+
+
+__all__ = ["FrontDoor", "FrontDoorHandle", "IdeInfo", "Ides", "ManagerIdes", "run_frontdoor"]
