@@ -12,14 +12,21 @@ import json
 import logging
 import os
 import signal
+import time
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 import trio
 
 from supervisor import logfiles
 from supervisor.errors import SupervisorError
 from supervisor.manager import SessionManager
+from supervisor.units import parse_duration
+
+if TYPE_CHECKING:
+    from supervisor.drain import Drainer
+    from supervisor.publisher import Publisher
 
 log = logging.getLogger(__name__)
 PROTOCOL_VERSION = 1
@@ -111,6 +118,28 @@ HANDLERS: dict[str, Handler] = {
     "signal": _signal,
     "pod": _pod,
 }
+
+
+def pod_verbs(drainer: Drainer, publisher: Publisher) -> dict[str, Handler]:
+    """The verbs that need the daemon's drain and registry services: ``drain`` and ``pods``."""
+
+    async def _drain(m: SessionManager, args: dict[str, Any]) -> Any:
+        deadline = args.get("deadline")
+        if deadline is None:
+            seconds = m.config.daemon.drain_deadline
+        else:
+            try:
+                seconds = parse_duration(deadline)
+            except ValueError as exc:
+                raise BadRequest(f"bad deadline {deadline!r}: {exc}", hint="e.g. --deadline 90s, 10m or 0") from None
+        return drainer.request(seconds, by="workspacectl drain")
+
+    async def _pods(m: SessionManager, args: dict[str, Any]) -> Any:
+        pods = await publisher.list_pods()
+        now = time.time()
+        return {"pods": [{**asdict(p), "room": p.room, "heartbeat_age_s": round(now - p.heartbeat_at, 3)} for p in pods]}
+
+    return {"drain": _drain, "pods": _pods}
 
 
 def encode(message: dict[str, Any]) -> bytes:

@@ -2,8 +2,10 @@
 
 One nursery holds the services (session manager, control socket). Signals:
 
-- SIGTERM / SIGINT: graceful shutdown. With ``[daemon] sigterm = "stop"`` (the default, and always
-  when running as PID 1) every user is stopped within ``shutdown_deadline``; with ``"detach"`` the
+- SIGTERM / SIGINT: drain (:mod:`supervisor.drain`). With ``[daemon] sigterm = "stop"`` (the default,
+  and always when running as PID 1) the pod stops admitting users, gives connected users up to
+  ``drain_deadline`` to finish, stops every user gracefully within ``shutdown_deadline``, removes
+  its registry entries and exits 0; a second signal ends the wait at once. With ``"detach"`` the
   daemon exits and leaves users running for the next daemon to re-adopt.
 - SIGUSR2: detach (exit, users keep running) - for upgrades.
 - SIGHUP: logged and ignored (configuration reload is not supported yet; restart to apply).
@@ -22,48 +24,80 @@ from typing import NoReturn
 
 import trio
 
-from supervisor import __version__, config as config_module
+from supervisor import __version__, config as config_module, metrics
 from supervisor.cgroups.detect import detect
 from supervisor.config import Config
-from supervisor.control import ControlServer
+from supervisor.control import HANDLERS, ControlServer, pod_verbs
+from supervisor.drain import Drainer
 from supervisor.errors import SupervisorError
 from supervisor.manager import SessionManager
+from supervisor.probes import PodProbes, ProbeServer
+from supervisor.publisher import Publisher
 
 log = logging.getLogger("supervisor")
 
 
-async def wait_for_shutdown(default_mode: str) -> str:
-    """Block until a shutdown signal; return ``"stop"`` or ``"detach"``."""
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGUSR2, signal.SIGHUP) as signals:
-        async for signum in signals:
-            if signum == signal.SIGHUP:
-                log.warning("SIGHUP: configuration reload is not supported yet; restart the daemon to apply changes")
-                continue
-            mode = "detach" if signum == signal.SIGUSR2 else default_mode
-            log.info("%s received: shutting down (%s)", signal.Signals(signum).name, mode)
-            return mode
-    raise AssertionError("unreachable")
+async def wait_for_shutdown(default_mode: str, drainer: Drainer, drain_deadline: float) -> str:
+    """Handle signals until the daemon should exit; return ``"drained"`` (a drain finished, begun
+    by SIGTERM/SIGINT or by `workspacectl drain`) or ``"detach"`` (SIGUSR2, or SIGTERM/SIGINT with
+    ``default_mode == "detach"``)."""
+    outcome = "drained"
+    async with trio.open_nursery() as nursery:
+
+        async def until_drained() -> None:
+            await drainer.finished.wait()
+            nursery.cancel_scope.cancel()
+
+        nursery.start_soon(until_drained)
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGUSR2, signal.SIGHUP) as signals:
+            async for signum in signals:
+                name = signal.Signals(signum).name
+                if signum == signal.SIGHUP:
+                    log.warning("SIGHUP: configuration reload is not supported yet; restart the daemon to apply changes")
+                    continue
+                if signum == signal.SIGUSR2 or default_mode == "detach":
+                    log.info("%s received: shutting down (detach)", name)
+                    outcome = "detach"
+                    nursery.cancel_scope.cancel()
+                    break
+                if drainer.phase == "serving":
+                    log.info("%s received: draining (users get %gs to finish)", name, drain_deadline)
+                    drainer.request(drain_deadline, by=name)
+                else:
+                    log.info("%s received again: ending the drain's wait now", name)
+                    drainer.request(0.0, by=name)
+    return outcome
 
 
 async def run_daemon(
     config: Config, *, task_status: trio.TaskStatus[SessionManager] = trio.TASK_STATUS_IGNORED
 ) -> None:
-    """Run every service until a shutdown signal, then shut down as configured."""
+    """Run every service until a drain has finished or a detach signal arrives."""
     pid1 = os.getpid() == 1
     driver = detect(config.cgroups)
+    metrics.configure(tiers=config.tiers, ready_timeout=config.ide.ready_timeout, version=__version__,
+                      cgroup_version=driver.version)
     manager = SessionManager(config, driver)
+    publisher = Publisher(config, manager)
+    drainer = Drainer(manager, publisher)
+    probes = PodProbes(manager, publisher, drainer)
+    probe_server = ProbeServer(config.probes.listen, probes)
     async with trio.open_nursery() as nursery:
+        await nursery.start(probe_server.serve)  # /healthz answers at once, /startupz says 503 until started
         await nursery.start(manager.serve)
-        await nursery.start(ControlServer(manager, config.control.socket).serve)
+        await nursery.start(publisher.serve)
+        await nursery.start(drainer.serve)
+        manager.info_providers.update(registry=publisher.status, probes=lambda: probe_server.address, drain=drainer.status)
+        handlers = {**HANDLERS, **pod_verbs(drainer, publisher)}
+        await nursery.start(ControlServer(manager, config.control.socket, handlers).serve)
+        probes.started = True
         log.info(
             "workspace-supervisor %s ready: pod %s, capacity %d, %s%s",
             __version__, config.pod_id, config.pod.capacity, driver.describe(), " (PID 1)" if pid1 else "",
         )
         task_status.started(manager)
-        mode = await wait_for_shutdown("stop" if pid1 else config.daemon.sigterm)
-        if mode == "stop":
-            await manager.stop_all(config.daemon.shutdown_deadline)
-        else:
+        outcome = await wait_for_shutdown("stop" if pid1 else config.daemon.sigterm, drainer, config.daemon.drain_deadline)
+        if outcome == "detach":
             log.info("detaching: %d user(s) keep running for the next daemon", manager.pod.occupied())
         nursery.cancel_scope.cancel()
     log.info("workspace-supervisor stopped")

@@ -52,8 +52,12 @@ class Daemon:
             "restart": {"healthy_after": "2s", "backoff_initial": "50ms", "backoff_max": "200ms", "max_failures": 3},
             "control": {"socket": str(self.socket)},
             "daemon": {"state_dir": str(self.base / "state"), "run_dir": str(self.base / "run"),
-                       "log_dir": str(self.base / "log"), "usage_interval": "200ms", "log_level": "debug"},
+                       "log_dir": str(self.base / "log"), "usage_interval": "200ms", "log_level": "debug",
+                       "drain_deadline": "0s"},
             "cgroups": {"name": self.name},
+            # Port 0: a free port, shown by `workspacectl pod` as "probes"; a registry of its own.
+            "probes": {"listen": "127.0.0.1:0"},
+            "registry": {"path": str(self.base / "registry.db"), "heartbeat": "250ms", "lease": "3s"},
         }
         for key, value in overrides.items():
             section, _, name = key.partition("__")

@@ -1,0 +1,319 @@
+"""The probe port (``[probes] listen``, default ``0.0.0.0:9100``): Prometheus metrics and the
+Kubernetes probes, on a tiny HTTP/1.1 server (h11 on trio).
+
+- ``GET /healthz`` (liveness): 200 ``ok`` whenever the event loop answers. Cheap: no I/O.
+- ``GET /startupz`` (startup): 200 once re-adoption has finished and every service is up, else 503.
+- ``GET /readyz`` (readiness = admitting new users): 200 or 503 with a JSON body. Not ready while
+  starting, draining, full, or while the cgroup driver fails. A registry outage does not make the
+  pod unready (it keeps serving and admitting the users routed to it); it is listed under
+  ``degraded`` with the heartbeat failures.
+- ``GET /metrics``: every metric of :mod:`supervisor.metrics` (the pod's gauges are refreshed
+  from the live state first).
+
+One request per connection (``Connection: close``); the request head is bounded
+(``MAX_HEAD_BYTES``, else 431), a request must arrive and be answered within
+``REQUEST_TIMEOUT`` seconds, and at most ``MAX_CONNECTIONS`` are served at once (more are closed).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter as Tally
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+import h11
+import trio
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from supervisor import metrics
+from supervisor.errors import CgroupError
+from supervisor.sessions import LIVE, State
+
+if TYPE_CHECKING:
+    from supervisor.drain import Drainer
+    from supervisor.manager import SessionManager
+    from supervisor.publisher import Publisher
+
+log = logging.getLogger(__name__)
+
+MAX_HEAD_BYTES = 8 * 1024
+REQUEST_TIMEOUT = 10.0
+MAX_CONNECTIONS = 64
+JSON_VERSION = 1
+
+
+# ---- readiness: a pure decision -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Finding:
+    reason: str  # machine-readable, stable
+    message: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {"reason": self.reason, "message": self.message}
+
+
+@dataclass(frozen=True)
+class Readiness:
+    """Whether the pod admits new users; ``reasons`` say why not, ``degraded`` what else is wrong."""
+
+    ready: bool
+    reasons: tuple[Finding, ...] = ()
+    degraded: tuple[Finding, ...] = ()
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "version": JSON_VERSION,
+            "ready": self.ready,
+            "reasons": [f.to_dict() for f in self.reasons],
+            "degraded": [f.to_dict() for f in self.degraded],
+            **self.details,
+        }
+
+
+def evaluate(
+    *,
+    started: bool,
+    draining: bool,
+    occupied: int,
+    capacity: int,
+    cgroup_error: str | None,
+    registry_ok: bool,
+    registry_error: str = "",
+    details: dict[str, Any] | None = None,
+) -> Readiness:
+    """Readiness from the facts (pure)."""
+    reasons = []
+    if not started:
+        reasons.append(Finding("starting", "the daemon is still re-adopting users and starting its services"))
+    if draining:
+        reasons.append(Finding("draining", "the pod is draining: it admits no new users"))
+    if occupied >= capacity:
+        reasons.append(Finding("full", f"{occupied} of {capacity} slots are taken"))
+    if cgroup_error:
+        reasons.append(Finding("cgroups_failing", cgroup_error))
+    degraded = []
+    if not registry_ok:
+        degraded.append(Finding("registry_unreachable", registry_error or "no successful registry heartbeat yet"))
+    return Readiness(not reasons, tuple(reasons), tuple(degraded), dict(details or {}))
+
+
+# ---- what the server asks ------------------------------------------------------------------------
+
+
+class ProbeSource(Protocol):
+    """What the probe server reads; :class:`PodProbes` for the daemon, fakes in tests."""
+
+    def is_started(self) -> bool:
+        ...
+
+    def readiness(self) -> Readiness:
+        ...
+
+    def metrics(self) -> bytes:
+        ...
+
+
+class PodProbes:
+    """Answers the probes from the daemon's live state. ``started`` is set by the daemon once
+    re-adoption has finished and every service is up."""
+
+    def __init__(self, manager: SessionManager, publisher: Publisher, drainer: Drainer | None = None) -> None:
+        self.manager = manager
+        self.publisher = publisher
+        self.drainer = drainer
+        self.started = False
+
+    def is_started(self) -> bool:
+        return self.started
+
+    def cgroup_error(self) -> str | None:
+        """The manager's last cgroup failure, or a failure to list the users' groups now."""
+        if self.manager.cgroup_error:
+            return self.manager.cgroup_error
+        try:
+            self.manager.driver.users()
+        except (CgroupError, OSError) as exc:
+            return f"cannot list the users' cgroups: {exc}"
+        return None
+
+    def readiness(self) -> Readiness:
+        pod = self.manager.pod
+        registry = self.publisher.status()
+        details: dict[str, Any] = {
+            "pod": {
+                "id": self.manager.config.pod_id,
+                "capacity": pod.capacity,
+                "occupied": pod.occupied(),
+                "free_slots": pod.free_slots(),
+                "draining": pod.draining,
+                "cgroup_driver": self.manager.driver.describe(),
+            },
+            "registry": registry,
+        }
+        if self.drainer is not None:
+            details["drain"] = self.drainer.status()
+        return evaluate(
+            started=self.started,
+            draining=pod.draining,
+            occupied=pod.occupied(),
+            capacity=pod.capacity,
+            cgroup_error=self.cgroup_error(),
+            registry_ok=self.publisher.healthy,
+            registry_error=registry["last_error"],
+            details=details,
+        )
+
+    def refresh_metrics(self) -> None:
+        """Set the pod's gauges from the live state (called before every scrape)."""
+        m = self.manager
+        pod = m.pod
+        tiers = set(m.config.tiers)
+        by_state: Tally[tuple[str, str]] = Tally()
+        memory: Tally[str] = Tally()
+        for rt in m.runtimes.values():
+            s = rt.session
+            tiers.add(s.tier)
+            by_state[(s.state.value, s.tier)] += 1
+            if s.state in LIVE:
+                memory[s.tier] += rt.memory_bytes
+        for tier in tiers:
+            for state in State:
+                metrics.USERS.labels(state=state.value, tier=tier).set(by_state[(state.value, tier)])
+            metrics.CGROUP_MEMORY.labels(tier=tier).set(memory[tier])
+        metrics.ACTIVE_USERS.set(pod.occupied())
+        metrics.CAPACITY.set(pod.capacity)
+        metrics.FREE_SLOTS.set(0 if pod.draining else pod.free_slots())
+        metrics.DRAINING.set(1 if pod.draining else 0)
+        metrics.SESSIONS.set(self.publisher.sessions_count())
+
+    def metrics(self) -> bytes:
+        self.refresh_metrics()
+        return generate_latest(metrics.REGISTRY)
+
+
+# ---- the HTTP server -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Response:
+    status: int
+    body: bytes
+    content_type: str = "text/plain; charset=utf-8"
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+def route(source: ProbeSource, method: str, target: str) -> Response:
+    """The answer to one request (pure apart from reading ``source``)."""
+    path = target.split("?", 1)[0]
+    if path not in ("/healthz", "/readyz", "/startupz", "/metrics"):
+        return Response(404, b"not found: try /metrics, /healthz, /readyz or /startupz\n")
+    if method not in ("GET", "HEAD"):
+        return Response(405, b"method not allowed\n", headers=(("Allow", "GET, HEAD"),))
+    if path == "/healthz":
+        return Response(200, b"ok\n")
+    if path == "/startupz":
+        return Response(200, b"started\n") if source.is_started() else Response(503, b"starting\n")
+    if path == "/readyz":
+        readiness = source.readiness()
+        body = json.dumps(readiness.to_dict(), sort_keys=True).encode() + b"\n"
+        return Response(200 if readiness.ready else 503, body, "application/json")
+    return Response(200, source.metrics(), CONTENT_TYPE_LATEST)
+
+
+def parse_listen(listen: str) -> tuple[str, int]:
+    """``"0.0.0.0:9100"`` / ``"[::]:9100"`` -> (host, port)."""
+    host, _, port = listen.rpartition(":")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+class ProbeServer:
+    """Serves :func:`route` on ``listen``; :attr:`address` is the bound ``host:port`` (port 0
+    picks a free one)."""
+
+    def __init__(
+        self,
+        listen: str,
+        source: ProbeSource,
+        *,
+        request_timeout: float = REQUEST_TIMEOUT,
+        max_head_bytes: int = MAX_HEAD_BYTES,
+        max_connections: int = MAX_CONNECTIONS,
+    ) -> None:
+        self.listen = listen
+        self.source = source
+        self.request_timeout = request_timeout
+        self.max_head_bytes = max_head_bytes
+        self.max_connections = max_connections
+        self.address = ""
+        self.connections = 0
+
+    async def serve(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
+        host, port = parse_listen(self.listen)
+        listeners = await trio.open_tcp_listeners(port, host=host)
+        bound = listeners[0].socket.getsockname()
+        self.address = f"[{bound[0]}]:{bound[1]}" if ":" in bound[0] else f"{bound[0]}:{bound[1]}"
+        log.info("probes listening on %s (/metrics /healthz /readyz /startupz)", self.address)
+        task_status.started(self.address)
+        await trio.serve_listeners(self._handle, listeners)
+
+    async def _handle(self, stream: trio.SocketStream) -> None:
+        async with stream:
+            if self.connections >= self.max_connections:
+                return
+            self.connections += 1
+            try:
+                with trio.move_on_after(self.request_timeout):
+                    await self._exchange(stream)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+            finally:
+                self.connections -= 1
+
+    async def _exchange(self, stream: trio.SocketStream) -> None:
+        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self.max_head_bytes)
+        try:
+            request = await _read_request(stream, conn)
+        except h11.RemoteProtocolError as exc:
+            status = exc.error_status_hint
+            reason = {431: b"Request Header Fields Too Large"}.get(status, b"Bad Request")
+            await stream.send_all(
+                b"HTTP/1.1 %d %s\r\nContent-Length: 0\r\nConnection: close\r\n\r\n" % (status, reason)
+            )
+            return
+        if request is None:
+            return
+        method = request.method.decode("ascii", "replace")
+        try:
+            response = route(self.source, method, request.target.decode("ascii", "replace"))
+        except Exception:  # noqa: BLE001 - a probe must answer, never take the daemon down
+            log.exception("probe %s %r failed", method, request.target)
+            response = Response(500, b"internal error: see the daemon's log\n")
+        headers = [
+            ("Content-Type", response.content_type),
+            ("Content-Length", str(len(response.body))),
+            ("Cache-Control", "no-store"),
+            ("Connection", "close"),
+            *response.headers,
+        ]
+        data = conn.send(h11.Response(status_code=response.status, headers=headers)) or b""
+        if method != "HEAD":
+            data += conn.send(h11.Data(data=response.body)) or b""
+        data += conn.send(h11.EndOfMessage()) or b""
+        await stream.send_all(data)
+
+
+async def _read_request(stream: trio.SocketStream, conn: h11.Connection) -> h11.Request | None:
+    """The request head (its body, if any, is ignored); None when the client hung up first."""
+    while True:
+        event = conn.next_event()
+        if event is h11.NEED_DATA:
+            conn.receive_data(await stream.receive_some(4096))
+            continue
+        if isinstance(event, h11.Request):
+            return event
+        return None  # ConnectionClosed
