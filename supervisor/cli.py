@@ -11,6 +11,7 @@ import json
 import os
 import socket
 import sys
+import time
 from typing import Any, NoReturn
 
 # Exit codes (a contract with operators' scripts).
@@ -123,6 +124,44 @@ def print_pod(pod: dict[str, Any]) -> None:
         print(f"{key.ljust(width)}  {value}")
 
 
+def print_pods(pods: list[dict[str, Any]]) -> None:
+    rows = [("POD", "USERS", "SESSIONS", "FREE", "RESERVED", "ROOM", "CPU-FREE", "MEM-FREE", "DRAINING", "HEARTBEAT", "VERSION")]
+    for p in pods:
+        rows.append((
+            p["pod_id"], f"{p['active_users']}/{p['capacity']}", str(p["sessions"]), str(p["free_slots"]),
+            str(p["reserved"]), str(p["room"]), f"{p['cpu_headroom_millicores']}m", _size(p["memory_headroom_bytes"]),
+            "yes" if p["draining"] else "no", f"{p['heartbeat_age_s']:.1f}s ago", p["daemon_version"] or "-",
+        ))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+
+
+def print_drain(drain: dict[str, Any]) -> None:
+    if drain["phase"] == "waiting":
+        active = drain["active_users"]
+        print(f"draining: admitting no new users; {active} active user(s) get {drain['deadline_in_s']:g}s to finish, "
+              "then every IDE is stopped gracefully, the pod leaves the registry and the daemon exits")
+    else:
+        print(f"draining: {drain['phase']}")
+
+
+def _wait_until_gone(args: argparse.Namespace) -> int:
+    """After `drain --wait`: poll the control socket until the daemon has exited."""
+    deadline = time.monotonic() + args.timeout
+    while time.monotonic() < deadline:
+        try:
+            Connection(args.socket, 5).close()
+        except CliError as exc:
+            if exc.code != EXIT_UNREACHABLE:
+                raise
+            print("drained: the daemon has exited", file=sys.stderr)
+            return EXIT_OK
+        time.sleep(0.2)
+    raise CliError(f"the daemon is still draining after {args.timeout:g}s", EXIT_FAILED,
+                   "see `workspacectl pod`; wait longer with --timeout")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="workspacectl", description="Operate a workspace-supervisor daemon.")
     parser.add_argument("--socket", default=os.environ.get("WSUP_CONTROL_SOCKET", DEFAULT_SOCKET),
@@ -156,6 +195,12 @@ def build_parser() -> argparse.ArgumentParser:
     tail.add_argument("-f", "--follow", action="store_true", help="keep printing as the log grows")
     tail.add_argument("-n", "--lines", type=int, default=20)
     verb("pod", "show the pod: capacity, occupancy, cgroup driver", json_flag=True)
+    drain = verb("drain", "admit no new users, let connected users finish until the deadline, then stop every IDE "
+                 "gracefully, leave the registry and exit", json_flag=True)
+    drain.add_argument("--deadline", metavar="D", help="time connected users get to finish: 90s, 10m, 0 ... "
+                       "(default: [daemon] drain_deadline); a second drain can only shorten it")
+    drain.add_argument("--wait", action="store_true", help="return once the daemon has drained and exited (bounded by --timeout)")
+    verb("pods", "list every live pod in the registry with its occupancy", json_flag=True)
     return parser
 
 
@@ -171,7 +216,9 @@ def run(argv: list[str]) -> int:
             call_args["users"] = args.users
         elif args.verb == "signal":
             call_args = {"user": args.user, "signal": args.signal}
-        elif args.verb != "pod":
+        elif args.verb == "drain":
+            call_args = {} if args.deadline is None else {"deadline": args.deadline}
+        elif args.verb not in ("pod", "pods"):
             call_args["user"] = args.user
         if args.verb == "start":
             call_args.update(tier=args.tier, wait=not args.no_wait)
@@ -182,6 +229,12 @@ def run(argv: list[str]) -> int:
 
 
 def _report(args: argparse.Namespace, result: Any) -> int:
+    if args.verb == "pods":
+        _dump({"pods": result["pods"]}) if args.json else print_pods(result["pods"])
+        return EXIT_OK
+    if args.verb == "drain":
+        _dump({"drain": result}) if args.json else print_drain(result)
+        return _wait_until_gone(args) if args.wait else EXIT_OK
     if args.verb == "pod":
         _dump({"pod": result}) if args.json else print_pod(result)
         return EXIT_OK
