@@ -41,10 +41,13 @@ class SessionTable:
         live = self.live(user, now)
         return sid in live or len(live) < limit
 
-    def open(self, user: str, sid: str, now: float) -> None:
+    def open(self, user: str, sid: str, now: float) -> bool:
+        """Count a connection of ``sid``; True if the sid was not live before (a new session)."""
+        new = sid not in self._users.get(user, {})
         entry = self._users.setdefault(user, {}).setdefault(sid, _Sid())
         entry.open += 1
         entry.last_seen = now
+        return new
 
     def close(self, user: str, sid: str, now: float) -> None:
         entry = self._users.get(user, {}).get(sid)
@@ -53,18 +56,28 @@ class SessionTable:
         entry.open = max(0, entry.open - 1)
         entry.last_seen = now
 
-    def touch(self, user: str, sid: str, now: float) -> None:
-        """Mark ``sid`` seen now (e.g. when its cookie is issued) without opening a connection."""
+    def touch(self, user: str, sid: str, now: float) -> bool:
+        """Mark ``sid`` seen now (e.g. when its cookie is issued) without opening a connection;
+        True if the sid was not live before."""
+        new = sid not in self._users.get(user, {})
         self._users.setdefault(user, {}).setdefault(sid, _Sid()).last_seen = now
+        return new
 
-    def prune(self, now: float) -> None:
-        """Forget sids that are no longer live (keeps the table small)."""
+    def prune(self, now: float) -> list[tuple[str, str]]:
+        """Forget sids that are no longer live; return them as (user, sid) (sessions that ended)."""
+        ended: list[tuple[str, str]] = []
         for user in list(self._users):
             sids = self._users[user]
             for sid in [sid for sid, s in sids.items() if s.open == 0 and now - s.last_seen >= self.linger]:
                 del sids[sid]
+                ended.append((user, sid))
             if not sids:
                 del self._users[user]
+        return ended
+
+    def total(self, now: float) -> int:
+        """Live sessions on the pod."""
+        return sum(len(self.live(user, now)) for user in self._users)
 
     def counts(self, now: float) -> dict[str, int]:
         """Live sids per user (for status and tests)."""

@@ -52,7 +52,10 @@ from supervisor.frontdoor.proxy import (
     upstream_request_headers,
 )
 from supervisor.manager import SessionManager
-from supervisor.metrics import AUTH_REJECTIONS, COLD_STARTS, PROXY_ACTIVE, PROXY_CONNECTIONS
+from supervisor.metrics import AUTH_REJECTIONS, PROXY_ACTIVE, PROXY_CONNECTIONS
+from supervisor.paths import user_paths
+from supervisor.publisher import Publisher
+from supervisor.registry.records import SessionRecord
 from supervisor.sessions import State
 
 log = logging.getLogger(__name__)
@@ -155,6 +158,7 @@ class FrontDoor:
         clock: Callable[[], float] = time.monotonic,
         on_input: Callable[[str], None] | None = None,
         wake: Callable[[str], Awaitable[None]] | None = None,
+        on_session: Callable[[str, str, bool], None] | None = None,
     ) -> None:
         self.config = config
         self.http = config.http
@@ -163,6 +167,7 @@ class FrontDoor:
         self.clock = clock
         self.on_input = on_input or (lambda user: None)
         self.wake = wake
+        self.on_session = on_session or (lambda user, sid, opened: None)
         self.sessions = SessionTable(linger=config.http.session_linger)
         self.cold = ColdStarts(limit=config.http.max_cold_starts)
         self.connections = 0
@@ -187,8 +192,23 @@ class FrontDoor:
 
     async def _prune_loop(self) -> None:
         while True:
-            await trio.sleep(max(10.0, self.http.session_linger))
-            self.sessions.prune(self.clock())
+            await trio.sleep(min(10.0, max(1.0, self.http.session_linger)))
+            for user, sid in self.sessions.prune(self.clock()):
+                self._session_event(user, sid, False)
+
+    def _session_event(self, user: str, sid: str, opened: bool) -> None:
+        log.info("user=%s sid=%s browser session %s", user, sid[:16], "opened" if opened else "ended")
+        try:
+            self.on_session(user, sid, opened)
+        except Exception as exc:  # noqa: BLE001 - a listener's failure is not the browser's
+            log.warning("user=%s session listener failed: %s", user, exc)
+
+    def open_session(self, identity: Identity) -> None:
+        if self.sessions.open(identity.user, identity.sid, self.clock()):
+            self._session_event(identity.user, identity.sid, True)
+
+    def close_session(self, identity: Identity) -> None:
+        self.sessions.close(identity.user, identity.sid, self.clock())
 
     async def handle_connection(self, stream: trio.SocketStream) -> None:
         """Serve one client connection; nothing that happens on it escapes it."""
@@ -273,7 +293,6 @@ class FrontDoor:
             except SupervisorError as exc:
                 log.error("user=%s cold start failed: %s", user, exc)
                 return json_answer(500, exc.reason, exc.message, exc.hint)
-            COLD_STARTS.labels(tier=tier).inc()
             log.info("user=%s cold start (tier %s, sid %s)", user, tier, identity.sid[:16])
         settled = await self.ides.wait_settled(user, self.http.start_timeout)
         state = settled.state.value if settled else "unknown"
@@ -415,14 +434,15 @@ class _Connection:
                 f"close the workspace in another browser window (a closed one is released after {front.http.session_linger:g}s)",
             ), identity)
         if source == "query" and request.method in (b"GET", b"HEAD"):
-            front.sessions.touch(identity.user, identity.sid, now)
+            if front.sessions.touch(identity.user, identity.sid, now):
+                front._session_event(identity.user, identity.sid, True)
             log.info("user=%s sid=%s signed in from %s: session cookie set", identity.user, identity.sid[:16], self.peer)
             return await self._answer(request, redirect(creds.target, front.auth.cookies.set_cookie(identity)))
-        front.sessions.open(identity.user, identity.sid, now)
+        front.open_session(identity)
         try:
             return await self._route(request, identity, source, creds.target)
         finally:
-            front.sessions.close(identity.user, identity.sid, front.clock())
+            front.close_session(identity)
 
     async def _route(self, request: h11.Request, identity: Identity, source: str, target: bytes) -> bool:
         front = self.front
@@ -594,15 +614,16 @@ def enabled(config: Config) -> str | None:
 
 
 async def run_frontdoor(
-    config: Config, manager: SessionManager, *, on_input: Callable[[str], None] | None = None,
-    wake: Callable[[str], Awaitable[None]] | None = None,
+    config: Config, manager: SessionManager, *, publisher: Publisher | None = None,
+    on_input: Callable[[str], None] | None = None, wake: Callable[[str], Awaitable[None]] | None = None,
     task_status: trio.TaskStatus[FrontDoorHandle] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """The daemon's front-door service: ``started`` with a :class:`FrontDoorHandle` once listening.
 
-    ``on_input(user)`` is called for every request and every piece of a body or WebSocket the
-    browser sends; ``await wake(user)`` before each request is passed to the IDE (the idle ladder's
-    hooks). Raises ConfigError (keys or cookie secret unusable) before listening."""
+    ``publisher`` is told of every browser session that opens and ends (and counts them from the
+    front door's table); ``on_input(user)`` is called for every request and every piece of a body
+    or WebSocket the browser sends; ``await wake(user)`` before each request is passed to the IDE
+    (the idle ladder's hooks). Raises ConfigError (keys or cookie secret unusable) before listening."""
     with trio.CancelScope() as scope:
         handle = FrontDoorHandle(scope)
         why_off = enabled(config)
@@ -611,11 +632,29 @@ async def run_frontdoor(
             task_status.started(handle)
             return
         auth = Authenticator.from_config(config.auth, config.daemon.state_dir)
-        front = FrontDoor(config, ManagerIdes(manager), auth, on_input=on_input, wake=wake)
+        on_session = _publish_sessions(config, publisher) if publisher is not None else None
+        front = FrontDoor(config, ManagerIdes(manager), auth, on_input=on_input, wake=wake, on_session=on_session)
+        if publisher is not None:
+            publisher.sessions_count = lambda: front.sessions.total(front.clock())
         handle.front = front
         async with trio.open_nursery() as nursery:
             await nursery.start(front.serve)
             task_status.started(handle)
+
+
+def _publish_sessions(config: Config, publisher: Publisher) -> Callable[[str, str, bool], None]:
+    """Report browser sessions to the registry (the sid from the token is the session id)."""
+
+    def report(user: str, sid: str, opened: bool) -> None:
+        if opened:
+            workspace = user_paths(config.workspace.root, config.workspace.shards, user).workspace
+            publisher.session_opened(SessionRecord(
+                session_id=sid, user=user, pod_id=config.pod_id, workspace=str(workspace), since=time.time(),
+            ))
+        else:
+            publisher.session_closed(sid)
+
+    return report
 
 
 __all__ = ["FrontDoor", "FrontDoorHandle", "IdeInfo", "Ides", "ManagerIdes", "run_frontdoor"]
