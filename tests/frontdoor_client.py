@@ -26,11 +26,12 @@ ISSUER = "https://auth.test"
 AUDIENCE = "workspace"
 
 
-def mint(key: Any, user: str = "alice", *, alg: str = "HS256", tier: str = "free", sid: str | None = None,
-         ttl: float = 3600, headers: dict[str, Any] | None = None, **claims: Any) -> str:
+def mint(key: Any, user: str = "alice", *, alg: str = "HS256", tier: str = "free", ttl: float = 3600,
+         headers: dict[str, Any] | None = None, **claims: Any) -> str:
+    """A signed token; a claim given as None is left out, ``sid`` defaults to a fresh one."""
     now = int(time.time())
     payload: dict[str, Any] = {
-        "sub": user, "tier": tier, "sid": sid or uuid.uuid4().hex, "iss": ISSUER, "aud": AUDIENCE,
+        "sub": user, "tier": tier, "sid": uuid.uuid4().hex, "iss": ISSUER, "aud": AUDIENCE,
         "iat": now, "exp": now + int(ttl),
     }
     payload.update(claims)

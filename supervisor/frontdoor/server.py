@@ -29,7 +29,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Awaitable, Callable, Protocol
+from typing import Any, Awaitable, Callable, Protocol
 
 import h11
 import trio
@@ -177,6 +177,21 @@ class FrontDoor:
     @property
     def cookie_name(self) -> str:
         return self.auth.cookies.name
+
+    def status(self) -> dict[str, Any]:
+        """The ``frontdoor`` section of `workspacectl pod`."""
+        return {
+            "enabled": True,
+            "listen": [_format_address(*address) for address in self.addresses],
+            "connections": self.connections,
+            "browser_sessions": self.sessions.total(self.clock()),
+            "cold_starts_in_flight": len(self.cold.in_flight),
+            "algorithms": sorted(self.auth.tokens.keys.accepted),
+        }
+
+    def user_status(self, user: str) -> dict[str, Any]:
+        """Extra fields of `workspacectl status USER`."""
+        return {"browser_sessions": len(self.sessions.live(user, self.clock()))}
 
     async def serve(self, *, task_status: trio.TaskStatus[FrontDoor] = trio.TASK_STATUS_IGNORED) -> None:
         """Listen and serve until cancelled; ``started`` once listening (see :attr:`addresses`)."""
@@ -629,6 +644,7 @@ async def run_frontdoor(
         why_off = enabled(config)
         if why_off is not None:
             log.warning("front door disabled: %s", why_off)
+            manager.info_providers["frontdoor"] = lambda: {"enabled": False, "why": why_off}
             task_status.started(handle)
             return
         auth = Authenticator.from_config(config.auth, config.daemon.state_dir)
@@ -639,6 +655,8 @@ async def run_frontdoor(
         handle.front = front
         async with trio.open_nursery() as nursery:
             await nursery.start(front.serve)
+            manager.info_providers["frontdoor"] = front.status
+            manager.user_info_providers.append(front.user_status)
             task_status.started(handle)
 
 
