@@ -201,6 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "(default: [daemon] drain_deadline); a second drain can only shorten it")
     drain.add_argument("--wait", action="store_true", help="return once the daemon has drained and exited (bounded by --timeout)")
     verb("pods", "list every live pod in the registry with its occupancy", json_flag=True)
+    verb("why", "explain a user's idle stage: last activity per signal, next step, history", "one", json_flag=True)
     return parser
 
 
@@ -228,6 +229,17 @@ def run(argv: list[str]) -> int:
     return _report(args, result)
 
 
+def print_why(why: dict[str, Any]) -> None:
+    print(f"{why['user']}: {why['state']}, idle stage {why.get('idle_stage') or '-'}")
+    print(f"  {why['explanation']}")
+    for signal_name, ago in (why.get("last_activity_s") or {}).items():
+        print(f"  last {signal_name}: {'never' if ago is None else _duration(ago) + ' ago'}")
+    if why.get("next_step"):
+        print(f"  next: {why['next_step']['stage']} in {_duration(why['next_step']['in_s'])}")
+    for entry in why.get("history", []):
+        print(f"  {entry['from']} -> {entry['to']}: {entry['reason']}")
+
+
 def _report(args: argparse.Namespace, result: Any) -> int:
     if args.verb == "pods":
         _dump({"pods": result["pods"]}) if args.json else print_pods(result["pods"])
@@ -235,6 +247,9 @@ def _report(args: argparse.Namespace, result: Any) -> int:
     if args.verb == "drain":
         _dump({"drain": result}) if args.json else print_drain(result)
         return _wait_until_gone(args) if args.wait else EXIT_OK
+    if args.verb == "why":
+        _dump({"why": result}) if args.json else print_why(result)
+        return EXIT_OK
     if args.verb == "pod":
         _dump({"pod": result}) if args.json else print_pod(result)
         return EXIT_OK

@@ -125,6 +125,7 @@ def _optional_path(value: Any) -> Path | None:
 class PodConfig:
     id: str = setting("", "Pod id in the registry; empty means the host name.", _str)
     capacity: int = setting(100, "Most users this pod runs at once.", _int(1, 100_000))
+    memory: int = setting(0, "The pod's memory for pressure decisions (0 = the machine's).", parse_size)
 
 
 @dataclass(frozen=True)
@@ -179,6 +180,11 @@ class IdleConfig:
         _str_list,
     )
     cpu_busy_threshold: float = setting(0.05, "A user's own CPU above this share of a core counts as activity.", parse_percent)
+    tick: float = setting(1.0, "How often the ladder looks at every user.", parse_duration)
+    max_watches: int = setting(2000, "Most inotify directory watches per user workspace (node_modules, .git ... are skipped).", _int(1, 1_000_000))
+    memory_pressure: float = setting(
+        0.9, "When the users together hold more than this share of the pod's memory, idle users are stopped early, longest idle first.", parse_percent
+    )
 
 
 @dataclass(frozen=True)
@@ -322,6 +328,11 @@ class Config:
     def pod_id(self) -> str:
         return self.pod.id or socket.gethostname()
 
+    def idle_for(self, tier: str) -> IdleConfig:
+        """[idle] with the tier's [tiers.<name>.idle] overrides applied (validated at load)."""
+        overrides = self.tiers[tier].idle if tier in self.tiers else {}
+        return _build(IdleConfig, {**_raw_values(self.idle), **overrides}, f"tiers.{tier}.idle") if overrides else self.idle
+
     def tier(self, name: str) -> TierConfig:
         from supervisor.errors import UnknownTier
 
@@ -424,6 +435,10 @@ def from_dict(raw: Mapping[str, Any], environ: Mapping[str, str] | None = None) 
     return config
 
 
+def _raw_values(section: Any) -> dict[str, Any]:
+    return {f.name: getattr(section, f.name) for f in dataclasses.fields(section)}
+
+
 def _table_or_error(value: Any, where: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise ConfigError(f"[{where}] must be a table")
@@ -444,9 +459,12 @@ def _check_consistency(config: Config) -> None:
         )
     if config.restart.backoff_initial > config.restart.backoff_max:
         raise ConfigError("restart.backoff_initial is above restart.backoff_max")
-    ladder = config.idle
-    if not ladder.lsp_pause_after <= ladder.gc_after <= ladder.freeze_after <= ladder.stop_after:
-        raise ConfigError("idle steps must be in order: lsp_pause_after <= gc_after <= freeze_after <= stop_after")
+    for tier in config.tiers:
+        ladder = config.idle_for(tier)
+        if not ladder.lsp_pause_after <= ladder.gc_after <= ladder.freeze_after <= ladder.stop_after:
+            raise ConfigError(
+                f"idle steps of tier {tier} must be in order: lsp_pause_after <= gc_after <= freeze_after <= stop_after"
+            )
     if not config.workspace.root.is_absolute():
         raise ConfigError(f"workspace.root must be an absolute path, not {str(config.workspace.root)!r}")
     _check_auth(config.auth)

@@ -22,6 +22,7 @@ import trio
 from supervisor import logfiles
 from supervisor.errors import SupervisorError
 from supervisor.manager import SessionManager
+from supervisor.reclaim import IdleService
 from supervisor.units import parse_duration
 
 if TYPE_CHECKING:
@@ -140,6 +141,15 @@ def pod_verbs(drainer: Drainer, publisher: Publisher) -> dict[str, Handler]:
         return {"pods": [{**asdict(p), "room": p.room, "heartbeat_age_s": round(now - p.heartbeat_at, 3)} for p in pods]}
 
     return {"drain": _drain, "pods": _pods}
+
+
+def why_handler(idle: IdleService) -> Handler:
+    """`why USER`: where the user stands on the idle ladder, and why."""
+
+    async def why(m: SessionManager, args: dict[str, Any]) -> Any:
+        return idle.why(_user(args))
+
+    return why
 
 
 def encode(message: dict[str, Any]) -> bytes:

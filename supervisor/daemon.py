@@ -28,13 +28,14 @@ import trio
 from supervisor import __version__, config as config_module, metrics
 from supervisor.cgroups.detect import detect
 from supervisor.config import Config
-from supervisor.control import HANDLERS, ControlServer, pod_verbs
+from supervisor.control import HANDLERS, ControlServer, pod_verbs, why_handler
 from supervisor.drain import Drainer
 from supervisor.errors import SupervisorError
 from supervisor.frontdoor import run_frontdoor
 from supervisor.manager import SessionManager
 from supervisor.probes import PodProbes, ProbeServer
 from supervisor.publisher import Publisher
+from supervisor.reclaim import IdleService
 
 log = logging.getLogger("supervisor")
 
@@ -90,9 +91,12 @@ async def run_daemon(
         await nursery.start(publisher.serve)
         await nursery.start(drainer.serve)
         manager.info_providers.update(registry=publisher.status, probes=lambda: probe_server.address, drain=drainer.status)
-        handlers = {**HANDLERS, **pod_verbs(drainer, publisher)}
+        idle = IdleService(manager, tick=config.idle.tick)
+        await nursery.start(idle.serve)
+        manager.user_info_providers.append(idle.describe)
+        handlers = {**HANDLERS, "why": why_handler(idle), **pod_verbs(drainer, publisher)}
         await nursery.start(ControlServer(manager, config.control.socket, handlers).serve)
-        await nursery.start(partial(run_frontdoor, config, manager, publisher=publisher))
+        await nursery.start(partial(run_frontdoor, config, manager, publisher=publisher, on_input=idle.note_input, wake=idle.wake))
         probes.started = True
         log.info(
             "workspace-supervisor %s ready: pod %s, capacity %d, %s%s",

@@ -229,18 +229,23 @@ class SessionManager:
             read += 1
             rt.memory_bytes = usage.memory_bytes
             self._account_cpu(rt, usage.cpu_usage_us)
-            if usage.oom_kills > rt.oom_baseline + rt.oom_kills:
-                new = usage.oom_kills - rt.oom_baseline - rt.oom_kills
-                rt.oom_kills += new
-                self.oom_kills_total += new
-                metrics.OOM_KILLS.labels(tier=rt.session.tier).inc(new)
-                log.warning(
-                    "user=%s OOM: the kernel killed %d process(es) in the tree at the %s memory limit",
-                    rt.session.user, new, rt.session.tier,
-                )
+            self._count_ooms(rt, usage.oom_kills)
             logfiles.rotate_if_needed(rt.log_path, self.config.daemon.log_max_bytes, self.config.daemon.log_backups)
         if read and not failed:
             self.cgroup_error = None
+
+    def _count_ooms(self, rt: UserRuntime, cgroup_oom_kills: int) -> None:
+        """Count the OOM kills of the tree not counted yet (the sampler and exit handling share it)."""
+        new = cgroup_oom_kills - rt.oom_baseline - rt.oom_kills
+        if new <= 0:
+            return
+        rt.oom_kills += new
+        self.oom_kills_total += new
+        metrics.OOM_KILLS.labels(tier=rt.session.tier).inc(new)
+        log.warning(
+            "user=%s OOM: the kernel killed %d process(es) in the tree at the %s memory limit",
+            rt.session.user, new, rt.session.tier,
+        )
 
     def _account_cpu(self, rt: UserRuntime, cpu_usage_us: int) -> None:
         """Add the CPU used since the last sample to the per-tier counter; update the user's rate.
@@ -538,20 +543,19 @@ class SessionManager:
         finally:
             os.close(pidfd)
         status = self.reaper.pop(pid)
-        oom = False
+        # Killed by SIGKILL (or status unknown) while the kernel counted an OOM kill in this
+        # tree since it was spawned: the OOM killer took the main process.
+        killed = status is None or (os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL)
         try:
-            oom = self.driver.exists(rt.session.user) and (
-                self.driver.usage(rt.session.user).oom_kills > rt.oom_baseline + rt.oom_kills
-            )
+            if self.driver.exists(rt.session.user):
+                self._count_ooms(rt, self.driver.usage(rt.session.user).oom_kills)
         except CgroupError:
             pass
+        oom = killed and rt.oom_kills > 0
         info = exit_info(status, oom)
         async with rt.lock:
             if rt.session.pid != pid:
                 return
-            if oom:
-                self.oom_kills_total += 1
-                metrics.OOM_KILLS.labels(tier=rt.session.tier).inc()
             level = logging.INFO if rt.session.state is State.STOPPING else logging.WARNING
             log.log(level, "user=%s pid %d %s (state %s)", rt.session.user, pid, info.describe(), rt.session.state.value)
             await self._handle(rt, rt.session.on_exit(self.clock(), info))

@@ -1,0 +1,313 @@
+"""The idle ladder's effects: watch activity, walk idle users down, wake them on any activity.
+
+:mod:`supervisor.idle` decides; this module acts, against the kernel and the user's processes:
+
+- LSP_PAUSED: language servers and extension hosts (descendants of the IDE whose command line
+  matches ``[idle] lsp_patterns``) move into the user's ``paused`` child cgroup, which is frozen;
+  SIGSTOP where the driver cannot;
+- RECLAIMED: SIGUSR2 to the IDE backend (its GC preload runs ``global.gc()``), and the cgroup's
+  ``memory.reclaim`` where the kernel has it;
+- FROZEN: the whole tree is frozen;
+- STOPPED: the IDE is stopped (SIGTERM first); the next request cold-starts it.
+
+Only RUNNING users are walked (never STARTING, STOPPING or operator-PAUSED ones), and a user
+whose own work keeps the CPU above ``cpu_busy_threshold`` is active by definition.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import psutil
+import trio
+
+from supervisor import metrics
+from supervisor.config import IdleConfig
+from supervisor.errors import CgroupError
+from supervisor.filewatch import FileWatcher
+from supervisor.idle import SIGNALS, Activity, Ladder, Stage, Step, decide, explain, lsp_matches, pressure_victims
+from supervisor.manager import SessionManager, UserRuntime
+from supervisor.sessions import State
+
+log = logging.getLogger(__name__)
+GC_SIGNAL = signal.SIGUSR2  # images/theia/gc-preload.js collects garbage on it
+
+
+@dataclass
+class IdleState:
+    """One user's place on the ladder (reset whenever the IDE process starts anew)."""
+
+    pid: int
+    activity: Activity
+    stage: Stage = Stage.ACTIVE
+    reason: str = "active"
+    stopped_pids: list[int] = field(default_factory=list)  # SIGSTOPped when no paused cgroup
+    history: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=20))
+    cpu_seen_at: float | None = None
+
+
+def ladder_for(idle: IdleConfig) -> Ladder:
+    return Ladder(
+        lsp_pause_after=idle.lsp_pause_after,
+        gc_after=idle.gc_after,
+        freeze_after=idle.freeze_after,
+        stop_after=idle.stop_after,
+        cpu_busy_threshold=idle.cpu_busy_threshold,
+    )
+
+
+def lsp_processes(root_pid: int, patterns: list[str]) -> list[int]:
+    """Pids of the descendants of ``root_pid`` that look like language servers or extension
+    hosts, with their own descendants (a server's workers pause with it)."""
+    try:
+        root = psutil.Process(root_pid)
+        descendants = root.children(recursive=True)
+    except psutil.Error:
+        return []
+    found: set[int] = set()
+    for proc in descendants:
+        try:
+            if proc.pid not in found and lsp_matches(proc.cmdline(), patterns):
+                found.add(proc.pid)
+                found.update(child.pid for child in proc.children(recursive=True))
+        except psutil.Error:
+            continue
+    return sorted(found)
+
+
+class IdleService:
+    """Runs the ladder for every user of one :class:`SessionManager`."""
+
+    def __init__(self, manager: SessionManager, *, tick: float = 1.0, pod_memory_bytes: int | None = None) -> None:
+        self.manager = manager
+        self.config = manager.config
+        self.clock = manager.clock
+        self.tick = tick
+        self.states: dict[str, IdleState] = {}
+        self.watcher = FileWatcher(self.note_file_change, max_watches=self.config.idle.max_watches)
+        self.pod_memory_bytes = pod_memory_bytes or self.config.pod.memory or psutil.virtual_memory().total
+
+    # ---- activity in -----------------------------------------------------------------------
+
+    def note_input(self, user: str) -> None:
+        """The browser sent something to the IDE (called by the front door)."""
+        state = self.states.get(user)
+        if state is not None:
+            state.activity.note("input", self.clock())
+
+    def note_file_change(self, user: str) -> None:
+        state = self.states.get(user)
+        if state is not None:
+            state.activity.note("files", self.clock())
+
+    async def wake(self, user: str) -> None:
+        """Bring ``user`` back to ACTIVE at once (before its request is delivered)."""
+        state = self.states.get(user)
+        if state is None:
+            return
+        state.activity.note("input", self.clock())
+        if state.stage is Stage.ACTIVE or state.stage is Stage.STOPPED:
+            return
+        rt = self.manager.runtimes.get(user)
+        if rt is None:
+            return
+        async with rt.lock:
+            if state.stage not in (Stage.ACTIVE, Stage.STOPPED) and rt.session.state is State.RUNNING:
+                self._apply(rt, state, Step(user, state.stage, Stage.ACTIVE, "woken by a request"))
+
+    # ---- the loop --------------------------------------------------------------------------
+
+    async def serve(self, *, task_status: trio.TaskStatus[IdleService] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.watcher.run)
+            task_status.started(self)
+            while True:
+                await self.step()
+                await trio.sleep(self.tick)
+
+    async def step(self) -> None:
+        """One pass over every user: follow process changes, sample CPU, move on the ladder."""
+        now = self.clock()
+        self._reconcile(now)
+        for user, state in list(self.states.items()):
+            rt = self.manager.runtimes.get(user)
+            if rt is None or rt.session.state is not State.RUNNING:
+                continue
+            ladder = ladder_for(self.config.idle_for(rt.session.tier))
+            if rt.cpu_sampled_at is not None and rt.cpu_sampled_at != state.cpu_seen_at:
+                state.cpu_seen_at = rt.cpu_sampled_at
+                state.activity.note_cpu(rt.cpu_millicores / 1000, rt.cpu_sampled_at, ladder.cpu_busy_threshold)
+            if state.stage is Stage.FROZEN and not self._kernel_frozen(user):
+                state.stage = Stage.RECLAIMED  # an operator resumed it meanwhile
+            step = decide(user, state.stage, state.activity, now, ladder)
+            if step is None:
+                continue
+            if not step.waking and not self._fresh_cpu_sample(rt, now):
+                continue  # no recent evidence that its CPU is idle (e.g. a late sample): do not act
+            if step.target is Stage.STOPPED:
+                await self._stop(rt, state, step)
+                continue
+            async with rt.lock:
+                if rt.session.state is State.RUNNING and rt.session.pid == state.pid:
+                    self._apply(rt, state, step)
+        await self._relieve_pressure(now)
+
+    def _reconcile(self, now: float) -> None:
+        """Track every RUNNING or PAUSED IDE process; forget the rest (a new process starts ACTIVE)."""
+        for user, rt in self.manager.runtimes.items():
+            live = rt.session.state in (State.RUNNING, State.PAUSED) and rt.session.pid is not None
+            state = self.states.get(user)
+            if live and (state is None or state.pid != rt.session.pid):
+                if state is not None and state.stage is Stage.STOPPED:
+                    self._record(state, Stage.ACTIVE, "started again")
+                self.states[user] = IdleState(pid=rt.session.pid or 0, activity=Activity(since=now))
+                self.watcher.watch(user, rt.paths.workspace)
+            elif not live and state is not None and state.stage is not Stage.STOPPED:
+                # Stopped by someone else: forget it. (Stopped by the ladder: keep it for `why`.)
+                self.watcher.unwatch(user)
+                del self.states[user]
+        for stage in Stage:
+            metrics.IDLE_USERS.labels(stage=stage.label).set(sum(1 for st in self.states.values() if st.stage is stage))
+
+    def _fresh_cpu_sample(self, rt: UserRuntime, now: float) -> bool:
+        """Whether the last CPU sample is recent enough to call the user idle."""
+        if rt.cpu_sampled_at is None:
+            return False
+        return now - rt.cpu_sampled_at <= 2 * self.config.daemon.usage_interval + self.tick
+
+    def _kernel_frozen(self, user: str) -> bool:
+        try:
+            return self.manager.driver.is_frozen(user)
+        except CgroupError:
+            return False
+
+    # ---- acting ----------------------------------------------------------------------------
+
+    def _apply(self, rt: UserRuntime, state: IdleState, step: Step) -> None:
+        """Carry out one move (caller holds ``rt.lock``); failures are logged, never raised."""
+        user = rt.session.user
+        driver = self.manager.driver
+        started = time.perf_counter()
+        try:
+            if step.waking:
+                if state.stage >= Stage.FROZEN:
+                    driver.thaw(user)
+                if state.stage >= Stage.LSP_PAUSED:
+                    self._resume_lsps(user, state)
+            elif step.target is Stage.LSP_PAUSED:
+                self._pause_lsps(rt, state)
+            elif step.target is Stage.RECLAIMED:
+                self._collect_garbage(rt)
+            elif step.target is Stage.FROZEN:
+                driver.freeze(user)
+        except (CgroupError, OSError) as exc:
+            log.error("user=%s idle step %s -> %s failed: %s", user, state.stage.label, step.target.label, exc)
+            return
+        took = (time.perf_counter() - started) * 1000
+        log.info("user=%s idle: %s -> %s (%s) in %.1f ms", user, state.stage.label, step.target.label, step.reason, took)
+        self._record(state, step.target, step.reason)
+
+    def _record(self, state: IdleState, target: Stage, reason: str) -> None:
+        metrics.IDLE_TRANSITIONS.labels(stage=target.label).inc()
+        state.history.append({"at": time.time(), "from": state.stage.label, "to": target.label, "reason": reason})
+        state.stage = target
+        state.reason = reason
+
+    def _pause_lsps(self, rt: UserRuntime, state: IdleState) -> None:
+        pids = lsp_processes(state.pid, self.config.idle.lsp_patterns)
+        if not pids:
+            return
+        try:
+            self.manager.driver.freeze_processes(rt.session.user, pids)
+        except CgroupError as exc:
+            log.warning("user=%s cannot freeze language servers in a child cgroup (%s); using SIGSTOP", rt.session.user, exc)
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGSTOP)
+                    state.stopped_pids.append(pid)
+                except ProcessLookupError:
+                    pass
+
+    def _resume_lsps(self, user: str, state: IdleState) -> None:
+        self.manager.driver.thaw_processes(user)
+        for pid in state.stopped_pids:
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+        state.stopped_pids.clear()
+
+    def _collect_garbage(self, rt: UserRuntime) -> None:
+        if rt.session.pid is not None:
+            os.kill(rt.session.pid, GC_SIGNAL)
+        self.manager.driver.reclaim_memory(rt.session.user)
+
+    async def _stop(self, rt: UserRuntime, state: IdleState, step: Step) -> None:
+        user = rt.session.user
+        log.info("user=%s idle: stopping the IDE (%s); the next request cold-starts it", user, step.reason)
+        self._record(state, Stage.STOPPED, step.reason)
+        self.watcher.unwatch(user)
+        await self.manager.stop(user)
+
+    async def _relieve_pressure(self, now: float) -> None:
+        """Under memory pressure on the pod, stop idle users early, longest idle first."""
+        limit = self.config.idle.memory_pressure * self.pod_memory_bytes
+        used = sum(rt.memory_bytes for rt in self.manager.runtimes.values() if rt.session.state is State.RUNNING)
+        if used <= limit:
+            return
+        candidates = {u: (s.stage, s.activity.idle_for(now)) for u, s in self.states.items()}
+        for user in pressure_victims(candidates, 1):
+            state = self.states[user]
+            reason = (
+                f"memory pressure: users hold {used // 2**20} MiB of {self.pod_memory_bytes // 2**20} MiB; "
+                f"longest idle ({explain(state.activity, now)})"
+            )
+            await self._stop(self.manager.runtimes[user], state, Step(user, state.stage, Stage.STOPPED, reason))
+
+    # ---- reading -----------------------------------------------------------------------------
+
+    def describe(self, user: str) -> dict[str, Any]:
+        """Idle fields of `workspacectl status` for one user."""
+        state = self.states.get(user)
+        if state is None:
+            return {"idle_stage": None, "idle_for_s": None, "last_activity_s": None}
+        now = self.clock()
+        return {
+            "idle_stage": state.stage.label,
+            "idle_for_s": round(state.activity.idle_for(now), 3),
+            "last_activity_s": {
+                signal_name: (round(now - state.activity.last[signal_name], 3) if signal_name in state.activity.last else None)
+                for signal_name in SIGNALS
+            },
+        }
+
+    def why(self, user: str) -> dict[str, Any]:
+        """`workspacectl why USER`: where the user is on the ladder, and why."""
+        state = self.states.get(user)
+        rt = self.manager.runtime(user)
+        if state is None:
+            return {"user": user, "state": rt.session.state.value, "idle_stage": None,
+                    "explanation": f"not tracked: the IDE is {rt.session.state.value}", "history": []}
+        now = self.clock()
+        ladder = ladder_for(self.config.idle_for(rt.session.tier))
+        following = next((s for s in Stage if s > state.stage), None)
+        return {
+            "user": user,
+            "state": rt.session.state.value,
+            **self.describe(user),
+            "explanation": explain(state.activity, now),
+            "reason": state.reason,
+            "cpu_percent": round(state.activity.cpu_share * 100, 2),
+            "next_step": None if following is None else {
+                "stage": following.label,
+                "in_s": round(max(0.0, ladder.threshold(following) - state.activity.idle_for(now)), 3),
+            },
+            "history": list(state.history),
+        }
+
