@@ -1,0 +1,38 @@
+"""The trivial socket server both contenders manage in the core benchmark.
+
+Run as ``python3 -I -S server.py``: serves HTTP on the Unix socket named by ``$WSUP_IDE_SOCKET``
+(or the first argument). ``GET /`` (any request, in fact) answers ``pid=<pid>`` so that a client can
+tell a restarted server from the one before it. Stdlib ``socket`` only, no output, ~9 MiB RSS: the
+point is to measure the supervisor, not the server.
+"""
+
+import os
+import socket
+import sys
+
+path = os.environ.get("WSUP_IDE_SOCKET") or sys.argv[1]
+try:
+    os.unlink(path)
+except FileNotFoundError:
+    pass
+server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+server.bind(path)
+server.listen(64)
+body = b"pid=%d\n" % os.getpid()
+answer = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body)
+
+while True:
+    conn, _ = server.accept()
+    try:
+        conn.settimeout(5)
+        request = b""
+        while b"\r\n\r\n" not in request:
+            chunk = conn.recv(4096)
+            if not chunk:
+                break
+            request += chunk
+        conn.sendall(answer)
+    except OSError:
+        pass
+    finally:
+        conn.close()
