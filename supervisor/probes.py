@@ -21,6 +21,7 @@ import json
 import logging
 from collections import Counter as Tally
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from typing import TYPE_CHECKING, Any, Protocol
 
 import h11
@@ -28,7 +29,7 @@ import trio
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from supervisor import metrics
-from supervisor.errors import CgroupError
+from supervisor.errors import CgroupError, SupervisorError
 from supervisor.sessions import LIVE, State
 
 if TYPE_CHECKING:
@@ -254,7 +255,14 @@ class ProbeServer:
 
     async def serve(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
         host, port = parse_listen(self.listen)
-        listeners = await trio.open_tcp_listeners(port, host=host)
+        try:
+            listeners = await trio.open_tcp_listeners(port, host=host)
+        except OSError as exc:
+            raise SupervisorError(
+                f"cannot listen on {self.listen} for the probes: {exc.strerror or exc}",
+                reason="probes_listen_failed",
+                hint="another process holds that address; free it or set [probes] listen",
+            ) from None
         bound = listeners[0].socket.getsockname()
         self.address = f"[{bound[0]}]:{bound[1]}" if ":" in bound[0] else f"{bound[0]}:{bound[1]}"
         log.info("probes listening on %s (/metrics /healthz /readyz /startupz)", self.address)
@@ -280,10 +288,11 @@ class ProbeServer:
             request = await _read_request(stream, conn)
         except h11.RemoteProtocolError as exc:
             status = exc.error_status_hint
-            reason = {431: b"Request Header Fields Too Large"}.get(status, b"Bad Request")
             await stream.send_all(
-                b"HTTP/1.1 %d %s\r\nContent-Length: 0\r\nConnection: close\r\n\r\n" % (status, reason)
+                b"HTTP/1.1 %d %s\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                % (status, HTTPStatus(status).phrase.encode())
             )
+            await _linger(stream)  # closing with unread input would reset the connection and lose the answer
             return
         if request is None:
             return
@@ -300,11 +309,24 @@ class ProbeServer:
             ("Connection", "close"),
             *response.headers,
         ]
-        data = conn.send(h11.Response(status_code=response.status, headers=headers)) or b""
+        data = conn.send(h11.Response(status_code=response.status, headers=headers,
+                                      reason=HTTPStatus(response.status).phrase.encode())) or b""
         if method != "HEAD":
             data += conn.send(h11.Data(data=response.body)) or b""
         data += conn.send(h11.EndOfMessage()) or b""
         await stream.send_all(data)
+
+
+async def _linger(stream: trio.SocketStream, limit: int = 64 * 1024) -> None:
+    """Half-close, then read and drop what the client still sends (up to ``limit`` bytes or one
+    second), so that the close does not turn into a reset that destroys the answer in flight."""
+    try:
+        await stream.send_eof()
+        with trio.move_on_after(1.0):
+            while limit > 0 and (chunk := await stream.receive_some(4096)):
+                limit -= len(chunk)
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass
 
 
 async def _read_request(stream: trio.SocketStream, conn: h11.Connection) -> h11.Request | None:
