@@ -45,6 +45,8 @@ log = logging.getLogger(__name__)
 #: Dead pods (lease expired this long ago) are swept from the registry every SWEEP_EVERY heartbeats.
 SWEEP_GRACE_LEASES = 4
 SWEEP_EVERY = 12
+#: Longest wait for one registry call (a backend that ignores its own timeout is abandoned).
+CALL_TIMEOUT = 10.0
 
 
 # ---- the pod's resources -------------------------------------------------------------------------
@@ -192,7 +194,8 @@ class Publisher:
         self.resources = resources
         self.registry: Registry | None = None  # touched only from the worker thread (limiter of 1)
         self.status_ = RegistryStatus(backend=self._describe_backend())
-        self.timeout = max(1.0, config.registry.lease)
+        # A safety net above the backends' own timeouts (5 s), so that their precise errors surface.
+        self.timeout = max(CALL_TIMEOUT, config.registry.lease)
         self._limiter = trio.CapacityLimiter(1)
         self._wake = trio.Event()
         self._sessions: dict[str, SessionRecord] = {}
