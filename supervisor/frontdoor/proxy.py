@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import math
 import select
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence, Union
@@ -178,6 +179,30 @@ def has_body(request: h11.Request) -> bool:
     return False
 
 
+async def connect_unix(path: Path, timeout: float) -> trio.SocketStream:
+    """Connect to a Unix stream socket, waiting while its listen backlog is full.
+
+    A non-blocking ``connect`` on a Unix socket whose backlog is full fails with EAGAIN and does
+    *not* continue in the background (unlike TCP's EINPROGRESS), so it is retried here with a
+    short back-off; ``trio.open_unix_socket`` would take it for a connection in progress and hand
+    back an unconnected socket. Raises OSError (no socket, refused) or TooSlowError."""
+    delay = 0.0005
+    with trio.fail_after(timeout):
+        while True:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+            try:
+                sock.connect(str(path))
+            except BlockingIOError:
+                sock.close()
+                await trio.sleep(delay)
+                delay = min(delay * 2, 0.05)
+                continue
+            except BaseException:
+                sock.close()
+                raise
+            return trio.SocketStream(trio.socket.from_stdlib_socket(sock))
+
+
 # ---- the IDE side -------------------------------------------------------------------------------
 
 
@@ -193,9 +218,8 @@ class Upstream:
 
     @classmethod
     async def connect(cls, user: str, socket_path: Path, *, buffer_size: int, max_head: int, timeout: float) -> Upstream:
-        """Raises OSError (no socket, refused) or TooSlowError (a frozen or wedged IDE)."""
-        with trio.fail_after(timeout):
-            stream = await trio.open_unix_socket(str(socket_path))
+        """Raises OSError (no socket, refused) or TooSlowError (backlog full for ``timeout``)."""
+        stream = await connect_unix(socket_path, timeout)
         return cls(user, socket_path, HttpStream(stream, h11.CLIENT, buffer_size=buffer_size, max_head=max_head))
 
     def reusable_for(self, user: str, socket_path: Path) -> bool:

@@ -144,6 +144,11 @@ def _format_address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def head_size(request: h11.Request) -> int:
+    """About the size of a request head as it was sent."""
+    return len(request.method) + len(request.target) + 12 + sum(len(n) + len(v) + 4 for n, v in request.headers)
+
+
 def loggable(target: bytes) -> str:
     """A request target for the log (already without its token), shortened."""
     text = target.decode("latin-1")
@@ -388,6 +393,11 @@ class _Connection:
                 await self._protocol_error(exc)
                 return None
             if isinstance(event, h11.Request):
+                if head_size(event) > self.http.max_header_bytes:
+                    # h11 only limits heads that arrive in pieces; one that arrived whole is measured here.
+                    log.info("front door: %s sent a request head of %d bytes: cut off", self.peer, head_size(event))
+                    await self._send_canned(431, "headers_too_large", "the request head is too large")
+                    return None
                 return event
             if event is not h11.NEED_DATA:
                 return None  # ConnectionClosed

@@ -1,0 +1,422 @@
+"""The front door in-process (trio), in front of real stub IDE processes on Unix sockets.
+
+The session manager is replaced by :class:`FakeIdes`, which starts ``tests/fixtures/ide_http_stub.py``
+per user (as the current uid) - so cold starts, refusals from the manager, FATAL users and
+concurrency limits can be arranged exactly, while the HTTP, WebSocket and socket behaviour is real.
+Clients are real blocking sockets run in worker threads.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, AsyncIterator, Callable, Iterator, TypeVar
+
+import pytest
+import trio
+
+from supervisor import config as config_module
+from supervisor.errors import CapacityExceeded, Draining
+from supervisor.frontdoor.auth import Authenticator
+from supervisor.frontdoor.server import FrontDoor, IdeInfo
+from supervisor.sessions import State
+from tests.frontdoor_client import Client, mint, ws_connect, ws_recv, ws_send
+
+STUB = Path(__file__).parent / "fixtures" / "ide_http_stub.py"
+SECRET = b"in-process-front-door-secret-0123456789"
+T = TypeVar("T")
+
+
+class FakeIdes:
+    """Starts one stub IDE process per user; ``start_error`` makes the next start raise."""
+
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        self.infos: dict[str, IdeInfo] = {}
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.starts: list[str] = []
+        self.start_error: Exception | None = None
+
+    def socket_of(self, user: str) -> Path:
+        return self.base / f"{user}.sock"
+
+    def lookup(self, user: str) -> IdeInfo | None:
+        return self.infos.get(user)
+
+    async def start(self, user: str, tier: str) -> None:
+        if self.start_error is not None:
+            raise self.start_error
+        info = self.infos.get(user)
+        if info is not None and info.state in (State.RUNNING, State.STARTING):
+            self.infos[user] = IdeInfo(info.state, tier, info.socket_path)
+            return
+        self.starts.append(user)
+        path = self.socket_of(user)
+        self.procs[user] = subprocess.Popen(
+            [sys.executable, "-I", "-S", str(STUB), user], env={"WSUP_IDE_SOCKET": str(path)},
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        self.infos[user] = IdeInfo(State.STARTING, tier, path)
+
+    async def wait_settled(self, user: str, timeout: float) -> IdeInfo | None:
+        info = self.infos[user]
+        with trio.move_on_after(timeout):
+            while info.state is State.STARTING:
+                proc = self.procs[user]
+                if proc.poll() is not None:
+                    info = self.infos[user] = IdeInfo(State.FATAL, info.tier, info.socket_path, f"exited with status {proc.returncode}")
+                elif info.socket_path.exists():
+                    info = self.infos[user] = IdeInfo(State.RUNNING, info.tier, info.socket_path)
+                else:
+                    await trio.sleep(0.01)
+        return self.infos[user]
+
+    def close(self) -> None:
+        for proc in self.procs.values():
+            proc.kill()
+            proc.wait()
+
+
+class Door:
+    """A running in-process front door and what the tests need to reach it."""
+
+    def __init__(self, front: FrontDoor, ides: FakeIdes) -> None:
+        self.front = front
+        self.ides = ides
+        self.host, self.port = front.addresses[0]
+        self.clients: list[Client] = []
+
+    def client(self, **kwargs: Any) -> Client:
+        client = Client(self.host, self.port, **kwargs)
+        self.clients.append(client)
+        return client
+
+    def close(self) -> None:
+        for client in self.clients:
+            client.close()
+
+
+async def in_thread(fn: Callable[[], T]) -> T:
+    return await trio.to_thread.run_sync(fn)
+
+
+def make_config(tmp_path: Path, **http: Any) -> config_module.Config:
+    secret = tmp_path / "hs256.key"
+    secret.write_bytes(SECRET)
+    return config_module.from_dict({
+        "http": {"listen": "127.0.0.1:0", "header_timeout": "2s", "session_linger": "300ms", "start_timeout": "5s", **http},
+        "auth": {"hs256_secret_file": str(secret), "issuer": "https://auth.test", "cookie_secure": False},
+        "daemon": {"state_dir": str(tmp_path / "state")},
+        "tiers": {"free": {"sessions": 1}, "starter": {"sessions": 2}},
+    })
+
+
+OPENED: list[Door] = []
+
+
+@pytest.fixture
+def ides(tmp_path: Path) -> Iterator[FakeIdes]:
+    fake = FakeIdes(tmp_path)
+    yield fake
+    while OPENED:
+        OPENED.pop().close()
+    fake.close()
+
+
+async def open_door(nursery: trio.Nursery, tmp_path: Path, ides: FakeIdes, **http: Any) -> Door:
+    config = make_config(tmp_path, **http)
+    auth = Authenticator.from_config(config.auth, config.daemon.state_dir)
+    front = FrontDoor(config, ides, auth)
+    await nursery.start(front.serve)
+    door = Door(front, ides)
+    OPENED.append(door)
+    return door
+
+
+@pytest.fixture
+async def door(nursery: trio.Nursery, tmp_path: Path, ides: FakeIdes) -> AsyncIterator[Door]:
+    yield await open_door(nursery, tmp_path, ides)
+
+
+def token(user: str = "alice", **claims: Any) -> str:
+    """A token for ``user``; one browser session (sid) per user unless ``sid`` is given."""
+    claims.setdefault("sid", f"{user}-tab")
+    return mint(SECRET, user, **claims)
+
+
+def bearer(user: str = "alice", **claims: Any) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token(user, **claims)}"}
+
+
+# ---- sign-in, cookie, cold start ---------------------------------------------------------------
+
+
+async def test_first_load_with_a_token_redirects_sets_the_cookie_and_cold_starts(door: Door, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    browser = door.client()
+    tok = token("alice", sid="tab-1")
+    signed_in = await in_thread(lambda: browser.get(f"/files/a.txt?x=1&token={tok}&y=2"))
+    assert signed_in.status == 303
+    assert signed_in.header("location") == "/files/a.txt?x=1&y=2"
+    assert signed_in.header("cache-control") == "no-store"
+    cookie = signed_in.header("set-cookie") or ""
+    assert cookie.startswith("wsup_session=") and "HttpOnly" in cookie and "SameSite=Lax" in cookie and tok not in cookie
+    assert door.ides.starts == []  # nothing started for the redirect itself
+    page = await in_thread(lambda: browser.get("/files/a.txt?x=1&y=2"))
+    assert page.status == 200, page.body
+    assert page.body.startswith(b"stub-ide user=alice ") and b"path=/files/a.txt?x=1&y=2" in page.body
+    assert door.ides.starts == ["alice"]
+    assert "theia-connection-token" in browser.cookies
+    seen = (await in_thread(lambda: browser.get("/headers", headers={"Host": "pod-7.example:8080"}))).json()
+    names = {k.lower(): v for k, v in seen}
+    assert names["host"] == "pod-7.example:8080"
+    assert "wsup_session" not in names["cookie"] and "theia-connection-token=" in names["cookie"]
+    assert all(tok not in record.getMessage() for record in caplog.records), "the token reached the log"
+
+
+async def test_bearer_requests_are_routed_by_the_token_on_one_connection(door: Door) -> None:
+    client = door.client()
+    first = await in_thread(lambda: client.get("/bob/anything", headers=bearer("alice")))
+    second = await in_thread(lambda: client.get("/alice/anything", headers=bearer("bob")))
+    third = await in_thread(lambda: client.get("/headers", headers=bearer("bob")))
+    assert first.body.startswith(b"stub-ide user=alice ") and second.body.startswith(b"stub-ide user=bob ")
+    assert client.conn is not None, "keep-alive connection was closed"
+    assert not any(k.lower() == "authorization" for k, _ in third.json()), "the bearer token reached the IDE"
+
+
+async def test_missing_and_bad_tokens_get_401_with_a_reason(door: Door) -> None:
+    client = door.client()
+    missing = await in_thread(lambda: client.get("/"))
+    assert missing.status == 401 and missing.json()["reason"] == "missing_token"
+    assert (missing.header("www-authenticate") or "").startswith("Bearer")
+    expired = await in_thread(lambda: client.get("/", headers=bearer(exp=int(time.time()) - 3600)))
+    assert expired.status == 401 and expired.json()["reason"] == "expired"
+    forged = await in_thread(lambda: client.get("/", headers={"Cookie": "wsup_session=1.eyJ1IjoiYm9iIn0.AAAA"}))
+    assert forged.status == 401 and forged.json()["reason"] == "bad_cookie"
+    bad_user = await in_thread(lambda: client.get("/?token=" + token("Not_Valid")))
+    assert bad_user.status == 401 and bad_user.json()["reason"] == "invalid_user_id"
+    assert door.ides.starts == []
+
+
+async def test_unknown_tier_is_403_before_anything_starts(door: Door) -> None:
+    answer = await in_thread(lambda: door.client().get("/", headers=bearer(tier="platinum")))
+    assert answer.status == 403 and answer.json()["reason"] == "unknown_tier"
+    assert door.ides.starts == []
+
+
+# ---- limits: sessions, cold starts, capacity -----------------------------------------------------
+
+
+async def test_second_session_beyond_the_tier_is_409_until_the_first_ends(door: Door) -> None:
+    first = await in_thread(lambda: door.client().get("/", headers=bearer(sid="tab-1")))
+    assert first.status == 200
+    browser = door.client()
+    await in_thread(lambda: browser.get("/?token=" + token(sid="tab-1")))
+    await in_thread(lambda: browser.get("/"))  # Theia's connection cookie
+    ws = await in_thread(lambda: ws_connect(door.host, door.port, "/ws", headers={"Cookie": _cookies(browser)}))
+    assert ws.status == 101
+    refused = await in_thread(lambda: door.client().get("/", headers=bearer(sid="tab-2")))
+    assert refused.status == 409 and refused.json()["reason"] == "too_many_sessions"
+    again = await in_thread(lambda: door.client().get("/", headers=bearer(sid="tab-1")))
+    assert again.status == 200  # the live session itself is never refused
+    starter = await in_thread(lambda: door.client().get("/", headers=bearer("bob", tier="starter", sid="b1")))
+    assert starter.status == 200
+    ws.close()
+    await trio.sleep(0.5)  # session_linger is 300ms
+    admitted = await in_thread(lambda: door.client().get("/", headers=bearer(sid="tab-2")))
+    assert admitted.status == 200
+
+
+def _cookies(client: Client) -> str:
+    return "; ".join(f"{k}={v}" for k, v in client.cookies.items())
+
+
+async def test_more_cold_starts_than_allowed_get_429_and_the_same_user_joins(nursery: trio.Nursery, tmp_path: Path, ides: FakeIdes) -> None:
+    door = await open_door(nursery, tmp_path, ides, max_cold_starts=1)
+    results: dict[str, Any] = {}
+
+    async def fetch(name: str, user: str) -> None:
+        results[name] = await in_thread(lambda: door.client().get("/", headers=bearer(user)))
+
+    async with trio.open_nursery() as clients:
+        clients.start_soon(fetch, "first", "slow-a")
+        while "slow-a" not in ides.starts:
+            await trio.sleep(0.01)
+        clients.start_soon(fetch, "joiner", "slow-a")
+        await trio.sleep(0.2)
+        refused = await in_thread(lambda: door.client().get("/", headers=bearer("slow-b")))
+    assert refused.status == 429 and refused.json()["reason"] == "too_many_cold_starts"
+    assert refused.header("retry-after") == "5"
+    assert results["first"].status == 200 and results["joiner"].status == 200
+    assert ides.starts == ["slow-a"]
+
+
+async def test_pod_full_and_draining_are_503_with_retry_after(door: Door) -> None:
+    door.ides.start_error = CapacityExceeded("pod is at capacity (1 users)")
+    full = await in_thread(lambda: door.client().get("/", headers=bearer()))
+    assert full.status == 503 and full.json()["reason"] == "pod_full" and full.header("retry-after") == "5"
+    door.ides.start_error = Draining("pod is draining")
+    draining = await in_thread(lambda: door.client().get("/", headers=bearer()))
+    assert draining.status == 503 and draining.json()["reason"] == "draining" and draining.header("retry-after")
+
+
+async def test_failed_ide_gets_an_error_page_and_only_a_page_load_retries(door: Door) -> None:
+    page = await in_thread(lambda: door.client().get("/", headers={**bearer("crash-1"), "Accept": "text/html"}))
+    assert page.status == 502 and b"could not start" in page.body and page.header("content-type", ).startswith("text/html")  # type: ignore[union-attr]
+    assert door.ides.starts == ["crash-1"]
+    api = await in_thread(lambda: door.client().get("/api", headers=bearer("crash-1")))
+    assert api.status == 502 and api.json()["reason"] == "ide_failed"
+    assert door.ides.starts == ["crash-1"], "a background request restarted a FATAL IDE"
+    await in_thread(lambda: door.client().get("/", headers={**bearer("crash-1"), "Sec-Fetch-Mode": "navigate"}))
+    assert door.ides.starts == ["crash-1", "crash-1"]
+
+
+async def test_a_slow_start_gets_the_self_reloading_starting_page(nursery: trio.Nursery, tmp_path: Path, ides: FakeIdes) -> None:
+    door = await open_door(nursery, tmp_path, ides, start_timeout="200ms")
+    page = await in_thread(lambda: door.client().get("/", headers={**bearer("slow-c"), "Accept": "text/html"}))
+    assert page.status == 503 and b'http-equiv="refresh"' in page.body and page.header("retry-after")
+    api = await in_thread(lambda: door.client().get("/x", headers=bearer("slow-c")))
+    assert api.status == 503 and api.json()["reason"] == "starting"
+    await trio.sleep(1.5)
+    ready = await in_thread(lambda: door.client().get("/", headers=bearer("slow-c")))
+    assert ready.status == 200 and ides.starts == ["slow-c"]
+
+
+async def test_ide_that_vanished_gets_502(door: Door) -> None:
+    door.ides.infos["ghost"] = IdeInfo(State.RUNNING, "free", door.ides.socket_of("ghost"))
+    answer = await in_thread(lambda: door.client().get("/", headers=bearer("ghost")))
+    assert answer.status == 502 and answer.json()["reason"] == "ide_unavailable"
+
+
+# ---- bodies and WebSockets ----------------------------------------------------------------------
+
+
+async def test_bodies_stream_both_ways(door: Door) -> None:
+    client = door.client()
+    big = await in_thread(lambda: client.get("/big?mb=12", headers=bearer(), keep_body=False))
+    assert big.status == 200 and big.length == 12 * 2**20
+    chunked = await in_thread(lambda: client.get("/chunked?kb=300", headers=bearer()))
+    assert chunked.status == 200 and chunked.body == b"y" * 300 * 1024
+    payload = os.urandom(5 * 2**20)
+    echoed = await in_thread(lambda: client.request("POST", "/echo", headers=bearer(), body=payload))
+    assert echoed.status == 200 and echoed.body == payload
+    head = await in_thread(lambda: client.request("HEAD", "/", headers=bearer()))
+    assert head.status == 200 and head.body == b""
+    after = await in_thread(lambda: client.get("/", headers=bearer()))
+    assert after.status == 200  # the connection survived all of it
+
+
+async def test_websocket_is_spliced_and_a_refused_upgrade_is_passed_on(door: Door) -> None:
+    browser = door.client()
+    await in_thread(lambda: browser.get("/?token=" + token("dana")))
+    refused = await in_thread(lambda: ws_connect(door.host, door.port, "/ws", headers={"Cookie": _cookies(browser)}))
+    assert refused.status == 403  # like Theia: no theia-connection-token cookie yet
+    refused.close()
+    await in_thread(lambda: browser.get("/"))
+    ws = await in_thread(lambda: ws_connect(door.host, door.port, "/ws", headers={"Cookie": _cookies(browser)}))
+    assert ws.status == 101 and "theia-connection-token" in (ws.header("set-cookie") or "")
+    for payload in (b"hello", os.urandom(70_000), os.urandom(2**20)):
+        await in_thread(lambda p=payload: ws_send(ws, p))  # type: ignore[misc]
+        assert await in_thread(lambda: ws_recv(ws)) == (2, payload)
+    await in_thread(lambda: ws_send(ws, b"\x03\xe8", opcode=0x8))
+    assert (await in_thread(lambda: ws_recv(ws)))[0] == 0x8
+    ws.close()
+
+
+async def test_unauthenticated_websocket_gets_401(door: Door) -> None:
+    ws = await in_thread(lambda: ws_connect(door.host, door.port, "/ws"))
+    assert ws.status == 401
+    ws.close()
+
+
+# ---- hostile clients -------------------------------------------------------------------------------
+
+
+def raw_exchange(host: str, port: int, data: bytes, timeout: float = 5.0) -> bytes:
+    with socket.create_connection((host, port), timeout=timeout) as sock:
+        sock.sendall(data)
+        received = b""
+        while True:
+            try:
+                piece = sock.recv(65536)
+            except ConnectionResetError:
+                break
+            if not piece:
+                break
+            received += piece
+    return received
+
+
+async def test_malformed_and_oversized_requests_are_answered_and_closed(door: Door) -> None:
+    garbage = await in_thread(lambda: raw_exchange(door.host, door.port, b"\x16\x03\x01 not http at all\r\n\r\n"))
+    assert garbage.startswith(b"HTTP/1.1 400 ")
+    huge = await in_thread(lambda: raw_exchange(door.host, door.port, b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 40_000 + b"\r\n\r\n"))
+    assert huge.startswith(b"HTTP/1.1 431 ")
+    ok = await in_thread(lambda: door.client().get("/", headers=bearer()))
+    assert ok.status == 200
+
+
+async def test_slowloris_is_cut_off_while_others_are_served(nursery: trio.Nursery, tmp_path: Path, ides: FakeIdes) -> None:
+    door = await open_door(nursery, tmp_path, ides, header_timeout="1s")
+
+    def slow_client() -> tuple[float, bytes]:
+        began = time.monotonic()
+        with socket.create_connection((door.host, door.port), timeout=10) as sock:
+            received = b""
+            try:
+                for piece in [b"GET / HTTP/1.1\r\n", b"Host: x\r\n"] + [b"X-Drip: 1\r\n"] * 50:
+                    sock.sendall(piece)
+                    time.sleep(0.2)
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+            try:
+                while piece := sock.recv(4096):
+                    received += piece
+            except ConnectionResetError:
+                pass
+        return time.monotonic() - began, received
+
+    async with trio.open_nursery() as clients:
+        outcome: dict[str, Any] = {}
+
+        async def run_slow() -> None:
+            outcome["slow"] = await in_thread(slow_client)
+
+        clients.start_soon(run_slow)
+        await trio.sleep(0.3)
+        served = await in_thread(lambda: door.client().get("/", headers=bearer()))
+        assert served.status == 200
+    took, received = outcome["slow"]
+    assert received.startswith(b"HTTP/1.1 408 ")
+    assert took < 5, f"slow client held its connection for {took:.1f}s"
+
+
+async def test_idle_keepalive_connection_is_closed(nursery: trio.Nursery, tmp_path: Path, ides: FakeIdes) -> None:
+    door = await open_door(nursery, tmp_path, ides, keepalive_timeout="300ms")
+
+    def idle_client() -> bytes:
+        with socket.create_connection((door.host, door.port), timeout=5) as sock:
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            time.sleep(1.0)
+            data = b""
+            while piece := sock.recv(4096):
+                data += piece
+            return data
+
+    data = await in_thread(idle_client)
+    assert data.startswith(b"HTTP/1.1 401 ") and data.count(b"HTTP/1.1") == 1  # answered, then closed when idle
+
+
+async def test_a_failing_connection_does_not_disturb_the_server(door: Door) -> None:
+    for _ in range(20):
+        with socket.create_connection((door.host, door.port)) as sock:
+            sock.sendall(b"GET /big?mb=50 HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + token().encode() + b"\r\n\r\n")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")  # RST on close
+    ok = await in_thread(lambda: door.client().get("/", headers=bearer()))
+    assert ok.status == 200
+    assert door.front.connections <= 20
