@@ -32,6 +32,7 @@ from supervisor.control import HANDLERS, ControlServer, pod_verbs, why_handler
 from supervisor.drain import Drainer
 from supervisor.errors import SupervisorError
 from supervisor.frontdoor import run_frontdoor
+from supervisor.idle import Stage
 from supervisor.manager import SessionManager
 from supervisor.probes import PodProbes, ProbeServer
 from supervisor.publisher import Publisher
@@ -92,6 +93,8 @@ async def run_daemon(
         await nursery.start(drainer.serve)
         manager.info_providers.update(registry=publisher.status, probes=lambda: probe_server.address, drain=drainer.status)
         idle = IdleService(manager, tick=config.idle.tick)
+        # A drain does not wait for users the ladder has found idle (past its first rung).
+        drainer.idle_users = lambda: [user for user, state in idle.states.items() if state.stage is not Stage.ACTIVE]
         await nursery.start(idle.serve)
         manager.user_info_providers.append(idle.describe)
         handlers = {**HANDLERS, "why": why_handler(idle), **pod_verbs(drainer, publisher)}

@@ -6,9 +6,10 @@ Started by SIGTERM (``[daemon] drain_deadline``) or ``workspacectl drain [--dead
    door answers 503 with Retry-After), ``/readyz`` answers 503 ``draining``, and the registry is
    told at once (an immediate heartbeat with ``draining = true``: routers stop placing users here);
 2. **wait**: connected users may finish until none of them is active or the deadline passes.
-   Which users are *active* comes from the ``activity`` hook (the idle ladder's tracking, once it
-   runs in the daemon); without it every STARTING or RUNNING user counts as active, so the drain
-   waits for the deadline - or ends at once when no user is running;
+   Which RUNNING users are *idle* comes from the ``idle_users`` hook - in the daemon, the idle
+   ladder: users past its first rung (no input, file change or CPU for ``[idle] lsp_pause_after``);
+   every other RUNNING user is active, as is every STARTING one (a browser is waiting for it).
+   Without the hook every RUNNING user counts as active. With nobody active the wait ends at once;
 3. **stop**: every IDE is stopped gracefully at once (SIGTERM first, so Theia flushes what it
    holds, then the whole tree is killed after ``[ide] stop_grace``; whatever is left when
    ``[daemon] shutdown_deadline`` passes is killed);
@@ -36,8 +37,6 @@ log = logging.getLogger(__name__)
 
 #: How often the wait phase re-reads the users' activity.
 POLL_INTERVAL = 0.5
-#: Users that may still be in use by a connected browser.
-MAYBE_ACTIVE = frozenset({State.STARTING, State.RUNNING})
 
 
 class Drainer:
@@ -49,13 +48,13 @@ class Drainer:
         manager: SessionManager,
         publisher: Publisher,
         *,
-        activity: Callable[[], Collection[str]] | None = None,
+        idle_users: Callable[[], Collection[str]] | None = None,
     ) -> None:
         self.manager = manager
         self.publisher = publisher
-        #: Hook: ids of the users active now (input, file changes, CPU). None: not tracked, so
-        #: every STARTING or RUNNING user is presumed active until the deadline.
-        self.activity = activity
+        #: Hook: ids of the users known to be idle now (the idle ladder). None: not tracked, so
+        #: every RUNNING user is presumed active until the deadline. Unknown users count as active.
+        self.idle_users = idle_users
         self.phase = "serving"
         self.requested_by = ""
         self.deadline: float | None = None  # trio clock
@@ -95,16 +94,17 @@ class Drainer:
             "requested_by": self.requested_by,
             "deadline_in_s": remaining,
             "active_users": len(self.active_users()) if self.phase != "serving" else None,
-            "activity_tracking": self.activity is not None,
+            "activity_tracking": self.idle_users is not None,
             "ended_wait": self.ended_wait,
         }
 
     def active_users(self) -> list[str]:
-        """Users the wait phase still waits for."""
-        candidates = {u for u, s in self.manager.pod.users.items() if s.state in MAYBE_ACTIVE}
-        if self.activity is not None:
-            candidates &= set(self.activity())
-        return sorted(candidates)
+        """Users the wait phase still waits for: STARTING ones, and RUNNING ones not known idle."""
+        users = self.manager.pod.users
+        running = {u for u, s in users.items() if s.state is State.RUNNING}
+        if self.idle_users is not None:
+            running -= set(self.idle_users())
+        return sorted(running | {u for u, s in users.items() if s.state is State.STARTING})
 
     # -- the service -----------------------------------------------------------------------------
 

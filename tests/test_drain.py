@@ -60,9 +60,9 @@ class FakePublisher:
         return True
 
 
-def _drainer(states: dict[str, State], activity: Any = None) -> tuple[Drainer, FakeManager, FakePublisher]:
+def _drainer(states: dict[str, State], idle_users: Any = None) -> tuple[Drainer, FakeManager, FakePublisher]:
     manager, publisher = FakeManager(states), FakePublisher()
-    drainer = Drainer(cast(SessionManager, manager), cast(Publisher, publisher), activity=activity)
+    drainer = Drainer(cast(SessionManager, manager), cast(Publisher, publisher), idle_users=idle_users)
     return drainer, manager, publisher
 
 
@@ -92,23 +92,36 @@ async def test_no_running_user_means_no_wait(autojump_clock: Any) -> None:
     assert drainer.ended_wait == "no active users"
 
 
-async def test_the_activity_hook_ends_the_wait_once_users_are_idle(autojump_clock: Any) -> None:
-    active: set[str] = {"alice"}
+async def test_the_idle_hook_ends_the_wait_once_every_running_user_is_idle(autojump_clock: Any) -> None:
+    idle: set[str] = {"bob"}
 
-    def activity() -> Collection[str]:
-        return active
+    def idle_users() -> Collection[str]:
+        return idle
 
-    drainer, manager, _ = _drainer({"alice": State.RUNNING, "bob": State.RUNNING}, activity)
+    drainer, manager, _ = _drainer({"alice": State.RUNNING, "bob": State.RUNNING, "carol": State.PAUSED}, idle_users)
     async with trio.open_nursery() as nursery:
         await nursery.start(drainer.serve)
         start = trio.current_time()
         drainer.request(600.0, by="test")
-        assert drainer.status()["active_users"] == 1  # bob is connected but idle
+        assert drainer.active_users() == ["alice"]  # bob is connected but idle; carol is paused
         await trio.sleep(42)
-        active.clear()  # alice goes idle
+        idle.add("alice")  # alice goes idle too
         await drainer.finished.wait()
     assert manager.stopped_at is not None and 42 <= manager.stopped_at - start <= 43
     assert drainer.ended_wait == "no active users"
+
+
+async def test_a_starting_user_is_always_waited_for(autojump_clock: Any) -> None:
+    drainer, manager, _ = _drainer({"alice": State.STARTING, "bob": State.RUNNING}, lambda: ["alice", "bob"])
+    async with trio.open_nursery() as nursery:
+        await nursery.start(drainer.serve)
+        start = trio.current_time()
+        drainer.request(30.0, by="test")
+        assert drainer.active_users() == ["alice"]
+        await trio.sleep(5)
+        manager.pod.users["alice"].state = State.RUNNING  # ready, and (per the hook) idle
+        await drainer.finished.wait()
+    assert manager.stopped_at is not None and 5 <= manager.stopped_at - start <= 6
 
 
 async def test_a_second_request_only_moves_the_deadline_earlier(autojump_clock: Any) -> None:
