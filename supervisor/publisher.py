@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -177,7 +177,7 @@ class Publisher:
 
     ``opener`` opens the configured backend (default :func:`supervisor.registry.open_registry`);
     ``resources`` are the pod's CPU and memory (default :func:`detect_pod_resources`, read when
-    :meth:`serve` starts).
+    :meth:`serve` starts; ``[pod] memory``, when set, replaces the detected memory).
     """
 
     def __init__(
@@ -264,6 +264,8 @@ class Publisher:
         """Heartbeat until cancelled or withdrawn. Starts at once; never waits for the registry."""
         if self.resources is None:
             self.resources = detect_pod_resources(self.config.cgroups.mount)
+            if self.config.pod.memory:  # the operator's figure wins, as for the idle ladder's pressure
+                self.resources = replace(self.resources, memory_bytes=self.config.pod.memory)
         log.info(
             "registry: %s, heartbeat %gs, lease %gs; pod resources %dm CPU, %d MiB",
             self.status_.backend, self.config.registry.heartbeat, self.config.registry.lease,

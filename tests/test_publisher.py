@@ -85,9 +85,9 @@ class _Driver:
     version = 2
 
 
-def _manager(tmp_path: Path, registry_path: Path, heartbeat: str = "1s", lease: str = "5s") -> SessionManager:
+def _manager(tmp_path: Path, registry_path: Path, heartbeat: str = "1s", lease: str = "5s", **pod: Any) -> SessionManager:
     config = config_module.from_dict({
-        "pod": {"id": "pod-a", "capacity": 4},
+        "pod": {"id": "pod-a", "capacity": 4, **pod},
         "daemon": {"state_dir": str(tmp_path / "state")},
         "registry": {"path": str(registry_path), "heartbeat": heartbeat, "lease": lease},
     })
@@ -175,6 +175,16 @@ async def test_the_service_heartbeats_at_once_and_when_woken(tmp_path: Path) -> 
                 while not router.get_pod("pod-a").draining:  # type: ignore[union-attr]
                     await trio.sleep(0.01)
             nursery.cancel_scope.cancel()
+
+
+async def test_the_configured_pod_memory_replaces_the_detected_one(tmp_path: Path) -> None:
+    manager = _manager(tmp_path, tmp_path / "registry.db", memory="12Gi")
+    publisher = Publisher(manager.config, manager)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(publisher.serve)
+        nursery.cancel_scope.cancel()
+    assert publisher.resources is not None and publisher.resources.memory_bytes == 12 * 2**30
+    assert publisher.resources.cpu_millicores == detect_pod_resources().cpu_millicores
 
 
 # ---- a real daemon ---------------------------------------------------------------------------------------------
