@@ -15,11 +15,14 @@ from pathlib import Path
 from typing import Any, Callable
 
 STUB = Path(__file__).parent / "fixtures" / "ide_stub.py"
+#: Timeouts stretch inside the emulated VM of the cgroup v2 tier (integration/vm/guest-run sets it).
+SLOW = 8.0 if os.environ.get("WSUP_VM_TIER") else 1.0
 SYSTEM_PYTHON = "/usr/bin/python3"
 
 
 def poll(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
     """Poll ``predicate`` until truthy (returning its value) or fail after ``timeout`` seconds."""
+    timeout *= SLOW
     deadline = time.monotonic() + timeout
     delay = 0.005
     while True:
@@ -47,7 +50,7 @@ class Daemon:
         sections: dict[str, dict[str, Any]] = {
             "pod": {"id": "test-pod", "capacity": 10},
             "workspace": {"root": str(self.base / "workspace"), "shards": 4},
-            "ide": {"command": [SYSTEM_PYTHON, "-I", "-S", str(stub), "{user}"], "ready_timeout": "10s", "stop_grace": "3s",
+            "ide": {"command": [SYSTEM_PYTHON, "-I", "-S", str(stub), "{user}"], "ready_timeout": f"{10 * SLOW:g}s", "stop_grace": "3s",
                     "env": {"STUB_MARK": "{user}"}},
             "restart": {"healthy_after": "2s", "backoff_initial": "50ms", "backoff_max": "200ms", "max_failures": 3},
             "control": {"socket": str(self.socket)},
@@ -80,6 +83,7 @@ class Daemon:
         return self.proc is not None and self.proc.poll() is not None
 
     def ctl(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        timeout *= SLOW
         return subprocess.run(
             [sys.executable, "-m", "supervisor.cli", "--socket", str(self.socket), *args],
             capture_output=True, text=True, timeout=timeout,
