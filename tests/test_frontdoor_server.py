@@ -392,8 +392,8 @@ async def test_slowloris_is_cut_off_while_others_are_served(nursery: trio.Nurser
         served = await in_thread(lambda: door.client().get("/", headers=bearer()))
         assert served.status == 200
     took, received = outcome["slow"]
-    assert received.startswith(b"HTTP/1.1 408 ")
-    assert took < 5, f"slow client held its connection for {took:.1f}s"
+    assert received == b"" or received.startswith(b"HTTP/1.1 408 ")  # a client still sending may see a reset
+    assert took < 5, f"slow client held its connection for {took:.1f}s (it drips for 10s)"
 
 
 async def test_idle_keepalive_connection_is_closed(nursery: trio.Nursery, tmp_path: Path, ides: FakeIdes) -> None:
@@ -417,6 +417,10 @@ async def test_a_failing_connection_does_not_disturb_the_server(door: Door) -> N
         with socket.create_connection((door.host, door.port)) as sock:
             sock.sendall(b"GET /big?mb=50 HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + token().encode() + b"\r\n\r\n")
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")  # RST on close
-    ok = await in_thread(lambda: door.client().get("/", headers=bearer()))
+    client = door.client()
+    ok = await in_thread(lambda: client.get("/", headers=bearer()))
     assert ok.status == 200
-    assert door.front.connections <= 20
+    client.close()
+    with trio.fail_after(10):  # every reset connection is noticed and released
+        while door.front.connections:
+            await trio.sleep(0.02)

@@ -432,8 +432,23 @@ class _Connection:
                 await self.client.send(h11.Response(status_code=status, headers=[*answer.head(), (b"connection", b"close")]))
                 await self.client.send(h11.Data(data=answer.body))
                 await self.client.send(h11.EndOfMessage())
+                await self._lingering_close()
             except (trio.BrokenResourceError, trio.ClosedResourceError, h11.LocalProtocolError):
                 pass
+
+    async def _lingering_close(self, limit: int = 2**20) -> None:
+        """Half-close, then read and drop what the client is still sending (briefly), so that closing
+        with unread input does not reset the connection before the client has read the answer."""
+        stream = self.client.stream
+        if isinstance(stream, trio.abc.HalfCloseableStream):
+            await stream.send_eof()
+        dropped = 0
+        with trio.move_on_after(0.5):
+            while dropped < limit:
+                data = await stream.receive_some(65536)
+                if not data:
+                    return
+                dropped += len(data)
 
     # ---- one exchange ----------------------------------------------------------------------------
 
