@@ -377,12 +377,16 @@ class Publisher:
         return pods
 
     async def _close(self) -> None:
-        registry, self.registry = self.registry, None
-        if registry is not None:
-            try:
-                await self._in_thread(registry.close)
-            except RegistryError:
-                pass
+        """Close the registry; gives up after a few seconds (a call stuck in a backend must not
+        hold the daemon's exit)."""
+        with trio.move_on_after(3.0):
+            async with self._limiter:  # after any call still running in the worker thread
+                registry, self.registry = self.registry, None
+                if registry is not None:
+                    try:
+                        await trio.to_thread.run_sync(registry.close, abandon_on_cancel=True)
+                    except RegistryError:
+                        pass
 
     # -- bookkeeping -----------------------------------------------------------------------------
 
