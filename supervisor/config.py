@@ -272,6 +272,9 @@ class HttpConfig:
         parse_duration,
     )
     buffer_size: int = setting(256 * 2**10, "Bytes read per step when streaming bodies and WebSockets.", parse_size)
+    kernel_splice: bool = setting(
+        True, "After a WebSocket upgrade, move bytes with os.splice through a pipe (never through Python); false copies them.", _bool
+    )
 
 
 @dataclass(frozen=True)
