@@ -311,7 +311,11 @@ async def test_bodies_stream_both_ways(door: Door) -> None:
     assert after.status == 200  # the connection survived all of it
 
 
-async def test_websocket_is_spliced_and_a_refused_upgrade_is_passed_on(door: Door) -> None:
+@pytest.mark.parametrize("kernel_splice", [True, False], ids=["os.splice", "copy"])
+async def test_websocket_is_spliced_and_a_refused_upgrade_is_passed_on(
+    nursery: trio.Nursery, tmp_path: Path, ides: FakeIdes, kernel_splice: bool,
+) -> None:
+    door = await open_door(nursery, tmp_path, ides, kernel_splice=kernel_splice)
     browser = door.client()
     await in_thread(lambda: browser.get("/?token=" + token("dana")))
     refused = await in_thread(lambda: ws_connect(door.host, door.port, "/ws", headers={"Cookie": _cookies(browser)}))

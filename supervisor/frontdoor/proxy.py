@@ -17,7 +17,10 @@
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import math
+import os
 import select
 import socket
 from dataclasses import dataclass, field
@@ -352,6 +355,7 @@ def first_leaf(group: BaseExceptionGroup) -> BaseException:
 async def forward_upgrade(
     client: HttpStream, upstream: Upstream, request: h11.Request, *, target: bytes, headers: Headers,
     cookie_name: str, idle: float, on_input: Counter, on_switched: Callable[[], None] | None = None,
+    kernel_splice: bool = False,
 ) -> Exchange:
     """Forward an upgrade handshake; on 101, splice the two connections until both ends close."""
     ide = upstream.http
@@ -413,18 +417,20 @@ async def forward_upgrade(
         on_input(n)
 
     await splice(client.stream, ide.stream, bytes(client_pending), bytes(ide_pending),
-                 buffer_size=client.buffer_size, linger=idle, a_to_b=to_ide, b_to_a=TO_CLIENT.inc)
+                 buffer_size=client.buffer_size, linger=idle, a_to_b=to_ide, b_to_a=TO_CLIENT.inc, kernel=kernel_splice)
     return result
 
 
 async def splice(
     a: trio.abc.Stream, b: trio.abc.Stream, a_pending: bytes, b_pending: bytes, *,
-    buffer_size: int, linger: float, a_to_b: Counter, b_to_a: Counter,
+    buffer_size: int, linger: float, a_to_b: Counter, b_to_a: Counter, kernel: bool = False,
 ) -> None:
     """Copy bytes both ways until both directions reach EOF (an EOF is passed on as a half-close).
 
     ``a_pending``/``b_pending`` were already read from ``a``/``b`` (h11's leftovers after the 101).
-    When one direction ends, the other gets ``linger`` seconds to end too; a broken stream ends both."""
+    When one direction ends, the other gets ``linger`` seconds to end too; a broken stream ends both.
+    With ``kernel`` (and two socket streams) the bytes move through a pipe with ``os.splice`` and
+    never enter Python; where the kernel cannot splice, the direction falls back to copying."""
     async with trio.open_nursery() as nursery:
         finished = 0
 
@@ -434,12 +440,9 @@ async def splice(
                 if pending:
                     await dst.send_all(pending)
                     count(len(pending))
-                while True:
-                    data = await src.receive_some(buffer_size)
-                    if not data:
-                        break
-                    await dst.send_all(data)
-                    count(len(data))
+                if not (kernel and isinstance(src, trio.SocketStream) and isinstance(dst, trio.SocketStream)
+                        and await _kernel_pump(src, dst, count)):
+                    await _copy_pump(src, dst, buffer_size, count)
                 if isinstance(dst, trio.abc.HalfCloseableStream):
                     await dst.send_eof()
             except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -451,3 +454,59 @@ async def splice(
 
         nursery.start_soon(pump, a, b, a_pending, a_to_b)
         nursery.start_soon(pump, b, a, b_pending, b_to_a)
+
+
+async def _copy_pump(src: trio.abc.Stream, dst: trio.abc.Stream, buffer_size: int, count: Counter) -> None:
+    while True:
+        data = await src.receive_some(buffer_size)
+        if not data:
+            return
+        await dst.send_all(data)
+        count(len(data))
+
+
+_SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
+_F_SETPIPE_SZ = 1031
+_PIPE_SIZE = 1 << 20
+_CANNOT_SPLICE = frozenset({errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP})
+
+
+async def _kernel_pump(src: trio.SocketStream, dst: trio.SocketStream, count: Counter) -> bool:
+    """Move bytes src -> pipe -> dst with ``os.splice`` until EOF; False if the kernel cannot splice
+    these sockets (nothing was moved then; the caller copies instead). Raises BrokenResourceError."""
+    if not hasattr(os, "splice"):
+        return False
+    read_end, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        try:
+            chunk = fcntl.fcntl(write_end, _F_SETPIPE_SZ, _PIPE_SIZE)
+        except OSError:
+            chunk = 65536
+        src_sock, dst_sock = src.socket, dst.socket
+        src_fd, dst_fd = src_sock.fileno(), dst_sock.fileno()
+        moved_any = False
+        while True:
+            await trio.lowlevel.wait_readable(src_sock)
+            try:
+                n = os.splice(src_fd, write_end, chunk, flags=_SPLICE_FLAGS)
+            except BlockingIOError:
+                continue
+            except OSError as exc:
+                if exc.errno in _CANNOT_SPLICE and not moved_any:
+                    return False
+                raise trio.BrokenResourceError(f"splice from the socket: {exc.strerror}") from None
+            if n == 0:
+                return True
+            moved_any = True
+            left = n
+            while left:
+                try:
+                    left -= os.splice(read_end, dst_fd, left, flags=_SPLICE_FLAGS)
+                except BlockingIOError:
+                    await trio.lowlevel.wait_writable(dst_sock)
+                except OSError as exc:
+                    raise trio.BrokenResourceError(f"splice to the socket: {exc.strerror}") from None
+            count(n)
+    finally:
+        os.close(read_end)
+        os.close(write_end)

@@ -574,7 +574,7 @@ class _Connection:
         try:
             exchange = await forward_upgrade(
                 self.client, upstream, request, target=target, headers=headers, cookie_name=self.front.cookie_name,
-                idle=self.http.idle_timeout, on_input=on_input, on_switched=on_switched,
+                idle=self.http.idle_timeout, on_input=on_input, on_switched=on_switched, kernel_splice=self.http.kernel_splice,
             )
         except UpstreamFailed as exc:
             log.warning("user=%s upgrade %s: the IDE failed: %s", user, loggable(target), exc)
