@@ -332,6 +332,17 @@ async def test_websocket_is_spliced_and_a_refused_upgrade_is_passed_on(
     ws.close()
 
 
+async def test_websocket_with_a_token_parameter_is_served_not_redirected(door: Door) -> None:
+    client = door.client()
+    await in_thread(lambda: client.get("/", headers=bearer("erin")))  # Theia's connection cookie
+    ws = await in_thread(lambda: ws_connect(door.host, door.port, f"/ws?x=1&token={token('erin')}",
+                                            headers={"Cookie": _cookies(client)}))
+    assert ws.status == 101
+    await in_thread(lambda: ws_send(ws, b"ping"))
+    assert await in_thread(lambda: ws_recv(ws)) == (2, b"ping")
+    ws.close()
+
+
 async def test_unauthenticated_websocket_gets_401(door: Door) -> None:
     ws = await in_thread(lambda: ws_connect(door.host, door.port, "/ws"))
     assert ws.status == 401

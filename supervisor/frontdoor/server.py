@@ -473,7 +473,9 @@ class _Connection:
                 f"user {identity.user} already has {tier.sessions} open session(s), the most the {identity.tier} tier allows",
                 f"close the workspace in another browser window (a closed one is released after {front.http.session_linger:g}s)",
             ), identity)
-        if source == "query" and request.method in (b"GET", b"HEAD"):
+        if source == "query" and request.method in (b"GET", b"HEAD") and upgrade_of(request) is None:
+            # A page load: move the token out of the address bar. (A WebSocket cannot follow a
+            # redirect, so an upgrade with ?token= is served with the token removed instead.)
             if front.sessions.touch(identity.user, identity.sid, now):
                 front._session_event(identity.user, identity.sid, True)
             log.info("user=%s sid=%s signed in from %s: session cookie set", identity.user, identity.sid[:16], self.peer)
