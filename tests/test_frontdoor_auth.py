@@ -401,3 +401,19 @@ def test_every_reason_has_a_metric_label() -> None:
 
     exported = {s.labels["reason"] for m in AUTH_REJECTIONS.collect() for s in m.samples}
     assert set(REASONS) <= exported
+
+
+def test_devtoken_mints_a_token_the_front_door_accepts(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from supervisor.frontdoor import devtoken
+
+    secret = _secret_file(tmp_path)
+    config = tmp_path / "config.toml"
+    config.write_text(f'[http]\nlisten = "0.0.0.0:8080"\n[auth]\nhs256_secret_file = "{secret}"\nissuer = "{ISSUER}"\n')
+    assert devtoken.main(["--config", str(config), "alice", "--tier", "pro", "--ttl", "1h"]) == 0
+    url = capsys.readouterr().out.strip()
+    assert url.startswith("http://localhost:8080/?token=")
+    identity = TokenVerifier(auth_config(hs256_secret_file=secret)).verify(url.split("token=", 1)[1])
+    assert (identity.user, identity.tier) == ("alice", "pro") and 3500 < identity.expires - time.time() <= 3600
+    assert devtoken.main(["--config", str(config), "Not Valid"]) == 2
+    config.write_text("")
+    assert devtoken.main(["--config", str(config), "alice"]) == 2
