@@ -439,3 +439,43 @@ async def test_a_failing_connection_does_not_disturb_the_server(door: Door) -> N
     with trio.fail_after(10):  # every reset connection is noticed and released
         while door.front.connections:
             await trio.sleep(0.02)
+
+
+async def test_a_kept_alive_ide_connection_closed_under_a_get_is_retried_once(
+    nursery: trio.Nursery, tmp_path: Path, ides: FakeIdes,
+) -> None:
+    """An IDE may close an idle kept-alive connection just as the next request is sent (node's
+    keepAliveTimeout): an idempotent GET is sent again on a fresh connection."""
+    path = tmp_path / "flaky.sock"
+    exchanges: list[int] = []
+
+    async def serve_flaky(stream: trio.SocketStream) -> None:
+        # Answers the first request of each connection; closes on the second without answering.
+        data = b""
+        answered = 0
+        async with stream:
+            while True:
+                piece = await stream.receive_some(65536)
+                if not piece:
+                    return
+                data += piece
+                while b"\r\n\r\n" in data:
+                    _, data = data.split(b"\r\n\r\n", 1)
+                    if answered:
+                        return
+                    answered += 1
+                    exchanges.append(answered)
+                    await stream.send_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+
+    sock = trio.socket.socket(trio.socket.AF_UNIX)
+    await sock.bind(str(path))
+    sock.listen(16)
+    listener = trio.SocketListener(sock)
+    nursery.start_soon(trio.serve_listeners, serve_flaky, [listener])
+    ides.infos["flaky"] = IdeInfo(State.RUNNING, "free", path)
+    door = await open_door(nursery, tmp_path, ides)
+    client = door.client()
+    answers = [await in_thread(lambda: client.get("/", headers=bearer("flaky"))) for _ in range(3)]
+    assert [(a.status, a.body) for a in answers] == [(200, b"ok")] * 3
+    assert exchanges == [1, 1, 1]  # three IDE connections, each answered once
+    assert door.front.connections == 1  # ... and the browser's one connection carried all three

@@ -260,6 +260,10 @@ async def forward_http(
 
     async def pump_request_body() -> None:
         nonlocal request_done
+        if client.conn.their_state is h11.DONE:  # already relayed once (a retried GET): just end it
+            await ide.send(h11.EndOfMessage(), idle)
+            request_done = True
+            return
         while True:
             event = await client.next_event(idle)
             if isinstance(event, h11.Data):
