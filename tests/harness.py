@@ -71,7 +71,9 @@ class Daemon:
         self.log = self.base / "daemon.log"
 
     def start(self, *, env: dict[str, str] | None = None, wrapper: list[str] | None = None) -> None:
-        full_env = {**os.environ, "DAEMON_TEST_SECRET": "hunter2", **(env or {})}
+        # The daemon refuses unknown WSUP_* variables; the test runner's own (e.g. WSUP_VM_TIER) stay here.
+        inherited = {k: v for k, v in os.environ.items() if not k.startswith("WSUP_")}
+        full_env = {**inherited, "DAEMON_TEST_SECRET": "hunter2", **(env or {})}
         argv = [*(wrapper or []), sys.executable, "-m", "supervisor.daemon", "run", "--config", str(self.config)]
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(argv, stdout=log, stderr=log, env=full_env, start_new_session=True)
