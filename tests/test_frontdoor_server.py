@@ -227,9 +227,9 @@ async def test_second_session_beyond_the_tier_is_409_until_the_first_ends(door: 
     starter = await in_thread(lambda: door.client().get("/", headers=bearer("bob", tier="starter", sid="b1")))
     assert starter.status == 200
     ws.close()
-    await trio.sleep(0.5)  # session_linger is 300ms
-    admitted = await in_thread(lambda: door.client().get("/", headers=bearer(sid="tab-2")))
-    assert admitted.status == 200
+    with trio.fail_after(10):  # released session_linger (300ms) after its WebSocket closed
+        while (await in_thread(lambda: door.client().get("/", headers=bearer(sid="tab-2")))).status != 200:
+            await trio.sleep(0.05)
 
 
 def _cookies(client: Client) -> str:
@@ -282,9 +282,10 @@ async def test_a_slow_start_gets_the_self_reloading_starting_page(nursery: trio.
     assert page.status == 503 and b'http-equiv="refresh"' in page.body and page.header("retry-after")
     api = await in_thread(lambda: door.client().get("/x", headers=bearer("slow-c")))
     assert api.status == 503 and api.json()["reason"] == "starting"
-    await trio.sleep(1.5)
-    ready = await in_thread(lambda: door.client().get("/", headers=bearer("slow-c")))
-    assert ready.status == 200 and ides.starts == ["slow-c"]
+    with trio.fail_after(15):  # the page's reloads land once the IDE is up; nothing starts it twice
+        while (await in_thread(lambda: door.client().get("/", headers=bearer("slow-c")))).status != 200:
+            await trio.sleep(0.2)
+    assert ides.starts == ["slow-c"]
 
 
 async def test_ide_that_vanished_gets_502(door: Door) -> None:
