@@ -8,6 +8,7 @@ Layers, each usable alone (tests and benchmarks drive them directly):
 - :mod:`.answers` - the front door's own responses (JSON reasons, redirect, starting page); pure;
 - :mod:`.proxy` - h11 on both sides, streamed bodies, WebSocket splicing; trio;
 - :mod:`.server` - the listener, one task per connection, cold starts, the daemon's service.
+- :mod:`.devtoken` - ``python -m supervisor.frontdoor.devtoken USER``: a development sign-in URL.
 """
 
 from supervisor.frontdoor.auth import Authenticator, AuthError, CookieSigner, Identity, TokenVerifier

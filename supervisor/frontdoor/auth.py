@@ -550,7 +550,7 @@ class Authenticator:
             if len(set(creds.cookies)) > 1:
                 raise AuthError(
                     "the request carries two different session cookies", reason="bad_cookie",
-                    hint="sign in again through the login page (its link replaces the cookie)",
+                    hint="clear this site's cookies and sign in again",
                 )
             return self.cookies.decode(creds.cookies[0]), "cookie"
         raise AuthError("no token: sign in through the login page", reason="missing_token")
