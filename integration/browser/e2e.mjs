@@ -1,0 +1,174 @@
+// Drives Debian's Chromium (never a downloaded browser) with playwright-core through the front door.
+//
+//   node e2e.mjs PLAN.json RESULT.json
+//
+// PLAN: {"executable": "/usr/bin/chromium", "base": "http://127.0.0.1:PORT", "artifacts": DIR,
+//        "timeout_ms": N, "users": [{"name", "token", "file", "marker", "whoami", "command"}]}
+// Every user gets its own browser context (its own cookie jar, as a separate browser profile) in one
+// headless Chromium, and concurrently: signs in with `/?token=...`, waits for the Theia workbench
+// and its own seeded file in the explorer, opens the file in the editor, opens a terminal and runs
+// `command` in it, waiting (as root, on disk) until `whoami` holds two lines. Screenshots of each
+// step go to ARTIFACTS/<user>-<n>-<step>.png. RESULT gets, per user, timings, what the explorer
+// listed, the editor text, both cookies of the context and any page errors; the Python test
+// (test_browser_e2e.py) judges them and checks the files on disk.
+import fs from 'node:fs';
+import path from 'node:path';
+import { chromium } from 'playwright-core';
+
+const [planPath, resultPath] = process.argv.slice(2);
+const plan = JSON.parse(fs.readFileSync(planPath, 'utf8'));
+const TIMEOUT = plan.timeout_ms ?? 90000;
+// The flags these machines need (ENVIRONMENT.md): no sandbox as root, no GPU, and no background
+// traffic to hosts a closed network cannot reach. playwright-core adds --headless and a fresh
+// temporary --user-data-dir of its own (it refuses one in `args`); each user's context is a
+// separate, empty cookie jar inside it.
+const FLAGS = [
+  '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run', '--disable-background-networking',
+  '--disable-component-update', '--disable-sync',
+];
+
+const started = Date.now();
+const since = () => (Date.now() - started) / 1000;
+const log = (...args) => console.error(`[e2e ${since().toFixed(1)}s]`, ...args);
+const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+
+async function shot(page, user, step) {
+  const file = path.join(plan.artifacts, `${user.name}-${step}.png`);
+  try {
+    await page.screenshot({ path: file, timeout: 15000 });
+    return file;
+  } catch (err) {
+    log(`${user.name}: screenshot ${step} failed: ${err.message}`);
+    return null;
+  }
+}
+
+async function openTerminal(page, user) {
+  // The command palette (F1), as a person would: "Terminal: Create New Terminal".
+  for (let attempt = 1; attempt <= 3; attempt++) {
+    const before = await page.locator('.xterm').count();
+    await page.locator('#theia-app-shell').click({ position: { x: 640, y: 300 }, timeout: TIMEOUT }).catch(() => {});
+    await page.keyboard.press('F1');
+    const input = page.locator('.quick-input-widget input[type="text"], .quick-input-box input').first();
+    await input.waitFor({ state: 'visible', timeout: 15000 });
+    await input.fill('>Create New Terminal');
+    const entry = page.locator('.quick-input-list .monaco-list-row', { hasText: 'Create New Terminal' }).first();
+    await entry.waitFor({ state: 'visible', timeout: 15000 });
+    await entry.click();
+    try {
+      await page.waitForFunction((n) => document.querySelectorAll('.xterm').length > n, before, { timeout: 20000 });
+      return;
+    } catch (err) {
+      log(`${user.name}: no terminal appeared (attempt ${attempt}): ${err.message}`);
+      await page.keyboard.press('Escape');
+    }
+  }
+  throw new Error('could not open a terminal from the command palette');
+}
+
+function whoamiDone(file) {
+  try {
+    return fs.readFileSync(file, 'utf8').trim().split('\n').length >= 2;
+  } catch {
+    return false;
+  }
+}
+
+async function runUser(browser, user) {
+  const out = { name: user.name, ok: false, steps: {}, screenshots: [], page_errors: [], console_errors: [] };
+  const context = await browser.newContext({ viewport: { width: 1280, height: 800 } });
+  const page = await context.newPage();
+  page.on('pageerror', (err) => out.page_errors.push(String(err).slice(0, 300)));
+  page.on('console', (msg) => { if (msg.type() === 'error') out.console_errors.push(msg.text().slice(0, 300)); });
+  try {
+    // 1. Sign in: the token on the first load; the front door answers 303 and sets its cookie.
+    const t0 = Date.now();
+    const response = await page.goto(`${plan.base}/?token=${user.token}`, { waitUntil: 'domcontentloaded', timeout: TIMEOUT });
+    out.first_status = response ? response.status() : null;
+    out.redirected_from = response ? response.request().redirectedFrom()?.url().replace(user.token, '<token>') ?? null : null;
+    out.url_after_sign_in = page.url().replace(user.token, '<token>');
+    out.steps.html = (Date.now() - t0) / 1000;
+    // 2. The workbench: Theia's shell up, its preloader gone, the user's own file in the explorer.
+    await page.waitForSelector('#theia-app-shell', { timeout: TIMEOUT });
+    await page.waitForSelector('.theia-preload', { state: 'detached', timeout: TIMEOUT });
+    // The Explorer (a fresh profile may start with the left panel collapsed: open it as a person would).
+    const fileNode = page.locator('.theia-TreeNode', { hasText: user.file }).first();
+    const explorerTab = page.locator('#shell-tab-explorer-view-container');
+    await explorerTab.waitFor({ state: 'visible', timeout: TIMEOUT });
+    if (!(await page.locator('#explorer-view-container').isVisible())) await explorerTab.click();
+    await fileNode.waitFor({ state: 'visible', timeout: TIMEOUT });
+    out.steps.workbench = (Date.now() - t0) / 1000;
+    out.explorer = (await page.locator('.theia-TreeNode').allInnerTexts()).map((s) => s.trim()).filter(Boolean);
+    out.title = await page.title();
+    out.screenshots.push(await shot(page, user, '1-workbench'));
+    log(`${user.name}: workbench with ${user.file} after ${out.steps.workbench}s`);
+
+    // 3. Open the file: double-click in the explorer, its text in a Monaco editor.
+    await fileNode.dblclick();
+    const editor = page.locator('.monaco-editor .view-lines', { hasText: user.marker }).first();
+    await editor.waitFor({ state: 'visible', timeout: TIMEOUT });
+    out.editor_text = (await editor.innerText()).replace(/\u00a0/g, ' ');
+    out.editor_tab = (await page.locator('.lm-TabBar-tab.lm-mod-current, .p-TabBar-tab.p-mod-current').allInnerTexts()).map((s) => s.trim());
+    out.steps.editor = (Date.now() - t0) / 1000;
+    out.screenshots.push(await shot(page, user, '2-editor'));
+    log(`${user.name}: ${user.file} open in the editor`);
+
+    // 4. A terminal, and a command typed into it; the result is read from disk (we run as root).
+    await openTerminal(page, user);
+    const deadline = Date.now() + TIMEOUT;
+    let typed = 0;
+    while (!whoamiDone(user.whoami)) {
+      if (Date.now() > deadline) throw new Error(`${user.whoami} did not appear after typing the command ${typed} time(s)`);
+      // Keys typed before the shell is attached to the widget may be lost: type again (idempotent).
+      if (typed === 0 || (Date.now() - out.steps.typed_at) > 10000) {
+        await page.locator('.xterm-helper-textarea').last().focus();
+        await page.keyboard.type(user.command, { delay: 5 });
+        await page.keyboard.press('Enter');
+        typed += 1;
+        out.steps.typed_at = Date.now();
+      }
+      await sleep(200);
+    }
+    delete out.steps.typed_at;
+    out.typed = typed;
+    out.steps.terminal = (Date.now() - t0) / 1000;
+    await sleep(500); // let the terminal paint the prompt again for the screenshot
+    out.screenshots.push(await shot(page, user, '3-terminal'));
+    log(`${user.name}: terminal command ran (typed ${typed}x) after ${out.steps.terminal}s`);
+    out.cookies = Object.fromEntries((await context.cookies()).map((c) => [c.name, c.value]));
+    out.cookie_flags = Object.fromEntries((await context.cookies()).map((c) => [c.name, { httpOnly: c.httpOnly, sameSite: c.sameSite, secure: c.secure }]));
+    out.ok = true;
+  } catch (err) {
+    out.error = String(err && err.stack || err).slice(0, 2000);
+    log(`${user.name}: FAILED: ${err.message}`);
+    out.screenshots.push(await shot(page, user, 'failure'));
+    try {
+      out.cookies = Object.fromEntries((await context.cookies()).map((c) => [c.name, c.value]));
+      out.body_text = (await page.locator('body').innerText({ timeout: 5000 })).slice(0, 2000);
+    } catch { /* the page is gone */ }
+  }
+  return { out, context, page };
+}
+
+const result = { ok: false, users: [], browser_version: null };
+let browser;
+try {
+  browser = await chromium.launch({ executablePath: plan.executable, headless: true, args: FLAGS, timeout: 60000 });
+  result.browser_version = browser.version();
+  log(`chromium ${result.browser_version}`);
+  const runs = await Promise.all(plan.users.map((user) => runUser(browser, user)));
+  result.users = runs.map((r) => r.out);
+  // Both workbenches still open, side by side in time: one last picture of each.
+  for (const [i, r] of runs.entries()) {
+    if (r.out.ok) r.out.screenshots.push(await shot(r.page, plan.users[i], '4-final'));
+  }
+  result.ok = result.users.every((u) => u.ok);
+} catch (err) {
+  result.error = String(err && err.stack || err).slice(0, 2000);
+  log(`FAILED: ${err.message}`);
+} finally {
+  result.seconds = since();
+  fs.writeFileSync(resultPath, JSON.stringify(result, null, 2));
+  if (browser) await browser.close().catch(() => {});
+}
+process.exit(result.ok ? 0 : 1);
