@@ -60,25 +60,37 @@ COMMAND = "id -u > whoami.txt; pwd >> whoami.txt; cat whoami.txt"
 #: Set to an installed prefix (e.g. /opt/theia) to use it instead of installing the checkout's build.
 THEIA_PREFIX_ENV = "WSUP_E2E_THEIA"
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(
-        not (is_root() and (v1_controllers_mounted() or pure_cgroup_v2())),
-        reason="needs root and cgroup controllers (v1 cpu/memory/pids/freezer, or pure v2)",
-    ),
-    pytest.mark.skipif(NODE is None, reason="node is not on PATH"),
-    pytest.mark.skipif(not CHROMIUM.is_file(), reason="needs Debian's chromium at /usr/bin/chromium (apt-get install chromium)"),
-    pytest.mark.skipif(not PLAYWRIGHT.is_file(), reason="playwright-core is not installed: run `npm ci` in integration/browser"),
-    pytest.mark.skipif(
-        not (BUILT.is_file() or os.environ.get(THEIA_PREFIX_ENV)),
-        reason=f"Theia app not built ({BUILT.relative_to(REPO)} missing): run images/theia/build",
-    ),
-]
+#: tests/run sets it: then a missing prerequisite fails the test instead of skipping it.
+REQUIRED_ENV = "WSUP_E2E_REQUIRED"
+
+
+def missing() -> list[str]:
+    """Why this test cannot run here (empty when it can)."""
+    reasons = []
+    if not (is_root() and (v1_controllers_mounted() or pure_cgroup_v2())):
+        reasons.append("needs root and cgroup controllers (v1 cpu/memory/pids/freezer, or pure v2)")
+    if NODE is None:
+        reasons.append("node is not on PATH")
+    if not CHROMIUM.is_file():
+        reasons.append("needs Debian's chromium at /usr/bin/chromium (apt-get install chromium)")
+    if not PLAYWRIGHT.is_file():
+        reasons.append("playwright-core is not installed: run `npm ci` in integration/browser")
+    if not (BUILT.is_file() or os.environ.get(THEIA_PREFIX_ENV)):
+        reasons.append(f"Theia app not built ({BUILT.relative_to(REPO)} missing): run images/theia/build")
+    return reasons
+
+
+MISSING = missing()
+pytestmark = [pytest.mark.slow]
+if MISSING and os.environ.get(REQUIRED_ENV) != "1":
+    pytestmark.append(pytest.mark.skip(reason="; ".join(MISSING)))
 
 
 @pytest.fixture(scope="module")
 def theia_prefix() -> Iterator[Path]:
     """A self-contained Theia install (lib/ + preloads), readable by every user's uid."""
+    if MISSING:
+        pytest.fail(f"{REQUIRED_ENV}=1 but this test cannot run: " + "; ".join(MISSING))
     given = os.environ.get(THEIA_PREFIX_ENV)
     if given:
         yield Path(given)
