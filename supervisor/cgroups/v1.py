@@ -30,6 +30,7 @@ from supervisor.cgroups.v2 import (
     PAUSED_GROUP,
     check_group_name,
     cpu_quota_us,
+    move_pids,
     read_pids,
     read_text,
     rmdir_when_empty,
@@ -302,15 +303,7 @@ class V1Driver:
         paused = self._paused_dir(user)
         with _errors(f"create {paused}"):
             paused.mkdir(exist_ok=True)
-        moved = []
-        for pid in pids:
-            try:
-                write_text(paused / "cgroup.procs", str(pid))
-            except CgroupError as exc:
-                if isinstance(exc.__cause__, ProcessLookupError):
-                    continue
-                raise
-            moved.append(pid)
+        moved = move_pids(paused, pids)
         state = paused / "freezer.state"
         write_text(state, "FROZEN")
         if not wait_until(lambda: read_text(state).strip() == "FROZEN", self.wait_timeout):

@@ -153,6 +153,20 @@ def read_pids(procs_file: Path) -> list[int]:
     return [int(line) for line in text.split()]
 
 
+def move_pids(group: Path, pids: list[int]) -> list[int]:
+    """Move each of ``pids`` into ``group`` (a cgroup directory); returns those that still existed."""
+    moved = []
+    for pid in pids:
+        try:
+            write_text(group / "cgroup.procs", str(pid))
+        except CgroupError as exc:
+            if isinstance(exc.__cause__, ProcessLookupError):
+                continue  # exited meanwhile
+            raise
+        moved.append(pid)
+    return moved
+
+
 def subgroups_bottom_up(root: Path) -> list[Path]:
     """``root`` and every cgroup below it, deepest first (the order rmdir needs)."""
     found: list[Path] = []
@@ -369,15 +383,7 @@ class V2Driver:
     def freeze_processes(self, user: str, pids: list[int]) -> list[int]:
         paused = self._existing(user) / PAUSED_GROUP
         paused.mkdir(exist_ok=True)
-        moved = []
-        for pid in pids:
-            try:
-                write_text(paused / "cgroup.procs", str(pid))
-            except CgroupError as exc:
-                if isinstance(exc.__cause__, ProcessLookupError):
-                    continue
-                raise
-            moved.append(pid)
+        moved = move_pids(paused, pids)
         write_text(paused / "cgroup.freeze", "1")
         if not wait_until(lambda: self._events(paused).get("frozen") == 1, self.wait_timeout):
             raise CgroupError(f"{paused} was not reported frozen within {self.wait_timeout:g} s")
