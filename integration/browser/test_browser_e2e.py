@@ -58,10 +58,10 @@ USERS = ("e2e-alice", "e2e-bob")
 TIER = "pro"  # 1 CPU: Theia's start and the workbench load are CPU-bound (free is 0.2 CPU)
 COMMAND = "id -u > whoami.txt; pwd >> whoami.txt; cat whoami.txt"
 #: Set to an installed prefix (e.g. /opt/theia) to use it instead of installing the checkout's build.
-THEIA_PREFIX_ENV = "WSUP_E2E_THEIA"
+THEIA_PREFIX_ENV = "BROWSER_E2E_THEIA"
 
 #: tests/run sets it: then a missing prerequisite fails the test instead of skipping it.
-REQUIRED_ENV = "WSUP_E2E_REQUIRED"
+REQUIRED_ENV = "BROWSER_E2E_REQUIRED"
 
 
 def missing() -> list[str]:
