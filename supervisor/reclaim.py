@@ -81,6 +81,18 @@ def lsp_processes(root_pid: int, patterns: list[str]) -> list[int]:
     return sorted(found)
 
 
+def catches_signal(pid: int, signum: int) -> bool:
+    """Whether process ``pid`` has a handler for ``signum`` (``SigCgt`` in /proc/PID/status)."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith("SigCgt:"):
+                    return bool(int(line.split()[1], 16) >> (signum - 1) & 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return False
+
+
 class IdleService:
     """Runs the ladder for every user of one :class:`SessionManager`."""
 
@@ -244,8 +256,13 @@ class IdleService:
         state.stopped_pids.clear()
 
     def _collect_garbage(self, rt: UserRuntime) -> None:
-        if rt.session.pid is not None:
-            os.kill(rt.session.pid, GC_SIGNAL)
+        pid = rt.session.pid
+        if pid is not None:
+            if catches_signal(pid, GC_SIGNAL):
+                os.kill(pid, GC_SIGNAL)
+            else:  # its default action would kill the IDE
+                log.warning("user=%s the IDE (pid %d) does not catch SIGUSR2: no garbage collection "
+                            "(run it with --expose-gc --require gc-preload.js)", rt.session.user, pid)
         self.manager.driver.reclaim_memory(rt.session.user)
 
     async def _stop(self, rt: UserRuntime, state: IdleState, step: Step) -> None:

@@ -1,0 +1,105 @@
+"""The idle ladder behind the real front door, with the stub IDE (fast; the real Theia is in
+tests/test_idle_theia.py).
+
+The daemon runs ``tests/fixtures/ide_http_stub.py`` per user (HTTP keep-alive and a WebSocket echo)
+with thresholds in seconds and a deliberately slow ladder tick, so that anything that waits for the
+next tick shows up as a delay of about a tick: a frozen user's bytes must be delivered right after
+the thaw the front door triggers, not when the ladder next looks at the user.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+from tests.conftest import is_root, pure_cgroup_v2, v1_controllers_mounted
+from tests.frontdoor_client import ISSUER, Client, mint, ws_connect, ws_recv, ws_send
+from tests.harness import SLOW, SYSTEM_PYTHON, Daemon, poll
+
+pytestmark = pytest.mark.skipif(
+    not (is_root() and (v1_controllers_mounted() or pure_cgroup_v2())),
+    reason="needs root and cgroup controllers (v1 cpu/memory/pids/freezer, or pure v2)",
+)
+
+STUB = Path(__file__).parent / "fixtures" / "ide_http_stub.py"
+SECRET = b"idle-front-door-test-secret-0123456789ab"
+TICK = 2.0  # the ladder looks at users every 2 s here: a wake that waits for a tick takes ~1-2 s
+LADDER = {
+    "idle__lsp_pause_after": "300ms", "idle__gc_after": "600ms", "idle__freeze_after": "900ms",
+    "idle__stop_after": "1h", "idle__tick": f"{TICK:g}s", "idle__cpu_busy_threshold": "20%",
+}
+
+
+@pytest.fixture(scope="module")
+def fd() -> Iterator[tuple[Daemon, int]]:
+    shared = Path(tempfile.mkdtemp(prefix="wsup-idle-fd-", dir="/tmp"))
+    os.chmod(shared, 0o755)
+    shutil.copy(STUB, shared / "ide_http_stub.py")
+    os.chmod(shared / "ide_http_stub.py", 0o644)
+    (shared / "hs256.key").write_bytes(SECRET)
+    os.chmod(shared / "hs256.key", 0o600)
+    d = Daemon(**{
+        "http__listen": "127.0.0.1:0",
+        "auth__hs256_secret_file": str(shared / "hs256.key"),
+        "auth__issuer": ISSUER,
+        "auth__cookie_secure": False,
+        "ide__command": [SYSTEM_PYTHON, "-I", "-S", str(shared / "ide_http_stub.py"), "{user}"],
+        **LADDER,
+    })
+    try:
+        d.start()
+        port = int(poll(lambda: (m := re.search(r"front door listening on 127\.0\.0\.1:(\d+)", d.log_text())) and m.group(1), 10, "front door"))
+        yield d, port
+        assert "Traceback" not in d.log_text(), d.log_text()[-4000:]
+    finally:
+        d.cleanup()
+        shutil.rmtree(shared, ignore_errors=True)
+
+
+def signed_in(port: int, user: str) -> Client:
+    browser = Client("127.0.0.1", port, timeout=30)
+    assert browser.get(f"/?token={mint(SECRET, user, sid=user + '-tab')}").status == 303
+    return browser
+
+
+def stage(d: Daemon, user: str) -> Any:
+    return d.user(user)["idle_stage"]
+
+
+def test_the_gc_step_never_kills_an_ide_that_does_not_collect_on_its_signal(fd: tuple[Daemon, int]) -> None:
+    """The stub IDE has no SIGUSR2 handler (only Theia started with gc-preload.js has one): the
+    signal's default action would kill it. The ladder must skip the GC signal for such an IDE, not
+    turn every idle user into a crash and a restart."""
+    d, port = fd
+    browser = signed_in(port, "no-gc")
+    assert browser.get("/").status == 200
+    browser.close()
+    before = d.user("no-gc")
+    poll(lambda: stage(d, "no-gc") == "frozen", 20, "the user to walk past the GC step to frozen")
+    after = d.user("no-gc")
+    assert after["state"] == "RUNNING" and after["pid"] == before["pid"], (before, after)
+    assert after["restarts"] == 0, after
+    assert re.search(r"user=no-gc .*does not catch SIGUSR2", d.log_text()), "the skipped GC is not logged"
+
+
+def test_http_request_wakes_a_frozen_user_before_it_is_delivered(fd: tuple[Daemon, int]) -> None:
+    d, port = fd
+    browser = signed_in(port, "http-frozen")
+    assert browser.get("/").status == 200
+    browser.close()  # a fresh connection after the freeze, as a browser's next page load
+    poll(lambda: stage(d, "http-frozen") == "frozen", 20, "the user to be frozen by the ladder")
+    began = time.monotonic()
+    answer = browser.get("/after-thaw")
+    took = time.monotonic() - began
+    print(f"frozen user, HTTP request to answer: {took * 1000:.1f} ms")
+    assert answer.status == 200 and b"path=/after-thaw" in answer.body
+    assert took < 0.5 * SLOW
+    assert stage(d, "http-frozen") == "active"
+    browser.close()
