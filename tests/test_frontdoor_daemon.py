@@ -28,7 +28,7 @@ import psutil
 import pytest
 
 from tests.conftest import is_root, pure_cgroup_v2, v1_controllers_mounted
-from tests.frontdoor_client import ISSUER, Client, mint, ws_connect, ws_recv, ws_send
+from tests.frontdoor_client import ISSUER, Client, WebSocket, mint, ws_connect, ws_recv, ws_send
 from tests.harness import SYSTEM_PYTHON, Daemon, poll
 
 pytestmark = pytest.mark.skipif(
@@ -75,6 +75,7 @@ class FrontDoorDaemon:
             **overrides,
         })
         self.clients: list[Client] = []
+        self.sockets: list[WebSocket] = []
         self.port = 0
         self.probes_port = 0
 
@@ -88,6 +89,12 @@ class FrontDoorDaemon:
         client = Client("127.0.0.1", self.port, **kwargs)
         self.clients.append(client)
         return client
+
+    def ws(self, target: str, headers: dict[str, str] | None = None) -> WebSocket:
+        """A WebSocket handshake through the front door (closed at cleanup even if a test fails)."""
+        ws = ws_connect("127.0.0.1", self.port, target, headers=headers)
+        self.sockets.append(ws)
+        return ws
 
     def metric(self, name: str, **labels: str) -> float:
         text = urllib.request.urlopen(f"http://127.0.0.1:{self.probes_port}/metrics", timeout=5).read().decode()
@@ -105,6 +112,8 @@ class FrontDoorDaemon:
     def cleanup(self) -> None:
         for client in self.clients:
             client.close()
+        for ws in self.sockets:
+            ws.close()
         log = self.daemon.log_text()
         self.daemon.cleanup()
         leaked = [t for t in MINTED if t in log]
@@ -182,7 +191,7 @@ def test_one_users_cookie_never_reaches_another_users_ide(fd: FrontDoorDaemon) -
     refused = fd.client().get("/", headers={"Cookie": f"wsup_session={version}.{forged}.{mac}"})
     assert refused.status == 401 and refused.json()["reason"] == "bad_cookie"
     # Bob's WebSocket reaches bob's IDE even when he holds carol's Theia cookie.
-    ws = ws_connect("127.0.0.1", fd.port, "/ws", headers={
+    ws = fd.ws("/ws", headers={
         "Cookie": f"wsup_session={bob.cookies['wsup_session']}; theia-connection-token={carol.cookies['theia-connection-token']}",
     })
     assert ws.status == 403  # bob's IDE does not know carol's connection token
@@ -194,7 +203,7 @@ def test_websocket_upgrade_is_spliced_both_ways(fd: FrontDoorDaemon) -> None:
     browser.get("/?token=" + token("fd-dave"))
     browser.get("/")
     before = fd.metric("workspace_supervisor_proxy_connections_total", kind="websocket")
-    ws = ws_connect("127.0.0.1", fd.port, "/ws?EIO=4&transport=websocket", headers={"Cookie": cookies_of(browser)})
+    ws = fd.ws("/ws?EIO=4&transport=websocket", headers={"Cookie": cookies_of(browser)})
     assert ws.status == 101 and "theia-connection-token" in (ws.header("set-cookie") or "")
     assert fd.metric("workspace_supervisor_proxy_active_connections", kind="websocket") >= 1
     for payload in (b"x", os.urandom(125), os.urandom(65_536), os.urandom(2**20)):
@@ -234,7 +243,7 @@ def test_a_second_browser_session_beyond_the_tier_is_409(fd: FrontDoorDaemon) ->
     first = fd.client()
     first.get("/?token=" + token("fd-frank", sid="laptop"))
     first.get("/")
-    ws = ws_connect("127.0.0.1", fd.port, "/ws", headers={"Cookie": cookies_of(first)})
+    ws = fd.ws("/ws", headers={"Cookie": cookies_of(first)})
     assert ws.status == 101
     second = fd.client()
     refused = second.get("/?token=" + token("fd-frank", sid="phone"))
@@ -248,7 +257,7 @@ def test_a_second_browser_session_beyond_the_tier_is_409(fd: FrontDoorDaemon) ->
     keep = fd.client()
     keep.get("/?token=" + token("fd-gina", tier="starter", sid="a"))
     keep.get("/")
-    ws_a = ws_connect("127.0.0.1", fd.port, "/ws", headers={"Cookie": cookies_of(keep)})
+    ws_a = fd.ws("/ws", headers={"Cookie": cookies_of(keep)})
     assert fd.client().get("/", headers=bearer("fd-gina", tier="starter", sid="b")).status == 200
     assert fd.client().get("/", headers=bearer("fd-gina", tier="starter", sid="c")).status == 409
     ws_a.close()

@@ -25,7 +25,7 @@ from supervisor.errors import CapacityExceeded, Draining
 from supervisor.frontdoor.auth import Authenticator
 from supervisor.frontdoor.server import FrontDoor, IdeInfo
 from supervisor.sessions import State
-from tests.frontdoor_client import Client, mint, ws_connect, ws_recv, ws_send
+from tests.frontdoor_client import Client, WebSocket, mint, ws_connect, ws_recv, ws_send
 
 STUB = Path(__file__).parent / "fixtures" / "ide_http_stub.py"
 SECRET = b"in-process-front-door-secret-0123456789"
@@ -70,7 +70,7 @@ class FakeIdes:
                 proc = self.procs[user]
                 if proc.poll() is not None:
                     info = self.infos[user] = IdeInfo(State.FATAL, info.tier, info.socket_path, f"exited with status {proc.returncode}")
-                elif info.socket_path.exists():
+                elif _accepts(info.socket_path):
                     info = self.infos[user] = IdeInfo(State.RUNNING, info.tier, info.socket_path)
                 else:
                     await trio.sleep(0.01)
@@ -82,6 +82,16 @@ class FakeIdes:
             proc.wait()
 
 
+def _accepts(path: Path) -> bool:
+    """Ready like the manager's probe: the socket takes connections (bound is not enough)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(str(path))
+        except OSError:
+            return False
+    return True
+
+
 class Door:
     """A running in-process front door and what the tests need to reach it."""
 
@@ -90,15 +100,24 @@ class Door:
         self.ides = ides
         self.host, self.port = front.addresses[0]
         self.clients: list[Client] = []
+        self.sockets: list[WebSocket] = []
 
     def client(self, **kwargs: Any) -> Client:
         client = Client(self.host, self.port, **kwargs)
         self.clients.append(client)
         return client
 
+    def ws(self, target: str, headers: dict[str, str] | None = None) -> WebSocket:
+        """A WebSocket handshake through the door (closed at teardown even if the test fails)."""
+        ws = ws_connect(self.host, self.port, target, headers=headers)
+        self.sockets.append(ws)
+        return ws
+
     def close(self) -> None:
         for client in self.clients:
             client.close()
+        for ws in self.sockets:
+            ws.close()
 
 
 async def in_thread(fn: Callable[[], T]) -> T:
@@ -218,7 +237,7 @@ async def test_second_session_beyond_the_tier_is_409_until_the_first_ends(door: 
     browser = door.client()
     await in_thread(lambda: browser.get("/?token=" + token(sid="tab-1")))
     await in_thread(lambda: browser.get("/"))  # Theia's connection cookie
-    ws = await in_thread(lambda: ws_connect(door.host, door.port, "/ws", headers={"Cookie": _cookies(browser)}))
+    ws = await in_thread(lambda: door.ws("/ws", headers={"Cookie": _cookies(browser)}))
     assert ws.status == 101
     refused = await in_thread(lambda: door.client().get("/", headers=bearer(sid="tab-2")))
     assert refused.status == 409 and refused.json()["reason"] == "too_many_sessions"
@@ -319,11 +338,11 @@ async def test_websocket_is_spliced_and_a_refused_upgrade_is_passed_on(
     door = await open_door(nursery, tmp_path, ides, kernel_splice=kernel_splice)
     browser = door.client()
     await in_thread(lambda: browser.get("/?token=" + token("dana")))
-    refused = await in_thread(lambda: ws_connect(door.host, door.port, "/ws", headers={"Cookie": _cookies(browser)}))
+    refused = await in_thread(lambda: door.ws("/ws", headers={"Cookie": _cookies(browser)}))
     assert refused.status == 403  # like Theia: no theia-connection-token cookie yet
     refused.close()
     await in_thread(lambda: browser.get("/"))
-    ws = await in_thread(lambda: ws_connect(door.host, door.port, "/ws", headers={"Cookie": _cookies(browser)}))
+    ws = await in_thread(lambda: door.ws("/ws", headers={"Cookie": _cookies(browser)}))
     assert ws.status == 101 and "theia-connection-token" in (ws.header("set-cookie") or "")
     for payload in (b"hello", os.urandom(70_000), os.urandom(2**20)):
         await in_thread(lambda p=payload: ws_send(ws, p))  # type: ignore[misc]
@@ -336,7 +355,7 @@ async def test_websocket_is_spliced_and_a_refused_upgrade_is_passed_on(
 async def test_websocket_with_a_token_parameter_is_served_not_redirected(door: Door) -> None:
     client = door.client()
     await in_thread(lambda: client.get("/", headers=bearer("erin")))  # Theia's connection cookie
-    ws = await in_thread(lambda: ws_connect(door.host, door.port, f"/ws?x=1&token={token('erin')}",
+    ws = await in_thread(lambda: door.ws(f"/ws?x=1&token={token('erin')}",
                                             headers={"Cookie": _cookies(client)}))
     assert ws.status == 101
     await in_thread(lambda: ws_send(ws, b"ping"))
@@ -345,7 +364,7 @@ async def test_websocket_with_a_token_parameter_is_served_not_redirected(door: D
 
 
 async def test_unauthenticated_websocket_gets_401(door: Door) -> None:
-    ws = await in_thread(lambda: ws_connect(door.host, door.port, "/ws"))
+    ws = await in_thread(lambda: door.ws("/ws"))
     assert ws.status == 401
     ws.close()
 

@@ -65,7 +65,7 @@ def theia_daemon() -> Iterator[tuple[Daemon, int]]:
     })
     try:
         d.start()
-        port = int(poll(lambda: (m := re.search(r"front door listening on 127\.0\.0\.1:(\d+)", d.log_text())) and m.group(1), 10, "front door"))
+        port = int(poll(lambda: (m := re.search(r"front door listening on 127\.0\.0\.1:(\d+)", d.log_text())) and m.group(1), 30, "front door"))
         yield d, port
     finally:
         d.cleanup()
