@@ -191,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     sig.add_argument("signal", metavar="SIG", help="TERM, HUP, USR2, 9 ...")
     sig.add_argument("user", metavar="USER")
     sig.add_argument("--json", action="store_true")
-    tail = verb("tail", "print the end of a user's IDE log", "one")
+    tail = verb("tail", "print the end of a user's IDE log (--json: one object per chunk, as JSON lines)", "one", json_flag=True)
     tail.add_argument("-f", "--follow", action="store_true", help="keep printing as the log grows")
     tail.add_argument("-n", "--lines", type=int, default=20)
     verb("pod", "show the pod: capacity, occupancy, cgroup driver", json_flag=True)
@@ -274,15 +274,21 @@ def _tail(conn: Connection, args: argparse.Namespace) -> int:
     if first is None or not first.get("ok"):
         error = (first or {}).get("error", {})
         raise CliError(error.get("message", "tail failed"), _REASON_EXIT.get(error.get("reason", ""), EXIT_FAILED), error.get("hint", ""))
-    sys.stdout.write(first["result"]["data"])
-    sys.stdout.flush()
+    _emit_log(args, first["result"]["data"], first["result"]["log"])
     while args.follow:
         message = conn.read()
         if message is None:
             return EXIT_OK
-        sys.stdout.write(message.get("data", ""))
-        sys.stdout.flush()
+        _emit_log(args, message.get("data", ""), first["result"]["log"])
     return EXIT_OK
+
+
+def _emit_log(args: argparse.Namespace, data: str, log: str) -> None:
+    if args.json:
+        print(json.dumps({"version": JSON_VERSION, "user": args.user, "log": log, "data": data}))
+    else:
+        sys.stdout.write(data)
+    sys.stdout.flush()
 
 
 def main(argv: list[str] | None = None) -> NoReturn:

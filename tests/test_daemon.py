@@ -301,3 +301,11 @@ def test_cpu_is_boosted_while_starting_and_tier_quota_applies_once_running() -> 
         assert quota_files[0].read_text().split()[0] == "20000"
     finally:
         d.cleanup()
+
+
+def test_tail_json(daemon: Daemon) -> None:
+    assert daemon.ctl("start", "tj").returncode == 0
+    result = daemon.ctl("tail", "tj", "--json")
+    assert result.returncode == 0
+    data = json.loads(result.stdout)
+    assert data["version"] == 1 and data["user"] == "tj" and "serving tj" in data["data"]
