@@ -104,14 +104,28 @@ class IdleService:
         self.states: dict[str, IdleState] = {}
         self.watcher = FileWatcher(self.note_file_change, max_watches=self.config.idle.max_watches)
         self.pod_memory_bytes = pod_memory_bytes or self.config.pod.memory or psutil.virtual_memory().total
+        self._nursery: trio.Nursery | None = None
+        self._waking: set[str] = set()
 
     # ---- activity in -----------------------------------------------------------------------
 
     def note_input(self, user: str) -> None:
-        """The browser sent something to the IDE (called by the front door)."""
+        """The browser sent something to the IDE (called by the front door for every request and
+        every piece of a body or WebSocket). A user down the ladder is woken at once, not at the
+        next tick: bytes on an open WebSocket are already waiting in the frozen IDE's socket."""
         state = self.states.get(user)
-        if state is not None:
-            state.activity.note("input", self.clock())
+        if state is None:
+            return
+        state.activity.note("input", self.clock())
+        if Stage.ACTIVE < state.stage < Stage.STOPPED and self._nursery is not None and user not in self._waking:
+            self._waking.add(user)
+            self._nursery.start_soon(self._wake_now, user)
+
+    async def _wake_now(self, user: str) -> None:
+        try:
+            await self.wake(user)
+        finally:
+            self._waking.discard(user)
 
     def note_file_change(self, user: str) -> None:
         state = self.states.get(user)
@@ -138,6 +152,7 @@ class IdleService:
     async def serve(self, *, task_status: trio.TaskStatus[IdleService] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
             await nursery.start(self.watcher.run)
+            self._nursery = nursery
             task_status.started(self)
             while True:
                 await self.step()

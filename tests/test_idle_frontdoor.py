@@ -32,7 +32,7 @@ STUB = Path(__file__).parent / "fixtures" / "ide_http_stub.py"
 SECRET = b"idle-front-door-test-secret-0123456789ab"
 TICK = 2.0  # the ladder looks at users every 2 s here: a wake that waits for a tick takes ~1-2 s
 LADDER = {
-    "idle__lsp_pause_after": "300ms", "idle__gc_after": "600ms", "idle__freeze_after": "900ms",
+    "idle__lsp_pause_after": "2500ms", "idle__gc_after": "3s", "idle__freeze_after": "3500ms",
     "idle__stop_after": "1h", "idle__tick": f"{TICK:g}s", "idle__cpu_busy_threshold": "20%",
 }
 
@@ -87,6 +87,35 @@ def test_the_gc_step_never_kills_an_ide_that_does_not_collect_on_its_signal(fd: 
     assert after["state"] == "RUNNING" and after["pid"] == before["pid"], (before, after)
     assert after["restarts"] == 0, after
     assert re.search(r"user=no-gc .*does not catch SIGUSR2", d.log_text()), "the skipped GC is not logged"
+
+
+def test_websocket_bytes_wake_a_frozen_user_at_once(fd: tuple[Daemon, int]) -> None:
+    """A browser with an open WebSocket (Theia's one socket.io connection) sends to a frozen user:
+    the bytes sit in the frozen IDE's socket until the thaw, and the thaw must follow at once, not
+    at the ladder's next tick."""
+    d, port = fd
+    browser = signed_in(port, "ws-frozen")
+    assert browser.get("/").status == 200  # cold start
+    cookie = "; ".join(f"{k}={v}" for k, v in browser.cookies.items())
+    ws = ws_connect("127.0.0.1", port, "/ws", headers={"Cookie": cookie}, timeout=30)
+    try:
+        assert ws.status == 101, ws.head
+        ws_send(ws, b"hello")
+        assert ws_recv(ws) == (2, b"hello")
+        # The freeze happens on a tick; the next tick is ~TICK away from the moment we see it.
+        poll(lambda: stage(d, "ws-frozen") == "frozen", 20, "the user to be frozen by the ladder")
+        began = time.monotonic()
+        ws_send(ws, b"are you there?")
+        assert ws_recv(ws) == (2, b"are you there?")
+        took = time.monotonic() - began
+        print(f"frozen user, WebSocket message to echo: {took * 1000:.1f} ms (ladder tick {TICK:g} s)")
+        assert took < 0.5 * SLOW, f"the frozen user answered after {took:.2f}s: woken by the next tick, not by the bytes"
+        assert stage(d, "ws-frozen") == "active"
+        why = d.ctl_json("why", "ws-frozen")["why"]
+        assert why["history"][-1]["to"] == "active" and why["history"][-1]["reason"] == "woken by a request"
+    finally:
+        ws.close()
+        browser.close()
 
 
 def test_http_request_wakes_a_frozen_user_before_it_is_delivered(fd: tuple[Daemon, int]) -> None:
