@@ -263,7 +263,7 @@ class Bench:
         shutil.copy(ECHO, echo)
         os.chmod(echo, 0o644)
         for name, splice in (("ours", True), ("ours-copy", False)):
-            d, port = self.daemon(name, [self.args.node, str(echo)], pem, http__kernel_splice=splice)
+            d, port = self.daemon(name, [self.args.node, str(echo)], pem, http__kernel_splice=splice, **self.args.daemon_set)
             cookie = self.sign_in(port, USER, "bench")
             headers = {"Cookie": f"wsup_session={cookie}"}
             client = Client("127.0.0.1", port, timeout=60)
@@ -538,6 +538,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--cold-tier", default="free", help="tier of the cold-start user (default %(default)s: 200m, 1 CPU while starting)")
     p.add_argument("--prototypes", action="store_true",
                    help="also measure minimal pure-Python relays (relay_proto.py: trio/asyncio x copy/splice) as extra paths")
+    p.add_argument("--daemon-set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="a config setting for the echo daemons (ours, ours-copy), e.g. http.buffer_size=64Ki; repeatable")
     p.add_argument("--no-cold-start", action="store_true", help="skip the Theia cold start")
     p.add_argument("--theia", default=None, help="an installed Theia prefix (default: install the checkout's build into the run dir)")
     p.add_argument("--cpu", type=int, default=1, help="the CPU single-connection figures are pinned to (default %(default)s)")
@@ -545,7 +547,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--node", default=shutil.which("node") or "/usr/bin/node")
     p.add_argument("--json", type=Path, default=REPO / "artifacts" / "bench-frontdoor.json", help="where to write the results")
     p.add_argument("--keep", action="store_true", help="keep the run directory and the daemons' logs")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    overrides: dict[str, str] = {}
+    for item in args.daemon_set:
+        key, sep, value = item.partition("=")
+        section, dot, name = key.partition(".")
+        if not (sep and dot and section and name):
+            p.error(f"--daemon-set needs SECTION.KEY=VALUE, not {item!r}")
+        overrides[f"{section}__{name}"] = value
+    args.daemon_set = overrides
+    return args
 
 
 def ensure_chp(node: str) -> None:
