@@ -2,13 +2,17 @@
 
 Run as ``python3 -I -S server.py``: serves HTTP on the Unix socket named by ``$WSUP_IDE_SOCKET``
 (or the first argument). ``GET /`` (any request, in fact) answers ``pid=<pid>`` so that a client can
-tell a restarted server from the one before it. Stdlib ``socket`` only, no output, ~9 MiB RSS: the
-point is to measure the supervisor, not the server.
+tell a restarted server from the one before it. Ignores SIGUSR2, as the Theia GC preload handles it.
+Stdlib ``socket`` only, no output, ~9 MiB RSS: the point is to measure the supervisor, not the server.
 """
 
+import _signal
 import os
 import socket
 import sys
+
+# The idle ladder's memory-reclaim rung sends SIGUSR2 (Theia's GC preload collects garbage on it).
+_signal.signal(_signal.SIGUSR2, _signal.SIG_IGN)
 
 path = os.environ.get("WSUP_IDE_SOCKET") or sys.argv[1]
 try:
