@@ -181,6 +181,13 @@ class IdleConfig:
     )
     cpu_busy_threshold: float = setting(0.05, "A user's own CPU above this share of a core counts as activity.", parse_percent)
     tick: float = setting(1.0, "How often the ladder looks at every user.", parse_duration)
+    keepalive_markers: list[str] = setting(
+        ["does_not_matter"],
+        "Browser WebSocket messages (up to 1 KiB) containing one of these are keep-alives, not input "
+        "(Theia's connection-status service asks for the variable 'does_not_matter' every 5 s); "
+        "engine.io ping/pong and WebSocket control frames never count.",
+        _str_list,
+    )
     max_watches: int = setting(2000, "Most inotify directory watches per user workspace (node_modules, .git ... are skipped).", _int(1, 1_000_000))
     memory_pressure: float = setting(
         0.9, "When the users together hold more than this share of the pod's memory, idle users are stopped early, longest idle first.", parse_percent

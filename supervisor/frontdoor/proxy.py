@@ -30,6 +30,7 @@ from typing import Callable, Sequence, Union
 import h11
 import trio
 
+from supervisor.frontdoor.wsactivity import ClientFrames
 from supervisor.metrics import PROXY_BYTES
 
 HOP_BY_HOP = frozenset({
@@ -359,9 +360,12 @@ def first_leaf(group: BaseExceptionGroup) -> BaseException:
 async def forward_upgrade(
     client: HttpStream, upstream: Upstream, request: h11.Request, *, target: bytes, headers: Headers,
     cookie_name: str, idle: float, on_input: Counter, on_switched: Callable[[], None] | None = None,
-    kernel_splice: bool = False,
+    kernel_splice: bool = False, keepalive_markers: tuple[bytes, ...] = (),
 ) -> Exchange:
-    """Forward an upgrade handshake; on 101, splice the two connections until both ends close."""
+    """Forward an upgrade handshake; on 101, splice the two connections until both ends close.
+
+    The browser's direction is read frame by frame (:class:`ClientFrames`) so that ``on_input``
+    hears only of messages a person caused, not keep-alives; the IDE's direction is spliced."""
     ide = upstream.http
     result = Exchange()
     try:
@@ -416,36 +420,47 @@ async def forward_upgrade(
     client_pending, _ = client.conn.trailing_data
     ide_pending, _ = ide.conn.trailing_data
 
-    def to_ide(n: int) -> None:
-        TO_IDE.inc(n)
-        on_input(n)
+    frames = ClientFrames(on_input, keepalive_markers)
+
+    def to_ide(data: bytes) -> None:
+        TO_IDE.inc(len(data))
+        frames.feed(data)
 
     await splice(client.stream, ide.stream, bytes(client_pending), bytes(ide_pending),
-                 buffer_size=client.buffer_size, linger=idle, a_to_b=to_ide, b_to_a=TO_CLIENT.inc, kernel=kernel_splice)
+                 buffer_size=client.buffer_size, linger=idle, a_to_b=TO_IDE.inc, b_to_a=TO_CLIENT.inc, kernel=kernel_splice,
+                 a_inspect=to_ide)
     return result
 
 
 async def splice(
     a: trio.abc.Stream, b: trio.abc.Stream, a_pending: bytes, b_pending: bytes, *,
     buffer_size: int, linger: float, a_to_b: Counter, b_to_a: Counter, kernel: bool = False,
+    a_inspect: Callable[[bytes], None] | None = None,
 ) -> None:
     """Copy bytes both ways until both directions reach EOF (an EOF is passed on as a half-close).
 
     ``a_pending``/``b_pending`` were already read from ``a``/``b`` (h11's leftovers after the 101).
     When one direction ends, the other gets ``linger`` seconds to end too; a broken stream ends both.
     With ``kernel`` (and two socket streams) the bytes move through a pipe with ``os.splice`` and
-    never enter Python; where the kernel cannot splice, the direction falls back to copying."""
+    never enter Python; where the kernel cannot splice, the direction falls back to copying.
+    With ``a_inspect``, the a -> b direction is copied and every chunk is shown to it instead of
+    being counted with ``a_to_b``."""
     async with trio.open_nursery() as nursery:
         finished = 0
 
-        async def pump(src: trio.abc.Stream, dst: trio.abc.Stream, pending: bytes, count: Counter) -> None:
+        async def pump(
+            src: trio.abc.Stream, dst: trio.abc.Stream, pending: bytes, count: Counter,
+            inspect: Callable[[bytes], None] | None = None,
+        ) -> None:
             nonlocal finished
             try:
                 if pending:
                     await dst.send_all(pending)
-                    count(len(pending))
-                if not (kernel and isinstance(src, trio.SocketStream) and isinstance(dst, trio.SocketStream)
-                        and await _kernel_pump(src, dst, count)):
+                    inspect(pending) if inspect is not None else count(len(pending))
+                if inspect is not None:
+                    await _inspecting_pump(src, dst, buffer_size, inspect)
+                elif not (kernel and isinstance(src, trio.SocketStream) and isinstance(dst, trio.SocketStream)
+                          and await _kernel_pump(src, dst, count)):
                     await _copy_pump(src, dst, buffer_size, count)
                 if isinstance(dst, trio.abc.HalfCloseableStream):
                     await dst.send_eof()
@@ -456,17 +471,23 @@ async def splice(
             if finished == 1:
                 nursery.cancel_scope.deadline = trio.current_time() + linger
 
-        nursery.start_soon(pump, a, b, a_pending, a_to_b)
+        nursery.start_soon(pump, a, b, a_pending, a_to_b, a_inspect)
         nursery.start_soon(pump, b, a, b_pending, b_to_a)
 
 
 async def _copy_pump(src: trio.abc.Stream, dst: trio.abc.Stream, buffer_size: int, count: Counter) -> None:
+    await _inspecting_pump(src, dst, buffer_size, lambda data: count(len(data)))
+
+
+async def _inspecting_pump(
+    src: trio.abc.Stream, dst: trio.abc.Stream, buffer_size: int, inspect: Callable[[bytes], None]
+) -> None:
     while True:
         data = await src.receive_some(buffer_size)
         if not data:
             return
         await dst.send_all(data)
-        count(len(data))
+        inspect(bytes(data))
 
 
 _SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)

@@ -171,6 +171,7 @@ class FrontDoor:
         self.auth = auth
         self.clock = clock
         self.on_input = on_input or (lambda user: None)
+        self.keepalive_markers = tuple(marker.encode() for marker in config.idle.keepalive_markers)
         self.wake = wake
         self.on_session = on_session or (lambda user, sid, opened: None)
         self.sessions = SessionTable(linger=config.http.session_linger)
@@ -577,6 +578,7 @@ class _Connection:
             exchange = await forward_upgrade(
                 self.client, upstream, request, target=target, headers=headers, cookie_name=self.front.cookie_name,
                 idle=self.http.idle_timeout, on_input=on_input, on_switched=on_switched, kernel_splice=self.http.kernel_splice,
+                keepalive_markers=self.front.keepalive_markers,
             )
         except UpstreamFailed as exc:
             log.warning("user=%s upgrade %s: the IDE failed: %s", user, loggable(target), exc)

@@ -1,0 +1,112 @@
+"""Which browser-to-IDE WebSocket traffic is a person, and which is a keep-alive. Pure, no I/O.
+
+An open Theia tab nobody touches still sends messages: engine.io answers the server's ping
+(``3``) and Theia's connection-status service calls the backend every 5 s. Counting those as
+input would keep every open tab ACTIVE forever, so the front door reads the browser's frames
+(they are small; the IDE's direction is still spliced untouched) and reports as input only
+messages that are neither control frames, engine.io ping/pong, nor a short frame containing one
+of the configured keep-alive markers.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+ENGINE_IO_KEEPALIVES = frozenset({b"2", b"3", b"2probe", b"3probe"})
+SNIFF_LIMIT = 1024  # frames up to this size are inspected; larger ones are always input
+_CONTROL_OPCODES = frozenset({0x8, 0x9, 0xA})  # close, ping, pong
+
+
+class ClientFrames:
+    """Fed the raw browser-to-IDE bytes after a WebSocket upgrade, in any chunking; calls
+    ``on_input(size)`` for each frame a person caused. If the bytes stop looking like WebSocket
+    frames it gives up and counts everything as input (never the other way round)."""
+
+    def __init__(self, on_input: Callable[[int], None], markers: tuple[bytes, ...] = ()) -> None:
+        self.on_input = on_input
+        self.markers = markers
+        self._buffer = b""  # header bytes not yet complete
+        self._remaining = 0  # payload bytes of the current frame still to come
+        self._opcode = 0
+        self._length = 0
+        self._mask = b""
+        self._sample = bytearray()
+        self._in_payload = False
+        self._gave_up = False
+
+    def feed(self, data: bytes) -> None:
+        if self._gave_up:
+            self.on_input(len(data))
+            return
+        view = memoryview(data)
+        while view:
+            if not self._in_payload:
+                self._buffer += bytes(view)
+                view = memoryview(b"")
+                consumed = self._parse_header()
+                if consumed is None:
+                    return  # need more header bytes
+                rest = self._buffer[consumed:]
+                self._buffer = b""
+                view = memoryview(rest)
+                if self._gave_up:
+                    self.on_input(len(rest))
+                    return
+                if self._remaining == 0:
+                    self._finish_frame()
+                continue
+            take = min(self._remaining, len(view))
+            if self._length <= SNIFF_LIMIT:
+                start = self._length - self._remaining
+                chunk = bytes(view[:take])
+                if self._mask:
+                    chunk = bytes(b ^ self._mask[(start + i) % 4] for i, b in enumerate(chunk))
+                self._sample.extend(chunk)
+            self._remaining -= take
+            view = view[take:]
+            if self._remaining == 0:
+                self._finish_frame()
+
+    def _parse_header(self) -> int | None:
+        """Parse a frame header from the buffer; its length, or None if incomplete."""
+        buf = self._buffer
+        if len(buf) < 2:
+            return None
+        first, second = buf[0], buf[1]
+        opcode = first & 0x0F
+        if first & 0x70 or opcode not in (0x0, 0x1, 0x2, 0x8, 0x9, 0xA):
+            self._gave_up = True  # reserved bits or opcodes: not a frame we understand
+            return 0
+        masked = bool(second & 0x80)
+        length = second & 0x7F
+        size = 2
+        if length == 126:
+            size += 2
+        elif length == 127:
+            size += 8
+        header_end = size + (4 if masked else 0)
+        if len(buf) < header_end:
+            return None
+        if length == 126:
+            length = int.from_bytes(buf[2:4], "big")
+        elif length == 127:
+            length = int.from_bytes(buf[2:10], "big")
+        self._opcode, self._length, self._remaining = opcode, length, length
+        self._mask = bytes(buf[size:header_end]) if masked else b""
+        self._sample = bytearray()
+        self._in_payload = True
+        return header_end
+
+    def _finish_frame(self) -> None:
+        self._in_payload = False
+        if self._is_keepalive():
+            return
+        self.on_input(self._length)
+
+    def _is_keepalive(self) -> bool:
+        if self._opcode in _CONTROL_OPCODES:
+            return True
+        if self._length > SNIFF_LIMIT:
+            return False
+        sample = bytes(self._sample)
+        return sample in ENGINE_IO_KEEPALIVES or any(marker in sample for marker in self.markers)
