@@ -29,7 +29,8 @@ def test_keepalives_are_not_input_in_any_chunking(chunk: int) -> None:
     theia_ping = b"\x01\x02rpc" + b"EnvVariablesServer.getValue" + b"does_not_matter" + b"\x00" * 20
     data = client_bytes(
         TextMessage(data="3"),  # engine.io pong
-        BytesMessage(data=theia_ping),  # Theia's connection-status keep-alive
+        TextMessage(data='451-/services,["message",{"_placeholder":true,"num":0}]'),  # socket.io binary event header
+        BytesMessage(data=theia_ping),  # ... its attachment: Theia's connection-status keep-alive
         Ping(payload=b"x"),
         TextMessage(data='42/services,["keystroke","a"]'),  # a person typed
         BytesMessage(data=b"k" * 70_000),  # a big upload: always input

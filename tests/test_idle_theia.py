@@ -400,11 +400,6 @@ def test_a_stopped_user_comes_back_through_a_cold_start_with_files_intact(pod: T
     client.close()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "known gap: an open Theia tab that nobody touches sends a keep-alive every 5 s (Theia's "
-    "FrontendConnectionStatusService pings EnvVariablesServer.getValue('does_not_matter') over the "
-    "socket.io WebSocket; engine.io answers the server's ping every 30 s), and the front door counts "
-    "every browser-to-IDE byte as input: the user never leaves ACTIVE while a tab is open"))
 def test_an_untouched_open_tab_lets_its_user_go_idle(pod: TheiaPod) -> None:
     tab = pod.browser.open(f"{tu.user_origin('tab-user', pod.port)}/?token={pod.token('tab-user', 'tab')}")
     try:

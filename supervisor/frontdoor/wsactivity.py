@@ -4,17 +4,20 @@ An open Theia tab nobody touches still sends messages: engine.io answers the ser
 (``3``) and Theia's connection-status service calls the backend every 5 s. Counting those as
 input would keep every open tab ACTIVE forever, so the front door reads the browser's frames
 (they are small; the IDE's direction is still spliced untouched) and reports as input only
-messages that are neither control frames, engine.io ping/pong, nor a short frame containing one
-of the configured keep-alive markers.
+messages that are neither control frames, engine.io ping/pong, socket.io binary-event headers
+(their attachments are judged instead), nor a short frame containing one of the configured
+keep-alive markers.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Callable
 
 ENGINE_IO_KEEPALIVES = frozenset({b"2", b"3", b"2probe", b"3probe"})
 SNIFF_LIMIT = 1024  # frames up to this size are inspected; larger ones are always input
 _CONTROL_OPCODES = frozenset({0x8, 0x9, 0xA})  # close, ping, pong
+_BINARY_EVENT_HEADER = re.compile(rb"45\d+-")  # engine.io message + socket.io BINARY_EVENT, N attachments
 
 
 class ClientFrames:
@@ -109,4 +112,9 @@ class ClientFrames:
         if self._length > SNIFF_LIMIT:
             return False
         sample = bytes(self._sample)
-        return sample in ENGINE_IO_KEEPALIVES or any(marker in sample for marker in self.markers)
+        if sample in ENGINE_IO_KEEPALIVES or any(marker in sample for marker in self.markers):
+            return True
+        # A socket.io binary event is a text header ("451-/services,[...{"_placeholder":true...}]")
+        # followed by binary frames with the content: the header says nothing of who sent it; the
+        # attachments are judged on their own.
+        return self._opcode == 0x1 and _BINARY_EVENT_HEADER.match(sample) is not None and b'"_placeholder":true' in sample
