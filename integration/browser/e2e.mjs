@@ -115,19 +115,31 @@ async function runUser(browser, user) {
 
     // 4. A terminal, and a command typed into it; the result is read from disk (we run as root).
     await openTerminal(page, user);
+    // Keys typed before the shell is attached to the widget are lost, and the terminal paints on a
+    // canvas (no text to wait for): type a harmless probe until its file appears, then the command.
+    const term = page.locator('.xterm-helper-textarea').last();
+    const ready = path.join(path.dirname(user.whoami), '.e2e-terminal-ready');
     const deadline = Date.now() + TIMEOUT;
+    out.probes = 0;
+    while (!fs.existsSync(ready)) {
+      if (Date.now() > deadline) throw new Error(`the terminal never ran a command (${out.probes} probes typed)`);
+      await term.focus();
+      await page.keyboard.type('touch .e2e-terminal-ready', { delay: 5 });
+      await page.keyboard.press('Enter');
+      out.probes += 1;
+      for (let i = 0; i < 20 && !fs.existsSync(ready); i++) await sleep(100);
+    }
     let typed = 0;
     while (!whoamiDone(user.whoami)) {
       if (Date.now() > deadline) throw new Error(`${user.whoami} did not appear after typing the command ${typed} time(s)`);
-      // Keys typed before the shell is attached to the widget may be lost: type again (idempotent).
-      if (typed === 0 || (Date.now() - out.steps.typed_at) > 10000) {
-        await page.locator('.xterm-helper-textarea').last().focus();
+      if (typed === 0 || (Date.now() - out.steps.typed_at) > 15000) {
+        await term.focus();
         await page.keyboard.type(user.command, { delay: 5 });
         await page.keyboard.press('Enter');
         typed += 1;
         out.steps.typed_at = Date.now();
       }
-      await sleep(200);
+      await sleep(100);
     }
     delete out.steps.typed_at;
     out.typed = typed;
@@ -152,6 +164,14 @@ async function runUser(browser, user) {
 
 const result = { ok: false, users: [], browser_version: null };
 let browser;
+// A deadline of our own (inside the test's): close the browser rather than leave it behind.
+setTimeout(async () => {
+  log('deadline reached: closing the browser');
+  result.error = `deadline of ${plan.deadline_ms ?? 240000} ms reached`;
+  fs.writeFileSync(resultPath, JSON.stringify(result, null, 2));
+  if (browser) await browser.close().catch(() => {});
+  process.exit(3);
+}, plan.deadline_ms ?? 240000).unref();
 try {
   browser = await chromium.launch({ executablePath: plan.executable, headless: true, args: FLAGS, timeout: 60000 });
   result.browser_version = browser.version();

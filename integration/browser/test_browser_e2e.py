@@ -37,6 +37,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
+import psutil
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
@@ -189,13 +190,22 @@ def drive_browsers(s: Setup, work: Path) -> dict[str, Any]:
     }
     (work / "plan.json").write_text(json.dumps(plan))
     os.chmod(work / "plan.json", 0o600)
-    done = subprocess.run([NODE, str(HERE / "e2e.mjs"), str(work / "plan.json"), str(work / "result.json")],
-                          cwd=HERE, capture_output=True, text=True, timeout=300)
-    sys.stderr.write(done.stderr)
+    driver = subprocess.Popen([NODE, str(HERE / "e2e.mjs"), str(work / "plan.json"), str(work / "result.json")],
+                              cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _, stderr = driver.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        # Chromium runs in a process group of its own: end the driver's whole tree, not just node.
+        for child in psutil.Process(driver.pid).children(recursive=True):
+            child.kill()
+        driver.kill()
+        _, stderr = driver.communicate()
+        pytest.fail(f"the browser driver did not finish within 300 s:\n{stderr[-4000:]}")
+    sys.stderr.write(stderr)
     result: dict[str, Any] = json.loads((work / "result.json").read_text())
     (ARTIFACTS / "result.json").write_text(json.dumps(result, indent=2))
-    assert done.returncode == 0 and result["ok"], (
-        f"browser run failed (exit {done.returncode}): {result.get('error')}\n"
+    assert driver.returncode == 0 and result["ok"], (
+        f"browser run failed (exit {driver.returncode}): {result.get('error')}\n"
         + "\n".join(f"{u['name']}: {u.get('error')}\n{u.get('body_text', '')[:500]}" for u in result["users"] if not u.get("ok"))
         + f"\n--- daemon log tail ---\n{s.daemon.log_text()[-4000:]}"
     )
@@ -229,6 +239,7 @@ def test_two_users_in_real_browsers_each_reach_only_their_own_theia(setup: Setup
         lines = whoami.read_text().split()
         assert lines == [str(s.uids[user]), str(s.workspaces[user])], lines
         assert whoami.stat().st_uid == s.uids[user]
+        assert (s.workspaces[user] / ".e2e-terminal-ready").stat().st_uid == s.uids[user]  # the driver's probe
         info = s.daemon.user(user)
         assert info["state"] == "RUNNING" and info["tier"] == TIER, info
         assert Path(info["workspace"]) == s.workspaces[user]
