@@ -63,7 +63,9 @@ class ClientFrames:
                 start = self._length - self._remaining
                 chunk = bytes(view[:take])
                 if self._mask:
-                    chunk = bytes(b ^ self._mask[(start + i) % 4] for i, b in enumerate(chunk))
+                    key = (self._mask[start % 4 :] + self._mask[: start % 4]) * (take // 4 + 1)
+                    unmasked = int.from_bytes(chunk, "little") ^ int.from_bytes(key[:take], "little")
+                    chunk = unmasked.to_bytes(take, "little")
                 self._sample.extend(chunk)
             self._remaining -= take
             view = view[take:]
