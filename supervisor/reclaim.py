@@ -188,19 +188,30 @@ class IdleService:
     def _reconcile(self, now: float) -> None:
         """Track every RUNNING or PAUSED IDE process; forget the rest (a new process starts ACTIVE)."""
         for user, rt in self.manager.runtimes.items():
-            live = rt.session.state in (State.RUNNING, State.PAUSED) and rt.session.pid is not None
-            state = self.states.get(user)
-            if live and (state is None or state.pid != rt.session.pid):
-                if state is not None and state.stage is Stage.STOPPED:
-                    self._record(state, Stage.ACTIVE, "started again")
-                self.states[user] = IdleState(pid=rt.session.pid or 0, activity=Activity(since=now))
-                self.watcher.watch(user, rt.paths.workspace)
-            elif not live and state is not None and state.stage is not Stage.STOPPED:
-                # Stopped by someone else: forget it. (Stopped by the ladder: keep it for `why`.)
-                self.watcher.unwatch(user)
-                del self.states[user]
+            self._track(user, rt, now)
         for stage in Stage:
             metrics.IDLE_USERS.labels(stage=stage.label).set(sum(1 for st in self.states.values() if st.stage is stage))
+
+    def _track(self, user: str, rt: UserRuntime, now: float) -> IdleState | None:
+        """Follow one user's IDE process (also called by the readers, so that a user started since
+        the last tick is shown ACTIVE, not untracked or with the stage of its previous process)."""
+        live = rt.session.state in (State.RUNNING, State.PAUSED) and rt.session.pid is not None
+        state = self.states.get(user)
+        if live and (state is None or state.pid != rt.session.pid):
+            history = state.history if state is not None and state.stage is Stage.STOPPED else None
+            state = IdleState(pid=rt.session.pid or 0, activity=Activity(since=now))
+            if history is not None:  # stopped by the ladder, started again: keep its history for `why`
+                state.history = history
+                state.stage = Stage.STOPPED
+                self._record(state, Stage.ACTIVE, "started again")
+            self.states[user] = state
+            self.watcher.watch(user, rt.paths.workspace)
+        elif not live and state is not None and state.stage is not Stage.STOPPED:
+            # Stopped by someone else: forget it. (Stopped by the ladder: keep it for `why`.)
+            self.watcher.unwatch(user)
+            del self.states[user]
+            return None
+        return state
 
     def _fresh_cpu_sample(self, rt: UserRuntime, now: float) -> bool:
         """Whether the last CPU sample is recent enough to call the user idle."""
@@ -306,7 +317,8 @@ class IdleService:
 
     def describe(self, user: str) -> dict[str, Any]:
         """Idle fields of `workspacectl status` for one user."""
-        state = self.states.get(user)
+        rt = self.manager.runtimes.get(user)
+        state = self._track(user, rt, self.clock()) if rt is not None else self.states.get(user)
         if state is None:
             return {"idle_stage": None, "idle_for_s": None, "last_activity_s": None}
         now = self.clock()
@@ -321,8 +333,8 @@ class IdleService:
 
     def why(self, user: str) -> dict[str, Any]:
         """`workspacectl why USER`: where the user is on the ladder, and why."""
-        state = self.states.get(user)
         rt = self.manager.runtime(user)
+        state = self._track(user, rt, self.clock())
         if state is None:
             return {"user": user, "state": rt.session.state.value, "idle_stage": None,
                     "explanation": f"not tracked: the IDE is {rt.session.state.value}", "history": []}
