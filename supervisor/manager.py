@@ -562,7 +562,8 @@ class SessionManager:
 
     async def _await_ready(self, rt: UserRuntime, pid: int) -> None:
         timeout = self.config.ide.ready_timeout
-        deadline = self.clock() + timeout
+        started = self.clock()
+        deadline = started + timeout
         delay = 0.001
         while True:
             if rt.session.pid != pid or rt.session.state is not State.STARTING:
@@ -576,7 +577,8 @@ class SessionManager:
                         await self._handle(rt, rt.session.on_ready_timeout(self.clock(), timeout))
                 return
             await trio.sleep(delay)
-            delay = min(delay * 1.5, 0.05)
+            # Probe often while a quick start is likely (a few ms of overshoot at most), then back off.
+            delay = min(delay * 1.5, 0.002 if self.clock() - started < 2.0 else 0.05)
         async with rt.lock:
             if rt.session.pid != pid:
                 return
@@ -689,17 +691,10 @@ class SessionManager:
         }
 
     def status(self, users: list[str] | None = None) -> list[dict[str, Any]]:
+        """Every user (or the ones named); memory is as of the last sample (``usage_interval``)."""
         if users:
             return [self.describe(self.runtime(u)) for u in users]
-        by_name = sorted(self.runtimes.values(), key=lambda rt: rt.session.user)
-        for rt in by_name:
-            if rt.session.state in LIVE:
-                try:
-                    usage = self.driver.usage(rt.session.user)
-                    rt.memory_bytes = usage.memory_bytes
-                except CgroupError:
-                    pass
-        return [self.describe(rt) for rt in by_name]
+        return [self.describe(rt) for rt in sorted(self.runtimes.values(), key=lambda rt: rt.session.user)]
 
     def pod_info(self) -> dict[str, Any]:
         return {

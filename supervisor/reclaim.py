@@ -62,23 +62,39 @@ def ladder_for(idle: IdleConfig) -> Ladder:
     )
 
 
-def lsp_processes(root_pid: int, patterns: list[str]) -> list[int]:
-    """Pids of the descendants of ``root_pid`` that look like language servers or extension
-    hosts, with their own descendants (a server's workers pause with it)."""
-    try:
-        root = psutil.Process(root_pid)
-        descendants = root.children(recursive=True)
-    except psutil.Error:
-        return []
+def select_lsps(tree: dict[int, tuple[int, list[str]]], root_pid: int, patterns: list[str]) -> list[int]:
+    """From a process tree (pid -> (parent pid, command line)), the language servers and extension
+    hosts (command line matches a pattern; never the IDE itself) with all their descendants."""
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _) in tree.items():
+        children.setdefault(ppid, []).append(pid)
     found: set[int] = set()
-    for proc in descendants:
-        try:
-            if proc.pid not in found and lsp_matches(proc.cmdline(), patterns):
-                found.add(proc.pid)
-                found.update(child.pid for child in proc.children(recursive=True))
-        except psutil.Error:
+    for pid, (_, cmdline) in tree.items():
+        if pid == root_pid or pid in found or not lsp_matches(cmdline, patterns):
             continue
+        pending = [pid]
+        while pending:
+            current = pending.pop()
+            if current not in found:
+                found.add(current)
+                pending.extend(children.get(current, []))
     return sorted(found)
+
+
+def process_tree(pids: list[int]) -> dict[int, tuple[int, list[str]]]:
+    """Parent and command line of each of ``pids`` (a user's cgroup: no scan of the host's /proc)."""
+    tree: dict[int, tuple[int, list[str]]] = {}
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                stat = f.read()
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmdline = [arg.decode(errors="replace") for arg in f.read().split(b"\0") if arg]
+        except OSError:
+            continue  # exited meanwhile
+        ppid = int(stat[stat.rindex(b")") + 2 :].split()[1])
+        tree[pid] = (ppid, cmdline)
+    return tree
 
 
 def catches_signal(pid: int, signum: int) -> bool:
@@ -102,6 +118,7 @@ class IdleService:
         self.clock = manager.clock
         self.tick = tick
         self.states: dict[str, IdleState] = {}
+        self._ladders: dict[str, Ladder] = {}
         self.watcher = FileWatcher(self.note_file_change, max_watches=self.config.idle.max_watches)
         self.pod_memory_bytes = pod_memory_bytes or self.config.pod.memory or psutil.virtual_memory().total
         self._nursery: trio.Nursery | None = None
@@ -166,7 +183,7 @@ class IdleService:
             rt = self.manager.runtimes.get(user)
             if rt is None or rt.session.state is not State.RUNNING:
                 continue
-            ladder = ladder_for(self.config.idle_for(rt.session.tier))
+            ladder = self._ladder(rt.session.tier)
             if rt.cpu_sampled_at is not None and rt.cpu_sampled_at != state.cpu_seen_at:
                 state.cpu_seen_at = rt.cpu_sampled_at
                 state.activity.note_cpu(rt.cpu_millicores / 1000, rt.cpu_sampled_at, ladder.cpu_busy_threshold)
@@ -184,6 +201,12 @@ class IdleService:
                 if rt.session.state is State.RUNNING and rt.session.pid == state.pid:
                     self._apply(rt, state, step)
         await self._relieve_pressure(now)
+
+    def _ladder(self, tier: str) -> Ladder:
+        ladder = self._ladders.get(tier)
+        if ladder is None:
+            ladder = self._ladders[tier] = ladder_for(self.config.idle_for(tier))
+        return ladder
 
     def _reconcile(self, now: float) -> None:
         """Track every RUNNING or PAUSED IDE process; forget the rest (a new process starts ACTIVE)."""
@@ -258,7 +281,8 @@ class IdleService:
         state.reason = reason
 
     def _pause_lsps(self, rt: UserRuntime, state: IdleState) -> None:
-        pids = lsp_processes(state.pid, self.config.idle.lsp_patterns)
+        tree = process_tree(self.manager.driver.pids(rt.session.user))
+        pids = select_lsps(tree, state.pid, self.config.idle.lsp_patterns)
         if not pids:
             return
         try:
@@ -339,7 +363,7 @@ class IdleService:
             return {"user": user, "state": rt.session.state.value, "idle_stage": None,
                     "explanation": f"not tracked: the IDE is {rt.session.state.value}", "history": []}
         now = self.clock()
-        ladder = ladder_for(self.config.idle_for(rt.session.tier))
+        ladder = self._ladder(rt.session.tier)
         following = next((s for s in Stage if s > state.stage), None)
         return {
             "user": user,

@@ -76,3 +76,18 @@ def test_lsp_patterns() -> None:
     assert lsp_matches(["node", "/app/lib/backend/plugin-host"], patterns)
     assert lsp_matches(["/usr/bin/python3", "-m", "pylsp"], patterns)
     assert not lsp_matches(["node", "/app/lib/backend/main.js"], patterns)
+
+
+def test_select_lsps_takes_matching_processes_with_their_descendants() -> None:
+    from supervisor.reclaim import select_lsps
+
+    tree = {
+        10: (1, ["node", "/app/lib/backend/main.js", "--plugin-host-ok"]),  # the IDE itself (root)
+        11: (10, ["node", "/app/lib/backend/ipc-bootstrap"]),
+        12: (10, ["node", "/app/lib/backend/plugin-host"]),
+        13: (12, ["/usr/bin/python3", "-m", "pylsp"]),
+        14: (13, ["python3", "worker"]),
+        15: (10, ["bash"]),
+    }
+    assert select_lsps(tree, 10, ["plugin-host", "pylsp"]) == [12, 13, 14]
+    assert select_lsps(tree, 10, ["gopls"]) == []
