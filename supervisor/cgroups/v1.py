@@ -31,6 +31,7 @@ from supervisor.cgroups.v2 import (
     check_group_name,
     cpu_quota_us,
     move_pids,
+    parse_flat_keyed,
     read_pids,
     read_text,
     rmdir_when_empty,
@@ -355,15 +356,23 @@ class V1Driver:
     # -- usage
 
     def usage(self, user: str) -> Usage:
-        self._require(user)
-        memory = self._memory(user)
-        with _errors(f"read the usage of {user}"):
+        """Read straight from the files (called for every user every few seconds: no cgroupspy
+        node building, no existence checks beyond the reads themselves)."""
+        check_group_name("user", user)
+        memory = self._controller_mounts["memory"] / self.name / user
+        try:
+            oom_control = parse_flat_keyed((memory / "memory.oom_control").read_text())
+            failcnt = 0 if "oom_kill" in oom_control else int((memory / "memory.failcnt").read_text())
             return Usage(
-                memory_bytes=int(memory.usage_in_bytes),
-                cpu_usage_us=int(self._cpuacct(user).usage) // 1000,
-                oom_kills=_oom_kills(memory.oom_control, int(memory.failcnt)),
-                pids=int(self._pids(user).current),
+                memory_bytes=int((memory / "memory.usage_in_bytes").read_text()),
+                cpu_usage_us=int((self._controller_mounts["cpuacct"] / self.name / user / "cpuacct.usage").read_text()) // 1000,
+                oom_kills=_oom_kills(oom_control, failcnt),
+                pids=int((self._controller_mounts["pids"] / self.name / user / "pids.current").read_text()),
             )
+        except FileNotFoundError:
+            raise CgroupError(f"cgroup of {user} does not exist", reason="cgroup_missing", hint="create() the user's group first") from None
+        except (OSError, ValueError) as exc:
+            raise CgroupError(f"cannot read the usage of {user}: {exc}") from exc
 
 
 def _tree(directory: Path) -> Iterator[Node]:
