@@ -14,13 +14,14 @@ A workbench left open in a tab goes idle too (its keep-alives are not input) and
 while the tab keeps pinging.
 
 The language-server stand-in: this Theia app has no ``@theia/plugin-ext``, hence no plugin host
-and no language servers. The ladder finds language servers among the *descendants of the backend*
-by command line, so the stand-in must be started by Theia itself: the user's ``~/.bashrc`` starts a
-small ticker named ``pylsp`` (it appends to ``~/lsp-ticks`` every 20 ms) from the terminal Theia
-opens on every page load (bash via node-pty, a child of the backend) - the same ancestry a user's
-own tool started from the terminal has. Theia's file watcher (``node .../ipc-bootstrap``, forked by
-the backend with an IPC channel, as Theia forks its plugin host) is matched too, so a real
-Theia-forked IPC child is frozen and thawed under the live backend.
+and no language servers. The ladder finds language servers by command line among the processes of
+the user's cgroup; the stand-in is started the way a user's own tool is, by Theia: the user's
+``~/.bashrc`` starts a small ticker named ``pylsp`` (it appends to ``~/lsp-ticks`` every 20 ms)
+from the terminal Theia opens on every page load (bash via node-pty, a child of the backend), so it
+is a descendant of the backend in the user's cgroup, as a plugin host's servers are. Theia's file
+watcher (``node .../ipc-bootstrap``, forked by the backend with an IPC channel, as Theia forks its
+plugin host) is matched too, so a real Theia-forked IPC child is frozen and thawed under the live
+backend, which keeps serving meanwhile.
 """
 
 from __future__ import annotations
