@@ -153,3 +153,66 @@ def test_a_user_just_started_is_shown_active_not_a_stale_stage(fd: tuple[Daemon,
     why = d.ctl_json("why", "fresh")["why"]
     assert why["idle_stage"] == "active" and why["history"][-1]["to"] == "active", why
     browser.close()
+
+
+
+CLOSING_IDE = r'''
+import os, socket, threading
+path = os.environ["WSUP_IDE_SOCKET"]
+try:
+    os.unlink(path)
+except FileNotFoundError:
+    pass
+server = socket.socket(socket.AF_UNIX)
+server.bind(path)
+server.listen(16)
+ANSWER = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"
+
+def serve(conn):
+    buffer = b""
+    while b"\r\n\r\n" not in buffer:
+        data = conn.recv(65536)
+        if not data:
+            break
+        buffer += data
+    conn.sendall(ANSWER)  # one request per connection, and it says so
+    conn.close()
+
+while True:
+    conn, _ = server.accept()
+    threading.Thread(target=serve, args=(conn,), daemon=True).start()
+'''
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "front door: when the IDE ends its connection (its answer says Connection: close, a hop-by-hop "
+    "header the front door rightly strips), _route returns exchange.reusable=False and the browser's "
+    "connection is closed too, right after an answer that did not say Connection: close: the "
+    "browser's next request on it fails (RemoteDisconnected; a browser retries a GET, not a POST). "
+    "Probably what dropped 2 of ~3000 requests to thawed Theia users in integration/bench/idle.py. Either keep "
+    "the browser's connection and open a new one to the IDE, or send Connection: close"))
+def test_the_browser_connection_survives_an_ide_that_closes_its_own() -> None:
+    shared = Path(tempfile.mkdtemp(prefix="wsup-idle-close-", dir="/tmp"))
+    os.chmod(shared, 0o755)
+    (shared / "ide.py").write_text(CLOSING_IDE)
+    os.chmod(shared / "ide.py", 0o644)
+    (shared / "hs256.key").write_bytes(SECRET)
+    os.chmod(shared / "hs256.key", 0o600)
+    d = Daemon(**{
+        "http__listen": "127.0.0.1:0", "auth__hs256_secret_file": str(shared / "hs256.key"), "auth__issuer": ISSUER,
+        "auth__cookie_secure": False, "ide__command": [SYSTEM_PYTHON, "-I", "-S", str(shared / "ide.py")],
+    })
+    try:
+        d.start()
+        port = int(poll(lambda: (m := re.search(r"front door listening on 127\.0\.0\.1:(\d+)", d.log_text())) and m.group(1), 10, "front door"))
+        browser = signed_in(port, "closer")
+        first = browser.get("/first")
+        assert first.status == 200
+        time.sleep(0.2)  # the front door has finished with the first exchange
+        # Either the connection stays usable, or the answer said it would not be.
+        if (first.header("connection") or "").lower() != "close":
+            assert browser.get("/second").status == 200
+        browser.close()
+    finally:
+        d.cleanup()
+        shutil.rmtree(shared, ignore_errors=True)

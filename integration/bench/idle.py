@@ -68,6 +68,7 @@ SERVER_PYTHON = "/usr/bin/python3"
 CGROUP_MOUNT = Path("/sys/fs/cgroup")
 MIB = 2**20
 LATER = "24h"
+LOG_LEVEL = ["info"]  # --log-level
 TICKER = "import os, time\nwhile True:\n    open(os.environ['HOME'] + '/lsp-ticks', 'a').write('.')\n    time.sleep(0.02)\n"
 BASHRC = """# written by integration/bench/idle.py: a language-server stand-in started from Theia's terminal
 if [ -z "$WSUP_LSP_STANDIN" ]; then
@@ -143,7 +144,8 @@ class BenchDaemon:
         defaults: dict[str, dict[str, Any]] = {
             "workspace": {"root": str(base / "workspace"), "shards": 10},
             "control": {"socket": str(self.socket)},
-            "daemon": {"state_dir": str(base / "state"), "run_dir": str(base / "run"), "log_dir": str(base / "log")},
+            "daemon": {"state_dir": str(base / "state"), "run_dir": str(base / "run"), "log_dir": str(base / "log"),
+                       "log_level": LOG_LEVEL[0]},
             "cgroups": {"name": name},
             "registry": {"path": str(base / "registry.db")},
             "probes": {"listen": "127.0.0.1:0"},
@@ -764,6 +766,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--json", type=Path, default=REPO / "artifacts" / "bench-idle.json", help="where to write the results")
     p.add_argument("--nice", type=int, default=0,
                    help="run the bench, the daemons and their users at this nice value (e.g. -10 on a busy machine)")
+    p.add_argument("--log-level", default="info", choices=("debug", "info"), help="the daemons' log level (with --keep, for diagnosis)")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory (logs) for inspection")
     args = p.parse_args(argv)
     if args.settle >= args.stage:
@@ -779,6 +782,7 @@ def main(argv: list[str] | None = None) -> int:
     if not (BIN / "workspace-supervisor").exists():
         print(f"idle.py: {BIN / 'workspace-supervisor'} is missing; run with the project's venv python (.venv/bin/python)", file=sys.stderr)
         return 2
+    LOG_LEVEL[0] = args.log_level
     if args.nice:
         os.setpriority(os.PRIO_PROCESS, 0, args.nice)  # inherited by the daemons, their IDEs and Chromium
     tag = uuid.uuid4().hex[:8]
