@@ -184,13 +184,6 @@ while True:
 '''
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "front door: when the IDE ends its connection (its answer says Connection: close, a hop-by-hop "
-    "header the front door rightly strips), _route returns exchange.reusable=False and the browser's "
-    "connection is closed too, right after an answer that did not say Connection: close: the "
-    "browser's next request on it fails (RemoteDisconnected; a browser retries a GET, not a POST). "
-    "Probably what dropped 2 of ~3000 requests to thawed Theia users in integration/bench/idle.py. Either keep "
-    "the browser's connection and open a new one to the IDE, or send Connection: close"))
 def test_the_browser_connection_survives_an_ide_that_closes_its_own() -> None:
     shared = Path(tempfile.mkdtemp(prefix="wsup-idle-close-", dir="/tmp"))
     os.chmod(shared, 0o755)

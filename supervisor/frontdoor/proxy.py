@@ -243,7 +243,8 @@ class Exchange:
 
     status: int = 0
     answered: bool = False  # the browser got a status line: no error page can follow
-    reusable: bool = False  # both connections may carry another request
+    reusable: bool = False  # the browser's connection may carry another request
+    ide_reusable: bool = False  # ... and so may the connection to the IDE (else open a new one)
 
 
 async def forward_http(
@@ -300,11 +301,12 @@ async def forward_http(
                 nursery.cancel_scope.cancel()  # the IDE answered without reading the whole body
     except BaseExceptionGroup as group:
         raise first_leaf(group) from None
-    result.reusable = request_done and client.conn.our_state is h11.DONE and ide.conn.our_state is h11.DONE
-    if result.reusable and ide.conn.their_state is h11.DONE:
+    # An IDE that ends its own connection (its answer said Connection: close, a hop-by-hop header
+    # the browser never sees) costs a new IDE connection next time, not the browser's connection.
+    result.reusable = request_done and client.conn.our_state is h11.DONE
+    result.ide_reusable = result.reusable and ide.conn.our_state is h11.DONE and ide.conn.their_state is h11.DONE
+    if result.ide_reusable:
         ide.conn.start_next_cycle()
-    else:
-        result.reusable = False
     return result
 
 

@@ -530,7 +530,7 @@ class _Connection:
                 raise
             break
         log.debug("user=%s %s %s -> %d", user, request.method.decode(), loggable(target), exchange.status)
-        if not exchange.reusable:
+        if not exchange.ide_reusable:
             await self._drop_upstream()
         return exchange.reusable
 
