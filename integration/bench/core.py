@@ -37,7 +37,6 @@ import platform
 import shutil
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -47,9 +46,14 @@ import uuid
 import xmlrpc.client
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import psutil
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from integration.bench.common import (  # noqa: E402
+    CGROUP_MOUNT, BenchError, kill_leftovers, log, percentile, poll, remove_cgroup_tree, write_toml,
+)
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
@@ -58,7 +62,6 @@ SERVER_PYTHON = "/usr/bin/python3"
 BIN = Path(sys.executable).parent  # the project venv's bin: workspace-supervisor, workspacectl
 SUPERVISOR_VERSION = "4.3.0"
 DEFAULT_SV_VENV = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "workspace-supervisor-bench" / f"supervisor-{SUPERVISOR_VERSION}"
-CGROUP_MOUNT = Path("/sys/fs/cgroup")
 
 # supervisord (pip `supervisor`) lives in a venv of its own: its import package is also called
 # `supervisor` and would shadow this project's. Its commands run without PYTHONPATH.
@@ -66,25 +69,7 @@ OURS_ENV = dict(os.environ)
 SV_ENV = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
 
 
-class BenchError(Exception):
-    pass
-
-
-def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
 # ---- small helpers -------------------------------------------------------------------------------
-
-
-def percentile(values: list[float], q: float) -> float:
-    """The q-th percentile (0-100) with linear interpolation."""
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    k = (len(ordered) - 1) * q / 100
-    lo, hi = int(k), min(int(k) + 1, len(ordered) - 1)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
 
 
 def http_pid(path: Path | str, timeout: float = 2.0) -> int | None:
@@ -116,31 +101,6 @@ def wait_answer(path: Path | str, timeout: float, not_pid: int | None = None, in
         if time.monotonic() > deadline:
             raise BenchError(f"nothing answered on {path} within {timeout}s")
         time.sleep(interval)
-
-
-def poll(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise BenchError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
-
-
-def toml_value(value: Any) -> str:
-    if isinstance(value, dict):
-        return "{ " + ", ".join(f"{k} = {toml_value(v)}" for k, v in value.items()) + " }"
-    return json.dumps(value)
-
-
-def write_toml(path: Path, sections: dict[str, dict[str, Any]]) -> None:
-    lines = []
-    for section, values in sections.items():
-        lines.append(f"[{section}]")
-        lines.extend(f"{key} = {toml_value(value)}" for key, value in values.items())
-    path.write_text("\n".join(lines) + "\n")
 
 
 def cli_wall(argv: list[str], env: dict[str, str]) -> float:
@@ -591,38 +551,7 @@ def find_groups(name: str) -> list[Path]:
 def remove_cgroups(name: str) -> None:
     """Kill whatever is left in and remove every ``<hierarchy>/.../<name>`` subtree."""
     for group in find_groups(name):
-        subdirs = sorted((p for p in group.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True)
-        for child in [*subdirs, group]:
-            try:
-                for pid in (child / "cgroup.procs").read_text().split():
-                    try:
-                        os.kill(int(pid), signal.SIGKILL)
-                    except ProcessLookupError:
-                        pass
-            except OSError:
-                pass
-            for _ in range(300):
-                try:
-                    child.rmdir()
-                    break
-                except FileNotFoundError:
-                    break
-                except OSError:
-                    time.sleep(0.01)
-            else:
-                log(f"could not remove cgroup {child}")
-
-
-def kill_leftovers(base: Path) -> None:
-    """SIGKILL any process whose command line mentions this run's directory (servers, daemons)."""
-    marker = str(base)
-    me = os.getpid()
-    for p in psutil.process_iter(["pid", "cmdline"]):
-        if p.info["pid"] != me and any(marker in arg for arg in (p.info["cmdline"] or [])):
-            try:
-                p.kill()
-            except psutil.Error:
-                pass
+        remove_cgroup_tree(group)
 
 
 # ---- report --------------------------------------------------------------------------------------

@@ -60,12 +60,14 @@ REPO = HERE.parents[1]
 sys.path.insert(0, str(REPO))
 
 from integration.bench import theia_users as tu  # noqa: E402
+from integration.bench.common import (  # noqa: E402
+    CGROUP_MOUNT, BenchError, kill_leftovers, log, percentile, poll, remove_cgroup_tree, write_toml,
+)
 from tests.frontdoor_client import ISSUER, Client, WebSocket, mint, ws_connect, ws_recv, ws_send  # noqa: E402
 
 BIN = Path(sys.executable).parent
 SERVER = HERE / "server.py"
 SERVER_PYTHON = "/usr/bin/python3"
-CGROUP_MOUNT = Path("/sys/fs/cgroup")
 MIB = 2**20
 LATER = "24h"
 LOG_LEVEL = ["info"]  # --log-level
@@ -78,50 +80,8 @@ fi
 """
 
 
-class BenchError(Exception):
-    pass
-
-
-def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
-def percentile(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    k = (len(ordered) - 1) * q / 100
-    lo, hi = int(k), min(int(k) + 1, len(ordered) - 1)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
-
-
 def mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else float("nan")
-
-
-def poll(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise BenchError(f"timed out after {timeout:g}s waiting for {what}")
-        time.sleep(interval)
-
-
-def toml_value(value: Any) -> str:
-    if isinstance(value, dict):
-        return "{ " + ", ".join(f"{k} = {toml_value(v)}" for k, v in value.items()) + " }"
-    return json.dumps(value)
-
-
-def write_toml(path: Path, sections: dict[str, dict[str, Any]]) -> None:
-    lines = []
-    for section, values in sections.items():
-        lines.append(f"[{section}]")
-        lines.extend(f"{key} = {toml_value(value)}" for key, value in values.items())
-    path.write_text("\n".join(lines) + "\n")
 
 
 def load() -> float:
@@ -235,43 +195,8 @@ class BenchDaemon:
 
 def remove_cgroups(name: str) -> None:
     for hierarchy in [CGROUP_MOUNT, *CGROUP_MOUNT.iterdir()]:
-        group = hierarchy / name
-        if not group.is_dir():
-            continue
-        subdirs = sorted((p for p in group.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True)
-        for child in [*subdirs, group]:
-            for state in ("freezer.state", "cgroup.freeze"):
-                try:
-                    (child / state).write_text("THAWED" if state == "freezer.state" else "0")
-                except OSError:
-                    pass
-            try:
-                for pid in (child / "cgroup.procs").read_text().split():
-                    try:
-                        os.kill(int(pid), signal.SIGKILL)
-                    except ProcessLookupError:
-                        pass
-            except OSError:
-                pass
-            for _ in range(300):
-                try:
-                    child.rmdir()
-                    break
-                except FileNotFoundError:
-                    break
-                except OSError:
-                    time.sleep(0.01)
-
-
-def kill_leftovers(base: Path) -> None:
-    marker = str(base)
-    me = os.getpid()
-    for p in psutil.process_iter(["pid", "cmdline"]):
-        if p.info["pid"] != me and any(marker in arg for arg in (p.info["cmdline"] or [])):
-            try:
-                p.kill()
-            except psutil.Error:
-                pass
+        if (hierarchy / name).is_dir():
+            remove_cgroup_tree(hierarchy / name)
 
 
 # ---- cgroup freezer state ------------------------------------------------------------------------
