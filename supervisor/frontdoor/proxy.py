@@ -287,16 +287,7 @@ async def forward_http(
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_guard_client, pump_request_body)
             response = await _response_head(client, ide, idle)
-            result.status = response.status_code
-            try:
-                await client.send(h11.Response(
-                    status_code=response.status_code, reason=response.reason,
-                    headers=client_response_headers(response.headers, cookie_name=cookie_name),
-                ), idle)
-                result.answered = True
-                await _pump_response_body(client, ide, idle)
-            except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError, h11.ProtocolError) as exc:
-                raise ClientGone(f"response to the browser broke off: {type(exc).__name__}") from None
+            await _relay_response(client, ide, response, result, cookie_name=cookie_name, idle=idle)
             if not request_done:
                 nursery.cancel_scope.cancel()  # the IDE answered without reading the whole body
     except BaseExceptionGroup as group:
@@ -308,6 +299,22 @@ async def forward_http(
     if result.ide_reusable:
         ide.conn.start_next_cycle()
     return result
+
+
+async def _relay_response(
+    client: HttpStream, ide: HttpStream, response: h11.Response, result: Exchange, *, cookie_name: str, idle: float,
+) -> None:
+    """Pass the IDE's answer (head, then streamed body) on to the browser; record it in ``result``."""
+    result.status = response.status_code
+    try:
+        await client.send(h11.Response(
+            status_code=response.status_code, reason=response.reason,
+            headers=client_response_headers(response.headers, cookie_name=cookie_name),
+        ), idle)
+        result.answered = True
+        await _pump_response_body(client, ide, idle)
+    except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError, h11.ProtocolError) as exc:
+        raise ClientGone(f"response to the browser broke off: {type(exc).__name__}") from None
 
 
 async def _guard_client(pump: Callable[[], object]) -> None:
@@ -395,16 +402,7 @@ async def forward_upgrade(
         break
     if isinstance(answer, h11.Response):
         # Refused (Theia refuses an upgrade without its connection cookie): pass the answer on.
-        result.status = answer.status_code
-        try:
-            await client.send(h11.Response(
-                status_code=answer.status_code, reason=answer.reason,
-                headers=client_response_headers(answer.headers, cookie_name=cookie_name),
-            ), idle)
-            result.answered = True
-            await _pump_response_body(client, ide, idle)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError, h11.ProtocolError) as exc:
-            raise ClientGone(f"response to the browser broke off: {type(exc).__name__}") from None
+        await _relay_response(client, ide, answer, result, cookie_name=cookie_name, idle=idle)
         return result
     if not isinstance(answer, h11.InformationalResponse):
         raise UpstreamFailed(f"the IDE answered the handshake with {type(answer).__name__}")
