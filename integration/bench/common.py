@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -98,3 +100,34 @@ def kill_leftovers(base: Path) -> None:
                 p.kill()
             except psutil.Error:
                 pass
+
+
+def control_call(path: Path, verb: str, args: dict[str, Any], timeout: float) -> Any:
+    """One raw request on a daemon's control socket (what workspacectl sends, without its start-up)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect(str(path))
+        sock.sendall(json.dumps({"verb": verb, "args": args}).encode() + b"\n")
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = sock.recv(1 << 20)
+            if not chunk:
+                break
+            data += chunk
+    answer = json.loads(data)
+    if not answer.get("ok"):
+        raise BenchError(f"workspace-supervisor {verb} {args}: {answer.get('error')}")
+    return answer["result"]
+
+
+def terminate(proc: subprocess.Popen[bytes] | None, timeout: float, what: str) -> None:
+    """SIGTERM ``proc`` (a daemon: it stops its users first), SIGKILL after ``timeout`` seconds."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        log(f"{what} did not exit {timeout:g} s after SIGTERM; killing it")
+        proc.kill()
+        proc.wait()

@@ -52,7 +52,8 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from integration.bench.common import (  # noqa: E402
-    CGROUP_MOUNT, BenchError, kill_leftovers, log, percentile, poll, remove_cgroup_tree, write_toml,
+    CGROUP_MOUNT, BenchError, control_call, kill_leftovers, log, percentile, poll, remove_cgroup_tree, terminate,
+    write_toml,
 )
 
 HERE = Path(__file__).resolve().parent
@@ -247,20 +248,7 @@ class Ours:
 
     def call(self, verb: str, **args: Any) -> Any:
         """One raw control-socket request (what workspacectl sends, without its start-up)."""
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.settimeout(120)
-            sock.connect(str(self.socket))
-            sock.sendall(json.dumps({"verb": verb, "args": args}).encode() + b"\n")
-            data = b""
-            while not data.endswith(b"\n"):
-                chunk = sock.recv(65536)
-                if not chunk:
-                    break
-                data += chunk
-        answer = json.loads(data)
-        if not answer.get("ok"):
-            raise BenchError(f"workspace-supervisor {verb} {args}: {answer.get('error')}")
-        return answer["result"]
+        return control_call(self.socket, verb, args, 120)
 
     def server_socket(self, user: str) -> Path:
         return self.run_dir / "users" / user / "ide.sock"
@@ -297,15 +285,7 @@ class Ours:
         return time.perf_counter() - t0
 
     def shutdown(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGTERM)  # sigterm = "stop": every user is stopped first
-        try:
-            self.proc.wait(90)
-        except subprocess.TimeoutExpired:
-            log("workspace-supervisor did not exit 90 s after SIGTERM; killing it")
-            self.proc.kill()
-            self.proc.wait()
+        terminate(self.proc, 90, "workspace-supervisor")  # sigterm = "stop": every user is stopped first
 
 
 # ---- supervisord ---------------------------------------------------------------------------------

@@ -61,7 +61,8 @@ sys.path.insert(0, str(REPO))
 
 from integration.bench import theia_users as tu  # noqa: E402
 from integration.bench.common import (  # noqa: E402
-    CGROUP_MOUNT, BenchError, kill_leftovers, log, percentile, poll, remove_cgroup_tree, write_toml,
+    CGROUP_MOUNT, BenchError, control_call, kill_leftovers, log, percentile, poll, remove_cgroup_tree, terminate,
+    write_toml,
 )
 from tests.frontdoor_client import ISSUER, Client, WebSocket, mint, ws_connect, ws_recv, ws_send  # noqa: E402
 
@@ -150,20 +151,7 @@ class BenchDaemon:
             return ""
 
     def call(self, verb: str, **args: Any) -> Any:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.settimeout(180)
-            sock.connect(str(self.socket))
-            sock.sendall(json.dumps({"verb": verb, "args": args}).encode() + b"\n")
-            data = b""
-            while not data.endswith(b"\n"):
-                chunk = sock.recv(1 << 20)
-                if not chunk:
-                    break
-                data += chunk
-        answer = json.loads(data)
-        if not answer.get("ok"):
-            raise BenchError(f"{verb} {args}: {answer.get('error')}")
-        return answer["result"]
+        return control_call(self.socket, verb, args, 180)
 
     def status(self) -> dict[str, dict[str, Any]]:
         return {u["user"]: u for u in self.call("status")["users"]}
@@ -183,14 +171,7 @@ class BenchDaemon:
         return [h / self.name / user for h in hierarchies if (h / self.name / user).is_dir()]
 
     def shutdown(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGTERM)  # drain: every user is stopped gracefully
-        try:
-            self.proc.wait(120)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        terminate(self.proc, 120, "the daemon")  # drain: every user is stopped gracefully
 
 
 def remove_cgroups(name: str) -> None:
