@@ -343,6 +343,16 @@ class Config:
         overrides = self.tiers[tier].idle if tier in self.tiers else {}
         return _build(IdleConfig, {**_raw_values(self.idle), **overrides}, f"tiers.{tier}.idle") if overrides else self.idle
 
+    @property
+    def frontdoor_off(self) -> str | None:
+        """Why the front door does not run (no listen address, no key to verify tokens), or None."""
+        if not self.http.listen:
+            return "[http] listen is empty"
+        auth = self.auth
+        if auth.public_key_file is None and auth.jwks_file is None and auth.hs256_secret_file is None:
+            return "no [auth] public_key_file, jwks_file or hs256_secret_file is configured"
+        return None
+
     def tier(self, name: str) -> TierConfig:
         from supervisor.errors import UnknownTier
 

@@ -15,6 +15,7 @@ One nursery holds the services (session manager, control socket). Signals:
 from __future__ import annotations
 
 import argparse
+import ctypes
 import logging
 import os
 import signal
@@ -31,7 +32,6 @@ from supervisor.config import Config
 from supervisor.control import HANDLERS, ControlServer, pod_verbs, why_handler
 from supervisor.drain import Drainer
 from supervisor.errors import SupervisorError
-from supervisor.frontdoor import run_frontdoor
 from supervisor.idle import Stage
 from supervisor.manager import SessionManager
 from supervisor.probes import PodProbes, ProbeServer
@@ -99,7 +99,16 @@ async def run_daemon(
         manager.user_info_providers.append(idle.describe)
         handlers = {**HANDLERS, "why": why_handler(idle), **pod_verbs(drainer, publisher)}
         await nursery.start(ControlServer(manager, config.control.socket, handlers).serve)
-        await nursery.start(partial(run_frontdoor, config, manager, publisher=publisher, on_input=idle.note_input, wake=idle.wake))
+        if config.frontdoor_off is None:
+            # Imported here: PyJWT and cryptography cost ~10 MiB of the daemon's memory, which a pod
+            # whose front door is off (routing done elsewhere) need not pay.
+            from supervisor.frontdoor import run_frontdoor
+
+            await nursery.start(partial(run_frontdoor, config, manager, publisher=publisher, on_input=idle.note_input, wake=idle.wake))
+        else:
+            log.warning("front door disabled: %s", config.frontdoor_off)
+            manager.info_providers["frontdoor"] = partial(dict, enabled=False, why=config.frontdoor_off)
+        nursery.start_soon(trim_memory, config.daemon.usage_interval)
         probes.started = True
         log.info(
             "workspace-supervisor %s ready: pod %s, capacity %d, %s%s",
@@ -111,6 +120,18 @@ async def run_daemon(
             log.info("detaching: %d user(s) keep running for the next daemon", manager.pod.occupied())
         nursery.cancel_scope.cancel()
     log.info("workspace-supervisor stopped")
+
+
+async def trim_memory(interval: float) -> None:
+    """Give the C heap's free pages back to the kernel every ``interval`` (glibc's ``malloc_trim``):
+    without it, the peaks of a `status` of 500 users or a burst of starts stay in the daemon's RSS."""
+    try:
+        malloc_trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return
+    while True:
+        malloc_trim(0)
+        await trio.sleep(interval)
 
 
 def _parser() -> argparse.ArgumentParser:
