@@ -158,6 +158,13 @@ class IdeConfig:
     ready_timeout: float = setting(60.0, "How long an IDE may take to answer GET / on its socket.", parse_duration)
     stop_grace: float = setting(10.0, "Time between SIGTERM and SIGKILL of the whole tree.", parse_duration)
     shell: str = setting("/bin/bash", "SHELL given to the IDE (its terminals start it).", _str)
+    launcher_pool: int = setting(
+        2,
+        "Launcher processes kept ready, each already inside a spare cgroup that a start renames to the "
+        "user's (cgroup v1 only): the kernel's slow cgroup attach (~10 ms) leaves the start. 0 = off; "
+        "an empty pool, cgroup v2 or any failure falls back to joining the user's group before exec.",
+        _int(0, 64),
+    )
 
 
 @dataclass(frozen=True)

@@ -20,9 +20,10 @@ from typing import Any, Callable
 import trio
 
 from supervisor import launch, logfiles, metrics
-from supervisor.cgroups import CgroupDriver, Limits
+from supervisor.cgroups import CgroupDriver, Limits, SpareGroups
 from supervisor.config import Config, TierConfig
 from supervisor.errors import CgroupError, InvalidTransition, SupervisorError, UnknownUser, UnsafePath
+from supervisor.launchpool import LauncherPool
 from supervisor.paths import UserPaths, ensure_private_dir, ensure_user_dirs, resolve_uid, user_paths, validate_user_id
 from supervisor.sessions import (
     LIVE,
@@ -158,6 +159,10 @@ class SessionManager:
         self.pod = Pod(capacity=config.pod.capacity)
         self.runtimes: dict[str, UserRuntime] = {}
         self.reaper = Reaper(self._is_managed)
+        #: Launchers already inside spare cgroups (v1 only: see supervisor.launchpool); None when off.
+        self.pool: LauncherPool | None = None
+        if config.ide.launcher_pool > 0 and isinstance(driver, SpareGroups):
+            self.pool = LauncherPool(driver, config.ide.launcher_pool, reap=self.reaper.pop)
         self.store = StateStore(config.daemon.state_dir)
         self.policy = RestartPolicy(
             healthy_after=config.restart.healthy_after,
@@ -191,6 +196,8 @@ class SessionManager:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             nursery.start_soon(self._sigchld_loop)
+            if self.pool is not None:
+                await nursery.start(self.pool.serve)
             await self._adopt_all()
             nursery.start_soon(self._sample_loop)
             task_status.started(self)
@@ -207,6 +214,8 @@ class SessionManager:
                 self.reaper.collect()
 
     def _is_managed(self, pid: int) -> bool:
+        if self.pool is not None and self.pool.owns(pid):
+            return True
         return any(rt.session.pid == pid for rt in self.runtimes.values())
 
     async def _sample_loop(self) -> None:
@@ -470,7 +479,7 @@ class SessionManager:
     async def _execute(self, rt: UserRuntime, action: Action) -> None:
         user = rt.session.user
         if isinstance(action, Spawn):
-            for follow_up in self._spawn(rt):
+            for follow_up in await self._spawn(rt):
                 await self._execute(rt, follow_up)
         elif isinstance(action, Terminate):
             if self.driver.exists(user) and self.driver.is_frozen(user):
@@ -500,7 +509,7 @@ class SessionManager:
                 self.driver.thaw(user)
                 log.info("user=%s thawed", user)
 
-    def _spawn(self, rt: UserRuntime) -> list[Action]:
+    async def _spawn(self, rt: UserRuntime) -> list[Action]:
         """Start the tree; on failure return the state machine's follow-up actions."""
         session = rt.session
         user = session.user
@@ -509,19 +518,19 @@ class SessionManager:
             ensure_user_dirs(rt.paths, self.config.workspace.root, rt.uid, rt.gid)
             ensure_private_dir(rt.socket_dir, rt.uid, rt.gid)
             self._remove_socket_file(rt)
-            self.driver.create(user, limits_for(tier, starting=True))
-            usage = self.driver.usage(user)
-            rt.oom_baseline = usage.oom_kills
-            rt.oom_kills = 0
-            rt.cpu_usage_us, rt.cpu_sampled_at = usage.cpu_usage_us, self.clock()
-            self.cgroup_error = None
+            limits = limits_for(tier, starting=True)
             spec = launch.build_spec(
                 user=user, uid=rt.uid, gid=rt.gid,
                 command=self.config.ide.command, extra_env=self.config.ide.env, shell=self.config.ide.shell,
                 workspace=rt.paths.workspace, home=rt.paths.home, socket_path=rt.socket_path,
                 procs_files=self.driver.procs_files(user), log_path=rt.log_path,
             )
-            pid = launch.spawn(spec)
+            # A ready launcher whose spare group becomes the user's; else join the group before exec.
+            pid = await self.pool.launch(spec, limits) if self.pool is not None else None
+            if pid is None:
+                self.driver.create(user, limits)
+                pid = launch.spawn(spec)
+            self.cgroup_error = None
         except SupervisorError as exc:
             log.error("user=%s cannot start: %s", user, exc)
             if isinstance(exc, CgroupError):
@@ -529,6 +538,12 @@ class SessionManager:
             return session.on_spawn_failed(self.clock(), str(exc))
         pidfd = os.pidfd_open(pid)
         session.on_spawned(pid)
+        try:  # a fresh group, or one emptied by KillTree: the new tree has had no time to OOM
+            usage = self.driver.usage(user)
+            rt.oom_baseline, rt.oom_kills = usage.oom_kills, 0
+            rt.cpu_usage_us, rt.cpu_sampled_at = usage.cpu_usage_us, self.clock()
+        except CgroupError as exc:
+            log.warning("user=%s cannot read cgroup usage after the spawn: %s", user, exc)
         rt.pid_start = launch.process_start_time(pid)
         rt.started_wall = time.time()
         rt.running_since_wall = None
@@ -708,6 +723,7 @@ class SessionManager:
             "cgroup_driver": self.driver.describe(),
             "oom_kills": self.oom_kills_total,
             "orphans_reaped": self.reaper.orphans_reaped,
+            "launcher_pool": self.pool.info() if self.pool is not None else None,
             "uptime_s": round(time.time() - self.started_wall, 3),
             "pid": os.getpid(),
             **{name: provide() for name, provide in self.info_providers.items()},

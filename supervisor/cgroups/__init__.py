@@ -3,9 +3,9 @@
 :func:`detect` picks the driver for this host from the ``[cgroups]`` config.
 """
 
-from supervisor.cgroups.base import CgroupDriver, Limits, Usage
+from supervisor.cgroups.base import SPARE_PREFIX, CgroupDriver, Limits, SpareGroups, Usage
 from supervisor.cgroups.detect import detect
 from supervisor.cgroups.v1 import V1Driver
 from supervisor.cgroups.v2 import V2Driver
 
-__all__ = ["CgroupDriver", "Limits", "Usage", "V1Driver", "V2Driver", "detect"]
+__all__ = ["SPARE_PREFIX", "CgroupDriver", "Limits", "SpareGroups", "Usage", "V1Driver", "V2Driver", "detect"]

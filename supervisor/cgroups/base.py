@@ -113,3 +113,39 @@ class CgroupDriver(Protocol):
     def usage(self, user: str) -> Usage:
         """Current usage of the group (CgroupError when it does not exist)."""
         ...
+
+
+#: Name prefix of spare groups (never a valid user id: those start with a letter or digit).
+SPARE_PREFIX = ".spare-"
+
+
+@runtime_checkable
+class SpareGroups(Protocol):
+    """Optional driver capability: groups made and joined ahead of time, then given to a user.
+
+    A launcher process joins a spare group off the critical path (the kernel's attach is slow, see
+    ``integration/bench/README.md``); on a start the spare is renamed to the user's group, so the
+    process is in the user's group without migrating. cgroup v1 allows ``rename(2)`` of a group
+    within its parent; v2 refuses it, so only the v1 driver has this capability. ``spare`` is an id
+    (``[0-9a-z]+``); the directories are ``<subtree>/.spare-<id>`` and :meth:`CgroupDriver.users`
+    never lists them.
+    """
+
+    def create_spare(self, spare: str) -> list[str]:
+        """Create the spare group in every hierarchy (idempotent); return its ``cgroup.procs`` files,
+        in the order a process must write ``0`` into them."""
+        ...
+
+    def assign_spare(self, spare: str, user: str) -> None:
+        """Rename the spare group to ``user``'s in every hierarchy, all or nothing. An empty leftover
+        group of ``user`` (left by a kill before a restart) is removed first; a populated one, or one
+        with child groups, makes it raise CgroupError and leaves everything as it was."""
+        ...
+
+    def spares(self) -> list[str]:
+        """Ids of the spare groups that exist now (leftovers of a daemon that was killed)."""
+        ...
+
+    def remove_spare(self, spare: str) -> None:
+        """Kill whatever is in the spare group and remove it; a missing group is not an error."""
+        ...

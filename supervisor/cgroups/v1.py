@@ -25,7 +25,7 @@ from cgroupspy.interfaces import BaseFileInterface, IntegerFile
 from cgroupspy.nodes import Node
 from cgroupspy.trees import BaseTree
 
-from supervisor.cgroups.base import Limits, Usage
+from supervisor.cgroups.base import SPARE_PREFIX, Limits, Usage
 from supervisor.cgroups.v2 import (
     PAUSED_GROUP,
     check_group_name,
@@ -260,10 +260,57 @@ class V1Driver:
         names: set[str] = set()
         for hierarchy in self._hierarchies:
             try:
-                names.update(e.name for e in os.scandir(hierarchy / self.name) if e.is_dir())
+                names.update(e.name for e in os.scandir(hierarchy / self.name) if e.is_dir() and not e.name.startswith(SPARE_PREFIX))
             except FileNotFoundError:
                 continue
         return sorted(names)
+
+    # -- spare groups (:class:`~supervisor.cgroups.base.SpareGroups`)
+
+    def create_spare(self, spare: str) -> list[str]:
+        name = _spare_name(spare)
+        for hierarchy in self._hierarchies:
+            with _errors(f"create {hierarchy / self.name / name}"):
+                (hierarchy / self.name / name).mkdir(exist_ok=True)
+        return self.procs_files(name)
+
+    def assign_spare(self, spare: str, user: str) -> None:
+        name = _spare_name(spare)
+        check_group_name("user", user)
+        for directory in self._dirs(user):  # an empty leftover of a kill: its tasks are gone
+            try:
+                os.rmdir(directory)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                raise CgroupError(f"cannot give a spare group to {user}: {directory} exists and cannot be removed ({exc.strerror})") from exc
+        done: list[tuple[Path, Path]] = []
+        try:
+            for hierarchy in self._hierarchies:
+                source, target = hierarchy / self.name / name, hierarchy / self.name / user
+                os.rename(source, target)
+                done.append((source, target))
+        except OSError as exc:
+            for source, target in reversed(done):
+                try:
+                    os.rename(target, source)
+                except OSError:
+                    pass  # best effort; remove_spare/users() sort out what is left
+            raise CgroupError(f"cannot rename {exc.filename} to {exc.filename2}: {exc.strerror}") from exc
+
+    def spares(self) -> list[str]:
+        found: set[str] = set()
+        for hierarchy in self._hierarchies:
+            try:
+                found.update(e.name[len(SPARE_PREFIX):] for e in os.scandir(hierarchy / self.name) if e.is_dir() and e.name.startswith(SPARE_PREFIX))
+            except FileNotFoundError:
+                continue
+        return sorted(found)
+
+    def remove_spare(self, spare: str) -> None:
+        name = _spare_name(spare)
+        self.kill(name)
+        self.remove(name)
 
     # -- freezer and kill
 
@@ -373,6 +420,12 @@ class V1Driver:
             raise CgroupError(f"cgroup of {user} does not exist", reason="cgroup_missing", hint="create() the user's group first") from None
         except (OSError, ValueError) as exc:
             raise CgroupError(f"cannot read the usage of {user}: {exc}") from exc
+
+
+def _spare_name(spare: str) -> str:
+    if not spare.isalnum() or not spare.isascii():
+        raise CgroupError(f"invalid spare group id {spare!r}", hint="use letters and digits")
+    return SPARE_PREFIX + spare
 
 
 def _tree(directory: Path) -> Iterator[Node]:

@@ -1,0 +1,118 @@
+"""The pre-spawned launcher process of :mod:`supervisor.launchpool` (stdlib only, no package imports).
+
+Run by the daemon as ``python -I -S launcher_child.py FD PROCS_FILE...`` with ``FD`` one end of a
+``SOCK_SEQPACKET`` socket pair and stdin/stdout/stderr on ``/dev/null``. It:
+
+1. joins the spare cgroup by writing ``0`` into every ``PROCS_FILE`` (the kernel's slow attach,
+   paid here, off any user's start), sets ``no_new_privs`` and resets the signal dispositions
+   Python changed (as ``subprocess`` does with ``restore_signals``), then sends ``R`` (ready);
+2. waits for one launch message: a :mod:`marshal`-ed ``(argv, env, cwd, uid, gid)`` (bytes, list of
+   ``KEY=VALUE`` bytes, bytes, int, int) with the log file descriptor attached (``SCM_RIGHTS``).
+   By then the daemon has renamed the spare group to the user's and written its limits;
+3. points stdout and stderr at the log, changes directory, sets umask 077, drops supplementary
+   groups, gid and uid, and execs the IDE - it becomes the IDE, same pid. The socket is
+   close-on-exec, so the daemon sees end-of-file on success and ``E<message>`` on failure.
+
+End-of-file instead of a launch message (the daemon went away or discards it) makes it exit.
+"""
+
+import ctypes
+import marshal
+import os
+import signal
+import sys
+from _socket import AF_UNIX, SCM_RIGHTS, SOCK_SEQPACKET, SOL_SOCKET, CMSG_SPACE, socket
+
+PR_SET_NO_NEW_PRIVS = 38
+MSG_CMSG_CLOEXEC = 0x40000000
+MAX_MESSAGE = 1 << 20
+
+
+def fail(sock: "socket", what: str, exc: BaseException) -> None:
+    try:
+        sock.send(b"E" + f"{what}: {exc}".encode("utf-8", "replace"))
+    finally:
+        os._exit(127)
+
+
+def prepare(sock: "socket", procs_files: list) -> None:
+    for path in procs_files:
+        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            os.write(fd, b"0")
+        finally:
+            os.close(fd)
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_NO_NEW_PRIVS, ctypes.c_ulong(1), ctypes.c_ulong(0), ctypes.c_ulong(0), ctypes.c_ulong(0)) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS)")
+    for name in ("SIGPIPE", "SIGXFZ", "SIGXFSZ"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_DFL)
+
+
+def receive(sock: "socket") -> tuple:
+    data, ancdata, _flags, _addr = sock.recvmsg(MAX_MESSAGE, CMSG_SPACE(4), MSG_CMSG_CLOEXEC)
+    if not data:
+        os._exit(0)  # the daemon closed its end: nothing to launch
+    log_fd = -1
+    for level, kind, payload in ancdata:
+        if level == SOL_SOCKET and kind == SCM_RIGHTS and len(payload) >= 4:
+            log_fd = int.from_bytes(payload[:4], sys.byteorder)
+    return marshal.loads(data), log_fd
+
+
+def become(spec: tuple, log_fd: int) -> None:
+    argv, env, cwd, uid, gid = spec
+    if log_fd < 0:
+        raise OSError("no log file descriptor came with the launch message")
+    os.dup2(log_fd, 1)
+    os.dup2(log_fd, 2)
+    os.close(log_fd)
+    os.chdir(cwd)
+    os.umask(0o077)
+    os.setgroups([])
+    os.setresgid(gid, gid, gid)
+    os.setresuid(uid, uid, uid)
+    environ = dict(item.split(b"=", 1) for item in env)
+    execvpe(argv, environ)
+
+
+def execvpe(argv: list, environ: dict) -> None:
+    """``os.execvpe`` without its lazy imports: the interpreter's files may not be readable by the
+    user any more. The first error other than 'not there' wins, as in execvp(3)."""
+    file = argv[0]
+    if b"/" in file:
+        os.execve(file, argv, environ)
+    first = None
+    last: OSError = FileNotFoundError(2, "not found in PATH", file)
+    for directory in environ.get(b"PATH", b"/usr/bin:/bin").split(b":"):
+        try:
+            os.execve(os.path.join(directory or b".", file), argv, environ)
+        except (FileNotFoundError, NotADirectoryError) as exc:
+            last = exc
+        except OSError as exc:
+            last = exc
+            first = first or exc
+    raise first or last
+
+
+def main() -> None:
+    sock = socket(AF_UNIX, SOCK_SEQPACKET, 0, int(sys.argv[1]))
+    os.set_inheritable(sock.fileno(), False)  # pass_fds made it inheritable: the IDE must not get it
+    try:
+        prepare(sock, sys.argv[2:])
+    except BaseException as exc:  # noqa: BLE001 - reported to the daemon, then exit
+        fail(sock, "launcher set-up", exc)
+    sock.send(b"R")
+    try:
+        spec, log_fd = receive(sock)
+    except BaseException as exc:  # noqa: BLE001
+        fail(sock, "launch message", exc)
+    try:
+        become(spec, log_fd)
+    except BaseException as exc:  # noqa: BLE001
+        fail(sock, f"exec {spec[0][0]!r}", exc)
+
+
+if __name__ == "__main__":
+    main()

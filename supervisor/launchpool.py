@@ -1,0 +1,291 @@
+"""A pool of launcher processes that already sit in spare cgroups: starts without the kernel's attach.
+
+Joining a process to a cgroup (writing ``cgroup.procs``) waits for an RCU grace period, 7-13 ms
+(``integration/bench/README.md``); on cgroup v1 there is no way to create a process inside a group.
+So the pool keeps ``[ide] launcher_pool`` root processes ready (:mod:`supervisor.launcher_child`),
+each of which joined a spare group (``<subtree>/.spare-<id>`` in every hierarchy) when it was
+spawned, in the background. A start (:meth:`LauncherPool.launch`) renames a ready launcher's spare
+group to the user's group (:class:`~supervisor.cgroups.base.SpareGroups`), writes the tier's limits
+and only then sends the launch message; the launcher drops to the user's uid/gid (no supplementary
+groups, ``no_new_privs``) and execs the IDE, which keeps the launcher's pid. The guarantees of
+:func:`supervisor.launch.spawn` hold: the process is inside the user's group, under its limits,
+before any user code runs.
+
+:meth:`~LauncherPool.launch` returns None when no launcher is ready or the spare could not be given
+to the user; nothing has changed then and the caller starts the IDE the ordinary way. Launchers are
+the daemon's children: :meth:`LauncherPool.owns` tells the daemon's reaper to keep their exit
+statuses (a launcher that became an IDE is a user's main process).
+"""
+
+from __future__ import annotations
+
+import array
+import logging
+import marshal
+import os
+import secrets
+import select
+import signal
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Protocol
+
+import trio
+
+from supervisor import launch
+from supervisor.launch import LaunchSpec
+from supervisor.cgroups.base import Limits, SpareGroups
+from supervisor.errors import CgroupError, LaunchError
+
+log = logging.getLogger(__name__)
+
+CHILD = Path(__file__).with_name("launcher_child.py")
+
+
+class PoolDriver(SpareGroups, Protocol):
+    """What the pool needs of a cgroup driver: spare groups, and create() for the user's limits."""
+
+    def create(self, user: str, limits: Limits) -> None: ...
+
+
+@dataclass
+class Launcher:
+    """One ready launcher: its spare group, pid, pidfd and the daemon's end of its socket."""
+
+    spare: str
+    pid: int
+    pidfd: int
+    sock: socket.socket
+
+
+class LauncherPool:
+    """Keeps ``size`` launchers ready; refills in the background after each :meth:`launch`."""
+
+    spawn_timeout = 10.0  # a launcher's own start-up and cgroup attach
+    exec_timeout = 10.0  # launch message to exec
+    retry_initial = 1.0  # back-off after a launcher failed to come up
+    retry_max = 60.0
+
+    def __init__(
+        self, driver: PoolDriver, size: int, *, reap: Callable[[int], object], python: str = sys.executable
+    ) -> None:
+        self.driver = driver
+        self.size = size
+        self.reap = reap  # the daemon reaper's pop(pid): collects a dead launcher's exit status
+        self.python = python
+        self.ready: list[Launcher] = []
+        self._pids: set[int] = set()  # launchers alive (or not yet reaped) and not handed over
+        self._wake = trio.Event()
+        self._nursery: trio.Nursery | None = None
+        self.launched = 0
+        self.fallbacks = 0
+
+    def owns(self, pid: int) -> bool:
+        return pid in self._pids
+
+    def info(self) -> dict[str, int]:
+        return {"size": self.size, "ready": len(self.ready), "launched": self.launched, "fallbacks": self.fallbacks}
+
+    # ---- service -------------------------------------------------------------------------------
+
+    async def serve(self, *, task_status: trio.TaskStatus[LauncherPool] = trio.TASK_STATUS_IGNORED) -> None:
+        """Remove spare groups a killed daemon left, then keep the pool full until cancelled."""
+        for spare in self.driver.spares():
+            log.info("launcher pool: removing leftover spare group %s", spare)
+            self.driver.remove_spare(spare)
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                task_status.started(self)
+                await self._fill_loop()
+        finally:
+            self._nursery = None
+            for launcher in self.ready:
+                self._kill_and_remove(launcher)
+            self.ready.clear()
+
+    async def _fill_loop(self) -> None:
+        delay = self.retry_initial
+        while True:
+            while len(self.ready) < self.size:
+                launcher = await self._spawn_one()
+                if launcher is None:
+                    await trio.sleep(delay)
+                    delay = min(delay * 2, self.retry_max)
+                    continue
+                delay = self.retry_initial
+                self.ready.append(launcher)
+            await self._wake.wait()
+            self._wake = trio.Event()
+
+    async def _spawn_one(self) -> Launcher | None:
+        spare = secrets.token_hex(6)
+        try:
+            procs_files = self.driver.create_spare(spare)
+        except CgroupError as exc:
+            log.warning("launcher pool: cannot create a spare cgroup: %s", exc)
+            return None
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            pid, pidfd = await trio.to_thread.run_sync(self._popen, theirs.fileno(), procs_files)
+        except (OSError, subprocess.SubprocessError) as exc:
+            log.warning("launcher pool: cannot spawn a launcher (%s %s): %s", self.python, CHILD, exc)
+            ours.close()
+            self._remove_spare(spare)
+            return None
+        finally:
+            theirs.close()
+        ours.setblocking(False)
+        launcher = Launcher(spare, pid, pidfd, ours)
+        answer = b""
+        with trio.move_on_after(self.spawn_timeout):
+            answer = await _receive(ours)
+        if answer == b"R":
+            return launcher
+        why = answer[1:].decode("utf-8", "replace") if answer.startswith(b"E") else "no answer" if not answer else repr(answer)
+        log.warning("launcher pool: a launcher did not come up: %s", why)
+        self._discard(launcher)
+        return None
+
+    def _popen(self, fd: int, procs_files: list[str]) -> tuple[int, int]:
+        """Runs in a worker thread: fork/exec costs the event loop nothing."""
+        proc = subprocess.Popen(  # noqa: S603 - our own interpreter and module
+            [self.python, "-I", "-S", str(CHILD), str(fd), *procs_files],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            env={"PATH": launch.BASE_PATH, "LANG": "C.UTF-8"}, cwd="/", pass_fds=(fd,),
+            close_fds=True, start_new_session=True,
+        )
+        proc.returncode = 0  # reaped by the daemon's reaper (see owns()), never by Popen
+        self._pids.add(proc.pid)
+        return proc.pid, os.pidfd_open(proc.pid)
+
+    # ---- launching -----------------------------------------------------------------------------
+
+    async def launch(self, spec: LaunchSpec, limits: Limits) -> int | None:
+        """Start ``spec``'s IDE from a ready launcher and return its pid; None (nothing changed, start
+        it the ordinary way) when no launcher is ready or its spare group cannot become the user's.
+
+        Raises CgroupError when the limits cannot be written and LaunchError when the exec fails
+        (the user's group then exists and holds at most the dying launcher: the caller's failure
+        handling kills and removes it, as after a failed ordinary start).
+        """
+        if not self.ready:
+            self.fallbacks += 1
+            log.info("user=%s launcher pool empty; starting the ordinary way", spec.user)
+            return None
+        launcher = self.ready.pop(0)
+        self._wake.set()
+        try:
+            self.driver.assign_spare(launcher.spare, spec.user)
+        except CgroupError as exc:
+            self.fallbacks += 1
+            log.warning("user=%s launcher pool: %s; starting the ordinary way", spec.user, exc)
+            self._discard(launcher)
+            return None
+        # The launcher is in the user's group now: on any failure it must not run on.
+        try:
+            self.driver.create(spec.user, limits)  # limits and the OOM setting of the renamed group
+            self._send(launcher, spec)
+        except CgroupError:
+            self._discard(launcher, remove_spare=False)
+            raise
+        except OSError as exc:
+            self._discard(launcher, remove_spare=False)
+            if isinstance(exc, (BrokenPipeError, ConnectionError)):
+                self.fallbacks += 1
+                log.warning("user=%s launcher pool: the launcher went away (%s); starting the ordinary way", spec.user, exc)
+                return None
+            raise LaunchError(f"cannot start the IDE for {spec.user}: {exc}") from exc
+        answer: bytes | None = None
+        with trio.move_on_after(self.exec_timeout):
+            answer = await _receive(launcher.sock)
+        if answer:
+            self._discard(launcher, remove_spare=False)
+            why = answer[1:].decode("utf-8", "replace") if answer.startswith(b"E") else repr(answer)
+            raise LaunchError(f"cannot start the IDE for {spec.user}: {why}")
+        if answer is None:
+            self._discard(launcher, remove_spare=False)
+            raise LaunchError(f"cannot start the IDE for {spec.user}: the launcher did not exec within {self.exec_timeout:g} s")
+        # End of file: the close-on-exec socket closed, the launcher is the IDE now.
+        launcher.sock.close()
+        os.close(launcher.pidfd)
+        self._pids.discard(launcher.pid)
+        self.launched += 1
+        return launcher.pid
+
+    @staticmethod
+    def _send(launcher: Launcher, spec: LaunchSpec) -> None:
+        message = marshal.dumps((
+            [os.fsencode(a) for a in spec.argv],
+            [os.fsencode(f"{k}={v}") for k, v in spec.env.items()],
+            os.fsencode(spec.cwd), spec.uid, spec.gid,
+        ))
+        log_fd = launch.open_log(spec.log_path)
+        try:
+            launcher.sock.sendmsg([message], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [log_fd]))])
+        finally:
+            os.close(log_fd)
+
+    # ---- discarding ----------------------------------------------------------------------------
+
+    def _discard(self, launcher: Launcher, *, remove_spare: bool = True) -> None:
+        """Kill a launcher; reap it (and remove its spare group) once it is gone, in the background."""
+        launcher.sock.close()
+        _pidfd_kill(launcher.pidfd)
+        if self._nursery is None:
+            self._finish(launcher, remove_spare, wait=True)
+        else:
+            self._nursery.start_soon(self._finish_async, launcher, remove_spare)
+
+    async def _finish_async(self, launcher: Launcher, remove_spare: bool) -> None:
+        with trio.move_on_after(self.spawn_timeout):
+            await trio.lowlevel.wait_readable(launcher.pidfd)
+        self._finish(launcher, remove_spare, wait=False)
+
+    def _finish(self, launcher: Launcher, remove_spare: bool, *, wait: bool) -> None:
+        if wait:
+            _wait_pidfd(launcher.pidfd, self.spawn_timeout)
+        os.close(launcher.pidfd)
+        self.reap(launcher.pid)
+        self._pids.discard(launcher.pid)
+        if remove_spare:
+            self._remove_spare(launcher.spare)
+
+    def _kill_and_remove(self, launcher: Launcher) -> None:
+        launcher.sock.close()
+        _pidfd_kill(launcher.pidfd)
+        self._finish(launcher, True, wait=True)
+
+    def _remove_spare(self, spare: str) -> None:
+        try:
+            self.driver.remove_spare(spare)
+        except CgroupError as exc:
+            log.error("launcher pool: cannot remove spare group %s: %s", spare, exc)
+
+
+async def _receive(sock: socket.socket) -> bytes:
+    """The next message from a launcher; b"" at end of file (it exec'd, or exited)."""
+    while True:
+        await trio.lowlevel.wait_readable(sock)
+        try:
+            return sock.recv(4096)
+        except BlockingIOError:
+            continue
+        except ConnectionError:
+            return b""
+
+
+def _pidfd_kill(pidfd: int) -> None:
+    try:
+        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def _wait_pidfd(pidfd: int, timeout: float) -> None:
+    poller = select.poll()
+    poller.register(pidfd, select.POLLIN)
+    poller.poll(timeout * 1000)
