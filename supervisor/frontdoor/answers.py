@@ -36,7 +36,7 @@ class Answer:
         ]
 
 
-def _retry_after(seconds: float) -> tuple[bytes, bytes]:
+def retry_after_header(seconds: float) -> tuple[bytes, bytes]:
     return (b"retry-after", str(max(1, math.ceil(seconds))).encode())
 
 
@@ -53,7 +53,7 @@ def unauthorized(reason: str, message: str, hint: str) -> Answer:
 
 
 def retry_later(status: int, reason: str, message: str, hint: str, retry_after: float) -> Answer:
-    return json_answer(status, reason, message, hint, headers=(_retry_after(retry_after),))
+    return json_answer(status, reason, message, hint, headers=(retry_after_header(retry_after),))
 
 
 def html_page(status: int, reason: str, title: str, message: str, *, refresh: float | None = None,
@@ -75,7 +75,7 @@ def starting_page(retry_after: float) -> Answer:
     return html_page(
         503, "starting", "Starting your IDE\u2026",
         "Your workspace is starting. This page reloads by itself.",
-        refresh=min(retry_after, 2.0), headers=(_retry_after(min(retry_after, 2.0)),),
+        refresh=min(retry_after, 2.0), headers=(retry_after_header(min(retry_after, 2.0)),),
     )
 
 

@@ -5,10 +5,12 @@
 - :func:`forward_http`: one request/response exchange. The request body and the response body
   are streamed concurrently in ``buffer_size`` pieces, never held whole (Theia's 12 MB bundles,
   uploads), with backpressure both ways; 1xx answers are passed on.
+  A large ``Content-Length`` response body (Theia's bundles) is moved with ``os.splice`` instead
+  (:func:`splice_exactly`: IDE socket -> pipe -> browser socket) once h11 has parsed the head.
 - :func:`forward_upgrade`: a WebSocket (any ``Upgrade:``) handshake goes to the IDE; if it answers
-  101 the browser gets that 101 (with the IDE's headers and cookies) and from then on
-  :func:`splice` copies bytes both ways without looking at them; any other answer is passed on
-  as a normal response.
+  101 the browser gets that 101 (with the IDE's headers and cookies) and from then on the
+  :class:`~supervisor.frontdoor.relay.Relay` thread carries the bytes both ways; any other answer
+  is passed on as a normal response.
 - Header filtering (pure): hop-by-hop headers are dropped, ``Host`` and every other end-to-end
   header is kept; the front door's own session cookie and the Bearer token it consumed are
   removed from what the IDE sees, and an IDE cannot set or clear the front door's cookie.
@@ -30,7 +32,7 @@ from typing import Callable, Sequence, Union
 import h11
 import trio
 
-from supervisor.frontdoor.wsactivity import ClientFrames
+from supervisor.frontdoor.relay import Relay
 from supervisor.metrics import PROXY_BYTES
 
 HOP_BY_HOP = frozenset({
@@ -63,8 +65,14 @@ class HttpStream:
     def __init__(self, stream: trio.abc.Stream, role: type[h11.CLIENT] | type[h11.SERVER], *,
                  buffer_size: int, max_head: int) -> None:
         self.stream = stream
+        self.role = role
+        self.max_head = max_head
         self.conn = h11.Connection(role, max_incomplete_event_size=max_head)
         self.buffer_size = buffer_size
+
+    def restart(self) -> None:
+        """A fresh h11 machine, for a connection at a message boundary its machine did not see."""
+        self.conn = h11.Connection(self.role, max_incomplete_event_size=self.max_head)
 
     async def receive(self, timeout: float = math.inf) -> bytes:
         """Read once and feed h11 (``b""`` on EOF or a broken stream); TooSlowError after ``timeout``."""
@@ -245,13 +253,17 @@ class Exchange:
     answered: bool = False  # the browser got a status line: no error page can follow
     reusable: bool = False  # the browser's connection may carry another request
     ide_reusable: bool = False  # ... and so may the connection to the IDE (else open a new one)
+    spliced: bool = False  # the response body went through the kernel, not h11
+    ide_keeps_alive: bool = False  # (spliced) the IDE's answer did not end its connection
+    ended: str = ""  # (WebSocket) why the relayed connection ended
 
 
 async def forward_http(
     client: HttpStream, upstream: Upstream, request: h11.Request, *, target: bytes, headers: Headers,
-    cookie_name: str, idle: float, on_input: Counter,
+    cookie_name: str, idle: float, on_input: Counter, kernel_splice: bool = False,
 ) -> Exchange:
-    """Forward one request to the IDE and its answer to the browser, streaming both bodies.
+    """Forward one request to the IDE and its answer to the browser, streaming both bodies
+    (a large Content-Length response body with ``os.splice`` if ``kernel_splice``).
 
     Raises UpstreamFailed if the IDE broke off before the browser was answered (the caller may
     answer 502); a failure after that, or on the browser's side, raises ClientGone."""
@@ -287,7 +299,8 @@ async def forward_http(
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_guard_client, pump_request_body)
             response = await _response_head(client, ide, idle)
-            await _relay_response(client, ide, response, result, cookie_name=cookie_name, idle=idle)
+            await _relay_response(client, ide, response, result, cookie_name=cookie_name, idle=idle,
+                                  method=request.method, kernel_splice=kernel_splice)
             if not request_done:
                 nursery.cancel_scope.cancel()  # the IDE answered without reading the whole body
     except BaseExceptionGroup as group:
@@ -295,6 +308,12 @@ async def forward_http(
     # An IDE that ends its own connection (its answer said Connection: close, a hop-by-hop header
     # the browser never sees) costs a new IDE connection next time, not the browser's connection.
     result.reusable = request_done and client.conn.our_state is h11.DONE
+    if result.spliced:
+        # The IDE's h11 never saw the spliced body; the connection is at a message boundary.
+        result.ide_reusable = result.reusable and result.ide_keeps_alive and ide.conn.our_state is h11.DONE
+        if result.ide_reusable:
+            ide.restart()
+        return result
     result.ide_reusable = result.reusable and ide.conn.our_state is h11.DONE and ide.conn.their_state is h11.DONE
     if result.ide_reusable:
         ide.conn.start_next_cycle()
@@ -303,6 +322,7 @@ async def forward_http(
 
 async def _relay_response(
     client: HttpStream, ide: HttpStream, response: h11.Response, result: Exchange, *, cookie_name: str, idle: float,
+    method: bytes, kernel_splice: bool = False,
 ) -> None:
     """Pass the IDE's answer (head, then streamed body) on to the browser; record it in ``result``."""
     result.status = response.status_code
@@ -312,9 +332,77 @@ async def _relay_response(
             headers=client_response_headers(response.headers, cookie_name=cookie_name),
         ), idle)
         result.answered = True
-        await _pump_response_body(client, ide, idle)
+        length = body_length(method, response) if kernel_splice else None
+        if length is None or not await _splice_response_body(client, ide, length, idle):
+            await _pump_response_body(client, ide, idle)
+        else:
+            result.spliced = True
+            result.ide_keeps_alive = response.http_version == b"1.1" and b"close" not in connection_tokens(response.headers)
     except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError, h11.ProtocolError) as exc:
         raise ClientGone(f"response to the browser broke off: {type(exc).__name__}") from None
+
+
+def body_length(method: bytes, response: h11.Response) -> int | None:
+    """The body size a response announces with Content-Length (None: none, or chunked)."""
+    if method == b"HEAD" or response.status_code in (204, 304) or response.status_code < 200:
+        return None
+    length = None
+    for name, value in response.headers:
+        if name == b"transfer-encoding":
+            return None
+        if name == b"content-length":
+            length = int(value)  # h11 has validated it
+    return length
+
+
+async def _splice_response_body(client: HttpStream, ide: HttpStream, length: int, idle: float) -> bool:
+    """Move a Content-Length body with :func:`splice_exactly` once h11 has parsed the head; False
+    (nothing done) where the kernel cannot, or when there is too little left to be worth it.
+
+    What h11 already read of the body is passed on first; afterwards both h11 machines are told
+    of the spliced bytes, so the browser's connection goes on as if h11 had sent them. (The IDE's
+    machine cannot be told: after the body :func:`forward_http` gives it a fresh one.)"""
+    if not (isinstance(client.stream, trio.SocketStream) and isinstance(ide.stream, trio.SocketStream)):
+        return False
+    buffered: list[bytes] = []
+    seen = 0
+    while True:
+        event = ide.conn.next_event()  # only what is already buffered: no read
+        if isinstance(event, h11.Data):
+            buffered.append(bytes(event.data))
+            seen += len(event.data)
+        elif event is h11.NEED_DATA:
+            break
+        else:  # the whole body was buffered (EndOfMessage), or the IDE is gone: the usual way
+            return await _replay(client, ide, buffered, event, idle)
+    if length - seen < SPLICE_MIN:
+        return await _replay(client, ide, buffered, None, idle)
+    for data in buffered:
+        TO_CLIENT.inc(len(data))
+        await client.send(h11.Data(data=data), idle)
+    left = length - seen
+    if not await splice_exactly(ide.stream, client.stream, left, idle=idle, count=TO_CLIENT.inc):
+        raise trio.BrokenResourceError("the kernel cannot splice this body after part of it was sent")
+    while left:  # tell the browser's h11 how much it "sent" (no bytes are copied or written)
+        step = min(left, len(_ZEROS))
+        client.conn.send_with_data_passthrough(h11.Data(data=_ZEROS[:step]))  # type: ignore[arg-type] # only len() is used
+        left -= step
+    await client.send(h11.EndOfMessage(), idle)
+    return True
+
+
+async def _replay(client: HttpStream, ide: HttpStream, buffered: list[bytes], last: object, idle: float) -> bool:
+    """Pass on body pieces taken from h11 for a splice that did not happen; False if the body
+    goes on (the caller pumps the rest), True if it is complete."""
+    for data in buffered:
+        TO_CLIENT.inc(len(data))
+        await client.send(h11.Data(data=data), idle)
+    if last is None:
+        return False
+    if isinstance(last, h11.EndOfMessage):
+        await client.send(h11.EndOfMessage(), idle)
+        return True
+    raise trio.BrokenResourceError("the IDE closed inside a response body")
 
 
 async def _guard_client(pump: Callable[[], object]) -> None:
@@ -368,13 +456,15 @@ def first_leaf(group: BaseExceptionGroup) -> BaseException:
 
 async def forward_upgrade(
     client: HttpStream, upstream: Upstream, request: h11.Request, *, target: bytes, headers: Headers,
-    cookie_name: str, idle: float, on_input: Counter, on_switched: Callable[[], None] | None = None,
-    kernel_splice: bool = False, keepalive_markers: tuple[bytes, ...] = (),
+    cookie_name: str, idle: float, on_input: Counter, relay: Relay, expires: float = math.inf,
+    on_switched: Callable[[], None] | None = None, keepalive_markers: tuple[bytes, ...] = (),
 ) -> Exchange:
-    """Forward an upgrade handshake; on 101, splice the two connections until both ends close.
+    """Forward an upgrade handshake; on 101, hand both connections to ``relay`` until they end.
 
-    The browser's direction is read frame by frame (:class:`ClientFrames`) so that ``on_input``
-    hears only of messages a person caused, not keep-alives; the IDE's direction is spliced."""
+    The relay reads the browser's direction frame by frame (:class:`ClientFrames`) so that
+    ``on_input`` hears only of messages a person caused, not keep-alives (at most once per
+    :attr:`Relay.report_every`); at ``expires`` (monotonic: the credentials ran out) it closes
+    the WebSocket with a Close frame. Sets :attr:`Exchange.ended` to why the connection ended."""
     ide = upstream.http
     result = Exchange()
     try:
@@ -402,7 +492,7 @@ async def forward_upgrade(
         break
     if isinstance(answer, h11.Response):
         # Refused (Theia refuses an upgrade without its connection cookie): pass the answer on.
-        await _relay_response(client, ide, answer, result, cookie_name=cookie_name, idle=idle)
+        await _relay_response(client, ide, answer, result, cookie_name=cookie_name, idle=idle, method=request.method)
         return result
     if not isinstance(answer, h11.InformationalResponse):
         raise UpstreamFailed(f"the IDE answered the handshake with {type(answer).__name__}")
@@ -419,119 +509,84 @@ async def forward_upgrade(
         on_switched()
     client_pending, _ = client.conn.trailing_data
     ide_pending, _ = ide.conn.trailing_data
-
-    frames = ClientFrames(on_input, keepalive_markers)
-
-    def to_ide(data: bytes) -> None:
-        TO_IDE.inc(len(data))
-        frames.feed(data)
-
-    await splice(client.stream, ide.stream, bytes(client_pending), bytes(ide_pending),
-                 buffer_size=client.buffer_size, linger=idle, a_to_b=TO_IDE.inc, b_to_a=TO_CLIENT.inc, kernel=kernel_splice,
-                 a_inspect=to_ide)
+    client_fd, ide_fd = _fileno_of(client.stream), _fileno_of(ide.stream)
+    if client_fd is None or ide_fd is None:
+        raise UpstreamFailed("a WebSocket needs two socket streams to relay")
+    result.ended = await relay.carry(
+        client_fd, ide_fd, on_input=lambda: on_input(0), to_ide=TO_IDE.inc, to_client=TO_CLIENT.inc,
+        markers=keepalive_markers, pending=(bytes(client_pending), bytes(ide_pending)), expires=expires, linger=idle,
+    )
     return result
 
 
-async def splice(
-    a: trio.abc.Stream, b: trio.abc.Stream, a_pending: bytes, b_pending: bytes, *,
-    buffer_size: int, linger: float, a_to_b: Counter, b_to_a: Counter, kernel: bool = False,
-    a_inspect: Callable[[bytes], None] | None = None,
-) -> None:
-    """Copy bytes both ways until both directions reach EOF (an EOF is passed on as a half-close).
-
-    ``a_pending``/``b_pending`` were already read from ``a``/``b`` (h11's leftovers after the 101).
-    When one direction ends, the other gets ``linger`` seconds to end too; a broken stream ends both.
-    With ``kernel`` (and two socket streams) the bytes move through a pipe with ``os.splice`` and
-    never enter Python; where the kernel cannot splice, the direction falls back to copying.
-    With ``a_inspect``, the a -> b direction is copied and every chunk is shown to it instead of
-    being counted with ``a_to_b``."""
-    async with trio.open_nursery() as nursery:
-        finished = 0
-
-        async def pump(
-            src: trio.abc.Stream, dst: trio.abc.Stream, pending: bytes, count: Counter,
-            inspect: Callable[[bytes], None] | None = None,
-        ) -> None:
-            nonlocal finished
-            try:
-                if pending:
-                    await dst.send_all(pending)
-                    inspect(pending) if inspect is not None else count(len(pending))
-                if inspect is not None:
-                    await _inspecting_pump(src, dst, buffer_size, inspect)
-                elif not (kernel and isinstance(src, trio.SocketStream) and isinstance(dst, trio.SocketStream)
-                          and await _kernel_pump(src, dst, count)):
-                    await _copy_pump(src, dst, buffer_size, count)
-                if isinstance(dst, trio.abc.HalfCloseableStream):
-                    await dst.send_eof()
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                nursery.cancel_scope.cancel()
-                return
-            finished += 1
-            if finished == 1:
-                nursery.cancel_scope.deadline = trio.current_time() + linger
-
-        nursery.start_soon(pump, a, b, a_pending, a_to_b, a_inspect)
-        nursery.start_soon(pump, b, a, b_pending, b_to_a)
+def _fileno_of(stream: trio.abc.Stream) -> int | None:
+    return stream.socket.fileno() if isinstance(stream, trio.SocketStream) else None
 
 
-async def _copy_pump(src: trio.abc.Stream, dst: trio.abc.Stream, buffer_size: int, count: Counter) -> None:
-    await _inspecting_pump(src, dst, buffer_size, lambda data: count(len(data)))
-
-
-async def _inspecting_pump(
-    src: trio.abc.Stream, dst: trio.abc.Stream, buffer_size: int, inspect: Callable[[bytes], None]
-) -> None:
-    while True:
-        data = await src.receive_some(buffer_size)
-        if not data:
-            return
-        await dst.send_all(data)
-        inspect(bytes(data))
-
+# ---- Content-Length bodies through the kernel ---------------------------------------------------
 
 _SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
 _F_SETPIPE_SZ = 1031
 _PIPE_SIZE = 1 << 20
+_ZEROS = memoryview(bytes(_PIPE_SIZE))
+#: Response bodies with at least this many bytes still to come after the head are spliced.
+SPLICE_MIN = 64 * 2**10
 _CANNOT_SPLICE = frozenset({errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP})
 
 
-async def _kernel_pump(src: trio.SocketStream, dst: trio.SocketStream, count: Counter) -> bool:
-    """Move bytes src -> pipe -> dst with ``os.splice`` until EOF; False if the kernel cannot splice
-    these sockets (nothing was moved then; the caller copies instead). Raises BrokenResourceError."""
+async def splice_exactly(src: trio.SocketStream, dst: trio.SocketStream, length: int, *, idle: float, count: Counter) -> bool:
+    """Move exactly ``length`` bytes src -> pipe -> dst with ``os.splice`` (they never enter
+    Python); False if the kernel cannot splice these sockets (nothing was moved then: the caller
+    copies instead). Each wait for the other side may last ``idle`` (TooSlowError). Raises
+    BrokenResourceError if either side breaks or ``src`` ends early."""
     if not hasattr(os, "splice"):
         return False
     read_end, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     try:
         try:
-            chunk = fcntl.fcntl(write_end, _F_SETPIPE_SZ, _PIPE_SIZE)
+            capacity = fcntl.fcntl(write_end, _F_SETPIPE_SZ, _PIPE_SIZE)
         except OSError:
-            chunk = 65536
+            capacity = 65536
         src_sock, dst_sock = src.socket, dst.socket
         src_fd, dst_fd = src_sock.fileno(), dst_sock.fileno()
-        moved_any = False
-        while True:
-            await trio.lowlevel.wait_readable(src_sock)
-            try:
-                n = os.splice(src_fd, write_end, chunk, flags=_SPLICE_FLAGS)
-            except BlockingIOError:
-                continue
-            except OSError as exc:
-                if exc.errno in _CANNOT_SPLICE and not moved_any:
-                    return False
-                raise trio.BrokenResourceError(f"splice from the socket: {exc.strerror}") from None
-            if n == 0:
-                return True
-            moved_any = True
-            left = n
-            while left:
+        left = length  # still to be read from src
+        piped = 0  # in the pipe, not yet written to dst
+        while left or piped:
+            moved = False
+            if left and piped < capacity:
                 try:
-                    left -= os.splice(read_end, dst_fd, left, flags=_SPLICE_FLAGS)
+                    n = os.splice(src_fd, write_end, min(left, capacity - piped), flags=_SPLICE_FLAGS)
                 except BlockingIOError:
-                    await trio.lowlevel.wait_writable(dst_sock)
+                    n = -1
                 except OSError as exc:
-                    raise trio.BrokenResourceError(f"splice to the socket: {exc.strerror}") from None
-            count(n)
+                    if exc.errno in _CANNOT_SPLICE and left == length:
+                        return False
+                    raise trio.BrokenResourceError(f"splice from the IDE: {exc.strerror}") from None
+                if n == 0:
+                    raise trio.BrokenResourceError(f"the IDE closed with {left} bytes of the body still to come")
+                if n > 0:
+                    left -= n
+                    piped += n
+                    moved = True
+            if piped:
+                try:
+                    n = os.splice(read_end, dst_fd, piped, flags=_SPLICE_FLAGS)
+                except BlockingIOError:
+                    n = 0
+                except OSError as exc:
+                    raise trio.BrokenResourceError(f"splice to the browser: {exc.strerror}") from None
+                if n:
+                    piped -= n
+                    count(n)
+                    moved = True
+            if not moved:
+                with trio.fail_after(idle):
+                    if piped:
+                        await trio.lowlevel.wait_writable(dst_sock)
+                    else:
+                        await trio.lowlevel.wait_readable(src_sock)
+        await trio.lowlevel.checkpoint()
+        return True
     finally:
         os.close(read_end)
         os.close(write_end)

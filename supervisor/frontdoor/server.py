@@ -15,7 +15,13 @@ For every request on every connection (h11 parses them; bodies are streamed by :
    ``max_cold_starts``: 429. Pod full or draining: 503 with Retry-After. A FATAL IDE: 502 with an
    error page (a page load tries it again; background requests do not).
 5. **Through**: the request goes to the IDE's Unix socket with ``Host`` and the browser's other
-   cookies intact and the front door's cookie and token removed; WebSocket upgrades are spliced.
+   cookies intact and the front door's cookie and token removed. After a WebSocket upgrade the
+   connection is carried by the relay thread (:mod:`.relay`) until either side closes it, or
+   until the credentials that admitted it expire (``exp`` + ``[auth] leeway``): then it is
+   closed with a WebSocket Close frame 1008, as new requests with them are refused.
+
+A user an operator paused (``workspacectl pause``, state PAUSED) is answered 503 ``paused`` with
+Retry-After at once; requests do not resume it (an idle-frozen IDE is RUNNING and is woken by them).
 
 A connection whose request head does not arrive within ``header_timeout`` (slowloris), is larger
 than ``max_header_bytes`` (431) or is not HTTP (400) is answered and closed; each connection runs
@@ -37,8 +43,9 @@ import trio
 from supervisor.config import Config
 from supervisor.errors import CapacityExceeded, Draining, InvalidTransition, SupervisorError, UnknownTier
 from supervisor.frontdoor.admission import ColdStarts, SessionTable
-from supervisor.frontdoor.answers import Answer, html_page, json_answer, redirect, retry_later, starting_page, unauthorized, wants_html
+from supervisor.frontdoor.answers import Answer, html_page, retry_after_header, json_answer, redirect, retry_later, starting_page, unauthorized, wants_html
 from supervisor.frontdoor.auth import AuthError, Authenticator, Identity, credentials
+from supervisor.frontdoor.relay import Relay
 from supervisor.frontdoor.proxy import (
     ClientGone,
     Exchange,
@@ -60,11 +67,12 @@ from supervisor.sessions import State
 
 log = logging.getLogger(__name__)
 
-#: States in which the IDE is there to be proxied to (a PAUSED one is woken by its input).
-SERVING = frozenset({State.RUNNING, State.PAUSED})
+#: The state in which the IDE is there to be proxied to. (An idle-frozen IDE is RUNNING and woken
+#: by its input; PAUSED is an operator's `workspacectl pause` and is answered 503 at once.)
+SERVING = frozenset({State.RUNNING})
 #: States in which a start is already under way: wait for it rather than start again.
 UNDER_WAY = frozenset({State.STARTING, State.BACKOFF})
-OTHER_REFUSALS = ("unknown_tier", "too_many_sessions", "too_many_cold_starts", "pod_full", "draining", "method_not_allowed")
+OTHER_REFUSALS = ("unknown_tier", "too_many_sessions", "too_many_cold_starts", "pod_full", "draining", "method_not_allowed", "paused")
 for _reason in OTHER_REFUSALS:
     AUTH_REJECTIONS.labels(reason=_reason)
 MAX_LOGGED_TARGET = 200
@@ -179,6 +187,7 @@ class FrontDoor:
         self.connections = 0
         self.addresses: list[tuple[str, int]] = []
         self._starting: dict[str, _ColdStart] = {}
+        self.relay = Relay(buffer_size=config.http.buffer_size)
 
     @property
     def cookie_name(self) -> str:
@@ -190,6 +199,7 @@ class FrontDoor:
             "enabled": True,
             "listen": [_format_address(*address) for address in self.addresses],
             "connections": self.connections,
+            "websockets": self.relay.connections,
             "browser_sessions": self.sessions.total(self.clock()),
             "cold_starts_in_flight": len(self.cold.in_flight),
             "algorithms": sorted(self.auth.tokens.keys.accepted),
@@ -206,10 +216,14 @@ class FrontDoor:
         self.addresses = [tuple(listener.socket.getsockname()[:2]) for listener in listeners]
         for address in self.addresses:
             log.info("front door listening on %s", _format_address(*address))
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._prune_loop)
-            await nursery.start(trio.serve_listeners, self.handle_connection, listeners)
-            task_status.started(self)
+        self.relay.start()
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._prune_loop)
+                await nursery.start(trio.serve_listeners, self.handle_connection, listeners)
+                task_status.started(self)
+        finally:
+            self.relay.stop()
 
     async def _prune_loop(self) -> None:
         while True:
@@ -270,6 +284,8 @@ class FrontDoor:
         """The user's serving IDE, starting it if needed, or the answer to give instead."""
         user = identity.user
         info = self.ides.lookup(user)
+        if info is not None and info.state is State.PAUSED:
+            return self._paused(user, navigating)
         if info is not None and info.state in SERVING:
             if info.tier != identity.tier:
                 await self._change_tier(identity)
@@ -336,6 +352,15 @@ class FrontDoor:
                 return starting_page(self.http.retry_after)
             return retry_later(503, "starting", "the workspace is still starting", "retry shortly", min(self.http.retry_after, 2.0))
         return retry_later(503, "not_running", "the workspace stopped while this request waited", "retry", 1.0)
+
+    def _paused(self, user: str, navigating: bool) -> Answer:
+        """An operator paused the user (`workspacectl pause`): requests do not resume it."""
+        message = f"An operator paused the workspace of {user}; it answers again once it is resumed"
+        hint = f"ask an operator to run 'workspacectl resume {user}'"
+        retry = (retry_after_header(self.http.retry_after),)
+        if navigating:
+            return self._refusal(html_page(503, "paused", "Your workspace is paused", message + " (" + hint + ").", headers=retry))
+        return self._refusal(retry_later(503, "paused", message, hint, self.http.retry_after))
 
     def _failed(self, info: IdeInfo, navigating: bool) -> Answer:
         message = f"Your workspace failed to start: {info.reason or 'unknown reason'}"
@@ -517,6 +542,7 @@ class _Connection:
                 exchange = await forward_http(
                     self.client, self.upstream, request, target=target, headers=headers,
                     cookie_name=front.cookie_name, idle=self.http.idle_timeout, on_input=on_input,
+                    kernel_splice=self.http.kernel_splice,
                 )
             except UpstreamFailed as exc:
                 await self._drop_upstream()
@@ -577,8 +603,8 @@ class _Connection:
         try:
             exchange = await forward_upgrade(
                 self.client, upstream, request, target=target, headers=headers, cookie_name=self.front.cookie_name,
-                idle=self.http.idle_timeout, on_input=on_input, on_switched=on_switched, kernel_splice=self.http.kernel_splice,
-                keepalive_markers=self.front.keepalive_markers,
+                idle=self.http.idle_timeout, on_input=on_input, on_switched=on_switched, relay=self.front.relay,
+                expires=self._expiry(identity), keepalive_markers=self.front.keepalive_markers,
             )
         except UpstreamFailed as exc:
             log.warning("user=%s upgrade %s: the IDE failed: %s", user, loggable(target), exc)
@@ -587,8 +613,16 @@ class _Connection:
             if switched:
                 gauge.dec()
             await upstream.aclose()
-        log.debug("user=%s upgrade %s -> %d", user, loggable(target), exchange.status)
+        if exchange.ended == "expired":
+            log.info("user=%s sid=%s WebSocket %s closed: its credentials expired", user, identity.sid[:16], loggable(target))
+        log.debug("user=%s upgrade %s -> %d (%s)", user, loggable(target), exchange.status, exchange.ended or "answered")
         return False
+
+    def _expiry(self, identity: Identity) -> float:
+        """When (``time.monotonic``) the credentials that admitted a WebSocket run out: the token's
+        (or cookie's) ``exp`` plus the configured clock leeway, as new requests are refused."""
+        left = identity.expires + self.front.config.auth.leeway - time.time()
+        return time.monotonic() + left
 
     def _unavailable(self, user: str) -> Answer:
         return retry_later(502, "ide_unavailable", f"the workspace of {user} did not answer", "retry shortly", 1.0)

@@ -15,6 +15,7 @@ import re
 from typing import Callable
 
 ENGINE_IO_KEEPALIVES = frozenset({b"2", b"3", b"2probe", b"3probe"})
+_MAX_HEADER = 14  # 2 + 8 (extended length) + 4 (mask)
 SNIFF_LIMIT = 1024  # frames up to this size are inspected; larger ones are always input
 _CONTROL_OPCODES = frozenset({0x8, 0x9, 0xA})  # close, ping, pong
 _BINARY_EVENT_HEADER = re.compile(rb"45\d+-")  # engine.io message + socket.io BINARY_EVENT, N attachments
@@ -37,44 +38,50 @@ class ClientFrames:
         self._in_payload = False
         self._gave_up = False
 
-    def feed(self, data: bytes) -> None:
+    @property
+    def at_boundary(self) -> bool:
+        """True between two frames (nothing of a next frame seen yet)."""
+        return not self._in_payload and not self._buffer
+
+    def feed(self, data: bytes | memoryview) -> None:
+        """Judge the next bytes (only read during the call: the caller may reuse its buffer)."""
         if self._gave_up:
             self.on_input(len(data))
             return
         view = memoryview(data)
-        while view:
+        pos, end = 0, len(view)
+        while pos < end:
             if not self._in_payload:
-                self._buffer += bytes(view)
-                view = memoryview(b"")
-                consumed = self._parse_header()
+                old = self._buffer
+                head = old + bytes(view[pos : pos + _MAX_HEADER])
+                consumed = self._parse_header(head)
                 if consumed is None:
-                    return  # need more header bytes
-                rest = self._buffer[consumed:]
-                self._buffer = b""
-                view = memoryview(rest)
-                if self._gave_up:
-                    self.on_input(len(rest))
+                    self._buffer = head  # all that is left (a header is at most _MAX_HEADER bytes)
                     return
+                self._buffer = b""
+                if self._gave_up:
+                    self.on_input(end - pos)
+                    return
+                pos += consumed - len(old)
                 if self._remaining == 0:
                     self._finish_frame()
                 continue
-            take = min(self._remaining, len(view))
+            take = min(self._remaining, end - pos)
             if self._length <= SNIFF_LIMIT:
                 start = self._length - self._remaining
-                chunk = bytes(view[:take])
+                chunk = bytes(view[pos : pos + take])
                 if self._mask:
                     key = (self._mask[start % 4 :] + self._mask[: start % 4]) * (take // 4 + 1)
                     unmasked = int.from_bytes(chunk, "little") ^ int.from_bytes(key[:take], "little")
                     chunk = unmasked.to_bytes(take, "little")
                 self._sample.extend(chunk)
             self._remaining -= take
-            view = view[take:]
+            pos += take
             if self._remaining == 0:
                 self._finish_frame()
 
-    def _parse_header(self) -> int | None:
-        """Parse a frame header from the buffer; its length, or None if incomplete."""
-        buf = self._buffer
+    def _parse_header(self, buf: bytes) -> int | None:
+        """Parse a frame header at the start of ``buf``; its length, or None if incomplete."""
         if len(buf) < 2:
             return None
         first, second = buf[0], buf[1]

@@ -1,0 +1,490 @@
+"""Upgraded connections (WebSockets) relayed by one plain epoll thread, outside the trio loop.
+
+Why a thread: after the 101 the front door only moves bytes, and trio's cost per wake-up (a task
+switch, checkpoints around every ``receive_some``/``send_all``) was most of the front door's CPU
+per small message: ~23 us per round trip at best, against ~10 us for a loop driven by readiness
+alone (``integration/bench/README.md``). :class:`Relay` is that loop: one thread, one level-
+triggered ``select.epoll`` for every upgraded connection of the daemon, ``recv_into`` one
+preallocated buffer per direction and ``send``. It holds the GIL only while it handles ready
+sockets; the trio thread is idle meanwhile (it has nothing to do for a relayed connection).
+
+Per connection (:class:`Link`), both directions are read frame by frame, cheaply:
+
+- browser -> IDE through :class:`~supervisor.frontdoor.wsactivity.ClientFrames`, so that only
+  input a person caused counts as activity. Activity reaches trio at most once per
+  ``report_every`` per connection (the first input after a quiet spell at once - a frozen IDE is
+  woken by its first byte - and the latest one after the interval), not once per message;
+- IDE -> browser through :class:`FrameBoundaries`, which only skips frame headers, so that the
+  front door can end a connection with a Close frame of its own between two of the IDE's frames.
+
+A connection ends when both directions reached EOF (each EOF is passed on as a half-close; after
+the first the other direction has ``linger`` seconds), when either socket breaks, when the trio
+side cuts it (:meth:`Relay.cut`: shutdown, cancellation), or at ``expires`` - the credentials that
+admitted it ran out: then the browser gets a Close frame 1008 and the IDE a Close frame 1001, both
+at frame boundaries, and the connection is closed a moment later. The trio side learns the end
+through a callback run in the trio thread (``TrioToken.run_sync_soon``).
+
+The relay owns duplicates of the two sockets (``socket.dup``): the trio side may close its own
+objects whenever it likes, the connection lasts until the relay closes its copies.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import select
+import socket
+import struct
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import trio
+
+from supervisor.frontdoor.wsactivity import ClientFrames
+
+log = logging.getLogger(__name__)
+
+Counter = Callable[[int], None]
+_IN = select.EPOLLIN
+_OUT = select.EPOLLOUT
+_NEVER = float("inf")
+_MAX_HEADER = 14  # 2 + 8 (length) + 4 (mask)
+#: After the credentials expired: how long the IDE's current frame may take to end before the
+#: connection is cut without a Close frame, and how long the browser then has to close its side.
+CLOSE_GRACE = 2.0
+#: WebSocket close codes (RFC 6455 7.4.1): the browser sees 1008, the IDE 1001 (going away).
+CLOSE_POLICY = 1008
+CLOSE_GOING_AWAY = 1001
+
+
+def close_frame(code: int, reason: str, *, masked: bool) -> bytes:
+    """A WebSocket Close frame (masked as a client sends it, or not as a server does)."""
+    payload = struct.pack("!H", code) + reason.encode()[:123]
+    if not masked:
+        return bytes((0x88, len(payload))) + payload
+    key = os.urandom(4)
+    body = bytes(b ^ key[i % 4] for i, b in enumerate(payload))
+    return bytes((0x88, 0x80 | len(payload))) + key + body
+
+
+class FrameBoundaries:
+    """Fed the IDE's bytes in any chunking; knows whether they end between two frames. Only
+    headers are looked at (payloads are skipped by their length); bytes that are not frames
+    simply never come back to a boundary."""
+
+    __slots__ = ("_head", "_remaining")
+
+    def __init__(self) -> None:
+        self._head = b""  # an incomplete header
+        self._remaining = 0  # payload bytes of the current frame still to come
+
+    @property
+    def at_boundary(self) -> bool:
+        return not self._head and self._remaining == 0
+
+    def feed(self, data: memoryview | bytes) -> None:
+        n = len(data)
+        remaining = self._remaining
+        if remaining >= n:
+            self._remaining = remaining - n
+            return
+        pos = remaining
+        while pos < n:
+            old = self._head
+            head = old + bytes(data[pos : pos + _MAX_HEADER])
+            if len(head) < 2:
+                self._head = head
+                self._remaining = 0
+                return
+            second = head[1]
+            length = second & 0x7F
+            size = 2 + (2 if length == 126 else 8 if length == 127 else 0) + (4 if second & 0x80 else 0)
+            if len(head) < size:
+                self._head = head
+                self._remaining = 0
+                return
+            if length == 126:
+                length = int.from_bytes(head[2:4], "big")
+            elif length == 127:
+                length = int.from_bytes(head[2:10], "big")
+            self._head = b""
+            pos += size - len(old) + length
+        self._remaining = pos - n
+
+
+@dataclass
+class _Direction:
+    """Bytes from ``src`` to ``dst``: one read buffer, and what of it ``dst`` has not taken yet."""
+
+    src: socket.socket
+    dst: socket.socket
+    inspect: Callable[[memoryview], None]
+    count: Counter
+    buffer: bytearray
+    pending: bytes = b""  # read (or queued by the relay) but not yet sent
+    eof: bool = False  # src ended (or is no longer read): pass EOF on once pending is sent
+    done: bool = False  # EOF passed on
+    discard: bool = False  # read src but drop what arrives (the connection is closing)
+
+    @property
+    def reading(self) -> bool:
+        return not self.eof and not self.pending
+
+    def send_pending(self) -> None:
+        """Send what ``dst`` takes now; raises OSError if it broke."""
+        if self.pending:
+            try:
+                sent = self.dst.send(self.pending)
+            except BlockingIOError:
+                return
+            self.pending = self.pending[sent:]
+        if not self.pending and self.eof and not self.done:
+            self.done = True
+            try:
+                self.dst.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+
+    def queue(self, data: bytes) -> None:
+        self.pending += data
+        self.send_pending()
+
+    def pump(self) -> None:
+        """``src`` is readable: read once and pass it on. Raises OSError if a socket broke."""
+        if self.eof or self.pending:
+            return  # (a hang-up is reported even when not asked for: read once dst took the rest)
+        view = memoryview(self.buffer)
+        try:
+            n = self.src.recv_into(view)
+        except BlockingIOError:
+            return
+        if n == 0:
+            self.eof = True
+            self.send_pending()
+            return
+        if self.discard:
+            return
+        chunk = view[:n]
+        self.inspect(chunk)
+        self.count(n)
+        try:
+            sent = self.dst.send(chunk)
+        except BlockingIOError:
+            sent = 0
+        if sent < n:
+            self.pending = bytes(chunk[sent:])
+
+
+@dataclass(eq=False)
+class Link:
+    """One relayed connection, as the relay thread sees it."""
+
+    client: socket.socket
+    ide: socket.socket
+    up: _Direction  # browser -> IDE
+    down: _Direction  # IDE -> browser
+    frames: ClientFrames
+    boundaries: FrameBoundaries
+    expires: float  # monotonic time at which the credentials ran out (inf: never)
+    linger: float
+    on_end: Callable[[str], None]  # run in the trio thread with why it ended
+    on_input: Callable[[], None]  # run in the trio thread: a person sent something
+    report_every: float
+    reported_at: float = -1e18
+    unreported: bool = False
+    deadline: float = _NEVER  # linger after a half-close, or the end of closing
+    closing: bool = False  # the front door's Close frame is out (expired)
+    pending: tuple[bytes, bytes] = (b"", b"")  # already read from (client, IDE) before the relay
+    events: dict[int, int] = field(default_factory=dict)  # fd -> registered epoll mask
+
+
+class Relay:
+    """The relay thread (see the module docstring). :meth:`start` once, :meth:`stop` at the end;
+    :meth:`carry` from trio tasks."""
+
+    def __init__(self, *, buffer_size: int = 256 * 2**10, report_every: float = 0.05) -> None:
+        self.buffer_size = buffer_size
+        self.report_every = report_every
+        self._epoll = select.epoll()
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._epoll.register(self._wake_r, _IN)
+        self._commands: queue.SimpleQueue[tuple[str, Link | None]] = queue.SimpleQueue()
+        self._by_fd: dict[int, Link] = {}
+        self._links: set[Link] = set()
+        self._unreported: set[Link] = set()
+        self._thread: threading.Thread | None = None
+        self._token: trio.lowlevel.TrioToken | None = None
+
+    @property
+    def connections(self) -> int:
+        return len(self._links)
+
+    # ---- the trio side ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the thread (call from the trio thread: callbacks are run in this trio run)."""
+        self._token = trio.lowlevel.current_trio_token()
+        self._thread = threading.Thread(target=self._run, name="frontdoor-relay", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """End every connection and the thread; returns once it is gone."""
+        if self._thread is not None:
+            self._command("stop", None)
+            self._thread.join()
+            self._thread = None
+        self._epoll.close()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+
+    async def carry(
+        self, client: int, ide: int, *, on_input: Callable[[], None], to_ide: Counter,
+        to_client: Counter, markers: tuple[bytes, ...] = (), pending: tuple[bytes, bytes] = (b"", b""),
+        expires: float = _NEVER, linger: float = 60.0,
+    ) -> str:
+        """Relay the sockets ``client`` <-> ``ide`` (file descriptors; the relay works on
+        duplicates, so the caller may close its own objects at any time) until the connection ends; why it ended (``closed``,
+        ``broken``, ``expired`` - at ``expires``, monotonic -, ``linger``, ``stopped``, ``cut``).
+        ``pending`` was already read from (client, IDE) and goes first. ``on_input`` runs in the
+        trio thread when the browser sent input (see the module docstring). Cancelling cuts the
+        connection."""
+        if self._thread is None:
+            raise RuntimeError("the relay thread is not running")
+        ended = trio.Event()
+        why = ["cancelled"]
+
+        def on_end(reason: str) -> None:
+            why[0] = reason
+            ended.set()
+
+        c = socket.socket(fileno=os.dup(client))
+        i = socket.socket(fileno=os.dup(ide))
+        c.setblocking(False)
+        i.setblocking(False)
+        boundaries = FrameBoundaries()
+        frames = ClientFrames(lambda size: None, markers)
+        link = Link(
+            client=c, ide=i, frames=frames, boundaries=boundaries, expires=expires, linger=linger,
+            up=_Direction(c, i, frames.feed, to_ide, bytearray(self.buffer_size)),
+            down=_Direction(i, c, boundaries.feed, to_client, bytearray(self.buffer_size)),
+            on_end=on_end, on_input=on_input, report_every=self.report_every, pending=pending,
+        )
+        frames.on_input = lambda size: self._input(link)
+        self._command("add", link)
+        try:
+            await ended.wait()
+        except BaseException:
+            self.cut(link)
+            raise
+        return why[0]
+
+    def cut(self, link: Link) -> None:
+        """End ``link`` now (from any thread)."""
+        self._command("cut", link)
+
+    def _command(self, what: str, link: Link | None) -> None:
+        self._commands.put((what, link))
+        try:
+            os.write(self._wake_w, b"\0")
+        except BlockingIOError:
+            pass  # already woken
+
+    def _to_trio(self, fn: Callable[[], None]) -> None:
+        assert self._token is not None
+
+        def guarded() -> None:
+            try:
+                fn()
+            except Exception:  # noqa: BLE001 - a callback's failure must not end the trio run
+                log.exception("front door relay: a callback failed")
+
+        try:
+            self._token.run_sync_soon(guarded)
+        except trio.RunFinishedError:
+            pass
+
+    # ---- the thread ------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        poll = self._epoll.poll
+        by_fd = self._by_fd
+        try:
+            while True:
+                events = poll(self._timeout())
+                for fd, mask in events:
+                    if fd == self._wake_r:
+                        if not self._drain_commands():
+                            return
+                        continue
+                    link = by_fd.get(fd)
+                    if link is not None:
+                        self._ready(link, fd, mask)
+                self._timers()
+        finally:
+            for link in list(self._links):
+                self._end(link, "stopped")
+
+    def _timeout(self) -> float:
+        if not self._links:
+            return -1
+        now = time.monotonic()
+        soonest = min(link.deadline if link.closing or link.expires <= now else min(link.expires, link.deadline)
+                      for link in self._links)
+        if self._unreported:
+            soonest = min(soonest, min(link.reported_at + link.report_every for link in self._unreported))
+        return max(0.0, soonest - now) if soonest != _NEVER else -1
+
+    def _drain_commands(self) -> bool:
+        try:
+            while os.read(self._wake_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+        while True:
+            try:
+                what, link = self._commands.get_nowait()
+            except queue.Empty:
+                return True
+            if what == "stop":
+                return False
+            assert link is not None
+            if what == "add":
+                self._add(link)
+            elif what == "cut" and link in self._links:
+                self._end(link, "cut")
+
+    def _add(self, link: Link) -> None:
+        self._links.add(link)
+        for sock in (link.client, link.ide):
+            self._by_fd[sock.fileno()] = link
+            link.events[sock.fileno()] = _IN
+            self._epoll.register(sock.fileno(), _IN)
+        try:
+            for direction, data in zip((link.up, link.down), link.pending):
+                if data:
+                    direction.inspect(memoryview(data))
+                    direction.count(len(data))
+                    direction.queue(data)
+        except OSError:
+            self._end(link, "broken")
+            return
+        if link.expires <= time.monotonic():
+            self._expire(link)
+        else:
+            self._interest(link)
+
+    def _input(self, link: Link) -> None:
+        now = time.monotonic()
+        if now - link.reported_at >= link.report_every:
+            link.reported_at = now
+            link.unreported = False
+            self._unreported.discard(link)
+            self._to_trio(link.on_input)
+        elif not link.unreported:
+            link.unreported = True
+            self._unreported.add(link)
+
+    def _ready(self, link: Link, fd: int, mask: int) -> None:
+        client_side = fd == link.client.fileno()
+        reading = link.up if client_side else link.down
+        writing = link.down if client_side else link.up
+        try:
+            if mask & _OUT:
+                writing.send_pending()
+            if mask & ~_OUT:  # readable, hung up or failed: a read tells which
+                reading.pump()
+        except OSError as exc:
+            self._end(link, "broken")
+            log.debug("front door relay: a connection broke: %s", exc)
+            return
+        if link.closing:
+            if link.up.eof and link.down.done:
+                self._end(link, "expired")  # the browser closed its side after our Close frame
+                return
+        elif link.up.done and link.down.done:
+            self._end(link, "closed")
+            return
+        elif (link.up.done or link.down.done) and link.deadline == _NEVER:
+            link.deadline = time.monotonic() + link.linger
+        elif not client_side and link.expires <= time.monotonic():
+            self._expire(link)  # it waited for the IDE's frame to end
+            return
+        self._interest(link)
+
+    def _interest(self, link: Link) -> None:
+        for sock, reading, writing in ((link.client, link.up, link.down), (link.ide, link.down, link.up)):
+            fd = sock.fileno()
+            if fd not in link.events:
+                continue  # no longer watched (the IDE's side of a closing connection)
+            mask = (_IN if reading.reading else 0) | (_OUT if writing.pending else 0)
+            if mask != link.events[fd]:
+                link.events[fd] = mask
+                self._epoll.modify(fd, mask)
+
+    def _timers(self) -> None:
+        now = time.monotonic()
+        for link in [link for link in self._unreported if now - link.reported_at >= link.report_every]:
+            link.reported_at = now
+            link.unreported = False
+            self._unreported.discard(link)
+            self._to_trio(link.on_input)
+        for link in [link for link in self._links if link.deadline <= now or (link.expires <= now and not link.closing)]:
+            if link.deadline <= now:
+                self._end(link, "expired" if link.closing or link.expires <= now else "linger")
+            else:
+                self._expire(link)
+
+    def _expire(self, link: Link) -> None:
+        """The credentials ran out: Close frames at frame boundaries, then close. While the IDE is
+        inside a frame, wait (at most :data:`CLOSE_GRACE`) for it to end."""
+        now = time.monotonic()
+        if not (link.boundaries.at_boundary and not link.down.pending):
+            if link.deadline > now + CLOSE_GRACE:
+                link.deadline = now + CLOSE_GRACE
+            return
+        link.closing = True
+        link.deadline = now + CLOSE_GRACE
+        try:
+            if not link.down.done:
+                link.down.eof = True
+                link.down.queue(close_frame(CLOSE_POLICY, "session expired: sign in again", masked=False))
+        except OSError:
+            self._end(link, "expired")
+            return
+        # The IDE: a Close frame if it takes one now (between two of the browser's frames), then
+        # it is done with. The browser: read (and dropped) until it closes - closing with its
+        # Close frame unread would reset the connection and could lose ours.
+        ide = link.ide.fileno()
+        try:
+            if not link.up.done and not link.up.pending and link.frames.at_boundary:
+                link.ide.send(close_frame(CLOSE_GOING_AWAY, "session expired", masked=True))
+            link.ide.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        link.events.pop(ide, None)
+        self._by_fd.pop(ide, None)
+        try:
+            self._epoll.unregister(ide)
+        except OSError:
+            pass
+        link.up.pending, link.up.eof, link.up.done, link.up.discard = b"", False, True, True
+        self._interest(link)
+
+    def _end(self, link: Link, reason: str) -> None:
+        self._links.discard(link)
+        self._unreported.discard(link)
+        for sock in (link.client, link.ide):
+            fd = sock.fileno()
+            if fd >= 0:
+                self._by_fd.pop(fd, None)
+                try:
+                    self._epoll.unregister(fd)
+                except (OSError, ValueError):
+                    pass
+            sock.close()
+        if link.unreported:
+            self._to_trio(link.on_input)
+        self._to_trio(lambda: link.on_end(reason))
