@@ -124,12 +124,12 @@ async def in_thread(fn: Callable[[], T]) -> T:
     return await trio.to_thread.run_sync(fn)
 
 
-def make_config(tmp_path: Path, **http: Any) -> config_module.Config:
+def make_config(tmp_path: Path, auth: dict[str, Any] | None = None, **http: Any) -> config_module.Config:
     secret = tmp_path / "hs256.key"
     secret.write_bytes(SECRET)
     return config_module.from_dict({
         "http": {"listen": "127.0.0.1:0", "header_timeout": "2s", "session_linger": "300ms", "start_timeout": "5s", **http},
-        "auth": {"hs256_secret_file": str(secret), "issuer": "https://auth.test", "cookie_secure": False},
+        "auth": {"hs256_secret_file": str(secret), "issuer": "https://auth.test", "cookie_secure": False, **(auth or {})},
         "daemon": {"state_dir": str(tmp_path / "state")},
         "tiers": {"free": {"sessions": 1}, "starter": {"sessions": 2}},
     })
@@ -147,8 +147,8 @@ def ides(tmp_path: Path) -> Iterator[FakeIdes]:
     fake.close()
 
 
-async def open_door(nursery: trio.Nursery, tmp_path: Path, ides: FakeIdes, **http: Any) -> Door:
-    config = make_config(tmp_path, **http)
+async def open_door(nursery: trio.Nursery, tmp_path: Path, ides: FakeIdes, auth: dict[str, Any] | None = None, **http: Any) -> Door:
+    config = make_config(tmp_path, auth, **http)
     auth = Authenticator.from_config(config.auth, config.daemon.state_dir)
     front = FrontDoor(config, ides, auth)
     await nursery.start(front.serve)
@@ -350,6 +350,65 @@ async def test_websocket_is_spliced_and_a_refused_upgrade_is_passed_on(
     await in_thread(lambda: ws_send(ws, b"\x03\xe8", opcode=0x8))
     assert (await in_thread(lambda: ws_recv(ws)))[0] == 0x8
     ws.close()
+
+
+async def test_an_open_websocket_is_closed_when_its_credentials_expire(
+    nursery: trio.Nursery, tmp_path: Path, ides: FakeIdes, caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="supervisor.frontdoor")
+    door = await open_door(nursery, tmp_path, ides, auth={"leeway": "1s"})
+    browser = door.client()
+    await in_thread(lambda: browser.get("/?token=" + token("fran", ttl=2)))  # the cookie carries exp too
+    await in_thread(lambda: browser.get("/"))
+    ws = await in_thread(lambda: door.ws("/ws", headers={"Cookie": _cookies(browser)}))
+    assert ws.status == 101
+    began = time.monotonic()
+    await in_thread(lambda: ws_send(ws, b"still in time"))
+    assert await in_thread(lambda: ws_recv(ws)) == (2, b"still in time")
+    opcode, payload = await in_thread(lambda: ws_recv(ws))  # waits for the expiry (exp + leeway)
+    waited = time.monotonic() - began
+    assert opcode == 0x8 and int.from_bytes(payload[:2], "big") == 1008 and b"expired" in payload
+    assert 0.5 < waited < 4.5, waited
+    assert await in_thread(lambda: ws.sock.recv(100)) == b""  # then the connection is closed
+    ws.close()  # as a browser does
+    refused = await in_thread(lambda: browser.get("/"))  # as new requests with it are refused
+    assert refused.status == 401
+    with trio.fail_after(2):
+        while "WebSocket /ws closed: its credentials expired" not in caplog.text:
+            await trio.sleep(0.02)
+
+
+async def test_a_user_paused_by_an_operator_gets_503_at_once(door: Door) -> None:
+    await in_thread(lambda: door.client().get("/", headers=bearer("gus")))
+    info = door.ides.infos["gus"]
+    door.ides.infos["gus"] = IdeInfo(State.PAUSED, info.tier, info.socket_path)
+    with trio.fail_after(2):
+        api = await in_thread(lambda: door.client().get("/api", headers=bearer("gus")))
+        page = await in_thread(lambda: door.client().get("/", headers={**bearer("gus"), "Accept": "text/html"}))
+        ws = await in_thread(lambda: door.ws("/ws", headers=bearer("gus")))
+    assert api.status == 503 and api.json()["reason"] == "paused" and api.header("retry-after") == "5"
+    assert "operator paused" in api.json()["message"] and "workspacectl resume gus" in api.json()["hint"]
+    assert page.status == 503 and b"paused" in page.body and page.header("retry-after") == "5"
+    assert ws.status == 503
+    assert door.ides.starts == ["gus"], "a paused user was started again"
+    door.ides.infos["gus"] = info  # resumed
+    assert (await in_thread(lambda: door.client().get("/api", headers=bearer("gus")))).status == 200
+
+
+async def test_large_bodies_spliced_on_a_kept_alive_connection_stay_in_step(door: Door) -> None:
+    client = door.client()
+    for target in ("/big?mb=3", "/", "/big?mb=1", "/chunked?kb=100", "/big?mb=2"):
+        answer = await in_thread(lambda t=target: client.get(t, headers=bearer()))  # type: ignore[misc]
+        assert answer.status == 200, target
+        if target.startswith("/big"):
+            assert answer.body == b"x" * int(target.rpartition("=")[2]) * 2**20
+        elif target.startswith("/chunked"):
+            assert answer.body == b"y" * 100 * 1024
+        else:
+            assert answer.body.startswith(b"stub-ide user=alice")
+    head = await in_thread(lambda: client.request("HEAD", "/big?mb=4", headers=bearer()))
+    assert head.status == 200 and head.body == b"" and head.header("content-length") == str(4 * 2**20)
+    assert (await in_thread(lambda: client.get("/", headers=bearer()))).status == 200
 
 
 async def test_websocket_with_a_token_parameter_is_served_not_redirected(door: Door) -> None:

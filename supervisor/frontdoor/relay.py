@@ -30,6 +30,7 @@ objects whenever it likes, the connection lasts until the relay closes its copie
 
 from __future__ import annotations
 
+import heapq
 import logging
 import os
 import queue
@@ -115,19 +116,19 @@ class FrameBoundaries:
         self._remaining = pos - n
 
 
-@dataclass
+@dataclass(eq=False)
 class _Direction:
     """Bytes from ``src`` to ``dst``: one read buffer, and what of it ``dst`` has not taken yet."""
 
     src: socket.socket
     dst: socket.socket
     inspect: Callable[[memoryview], None]
-    count: Counter
-    buffer: bytearray
+    view: memoryview  # the read buffer
     pending: bytes = b""  # read (or queued by the relay) but not yet sent
     eof: bool = False  # src ended (or is no longer read): pass EOF on once pending is sent
     done: bool = False  # EOF passed on
     discard: bool = False  # read src but drop what arrives (the connection is closing)
+    moved: int = 0  # bytes passed on and not yet counted in the metrics
 
     @property
     def reading(self) -> bool:
@@ -152,30 +153,33 @@ class _Direction:
         self.pending += data
         self.send_pending()
 
-    def pump(self) -> None:
-        """``src`` is readable: read once and pass it on. Raises OSError if a socket broke."""
+    def pump(self) -> bool:
+        """``src`` is readable: read once and pass it on; True if all of it went and nothing else
+        changed (the common case: no bookkeeping to do). Raises OSError if a socket broke."""
         if self.eof or self.pending:
-            return  # (a hang-up is reported even when not asked for: read once dst took the rest)
-        view = memoryview(self.buffer)
+            return False  # (a hang-up is reported even when not asked for: read once dst took the rest)
+        view = self.view
         try:
             n = self.src.recv_into(view)
         except BlockingIOError:
-            return
+            return True
         if n == 0:
             self.eof = True
             self.send_pending()
-            return
+            return False
         if self.discard:
-            return
+            return True
         chunk = view[:n]
         self.inspect(chunk)
-        self.count(n)
+        self.moved += n
         try:
             sent = self.dst.send(chunk)
         except BlockingIOError:
             sent = 0
         if sent < n:
             self.pending = bytes(chunk[sent:])
+            return False
+        return True
 
 
 @dataclass(eq=False)
@@ -192,12 +196,16 @@ class Link:
     linger: float
     on_end: Callable[[str], None]  # run in the trio thread with why it ended
     on_input: Callable[[], None]  # run in the trio thread: a person sent something
-    report_every: float
-    reported_at: float = -1e18
-    unreported: bool = False
-    deadline: float = _NEVER  # linger after a half-close, or the end of closing
-    closing: bool = False  # the front door's Close frame is out (expired)
+    to_ide: Counter
+    to_client: Counter
     pending: tuple[bytes, bytes] = (b"", b"")  # already read from (client, IDE) before the relay
+    client_fd: int = -1
+    reported_at: float = -1e18
+    unreported: bool = False  # input since the last report, to be reported at reported_at + report_every
+    deadline: float = _NEVER  # linger after a half-close, or the end of closing
+    expiring: bool = False  # expired while the IDE was inside a frame: close at its end
+    closing: bool = False  # the front door's Close frame is out (expired)
+    ended: bool = False
     events: dict[int, int] = field(default_factory=dict)  # fd -> registered epoll mask
 
 
@@ -214,7 +222,9 @@ class Relay:
         self._commands: queue.SimpleQueue[tuple[str, Link | None]] = queue.SimpleQueue()
         self._by_fd: dict[int, Link] = {}
         self._links: set[Link] = set()
-        self._unreported: set[Link] = set()
+        self._timers: list[tuple[float, int, Link]] = []  # a heap; stale entries are skipped
+        self._seq = 0
+        self._counted_at = 0.0
         self._thread: threading.Thread | None = None
         self._token: trio.lowlevel.TrioToken | None = None
 
@@ -268,9 +278,9 @@ class Relay:
         frames = ClientFrames(lambda size: None, markers)
         link = Link(
             client=c, ide=i, frames=frames, boundaries=boundaries, expires=expires, linger=linger,
-            up=_Direction(c, i, frames.feed, to_ide, bytearray(self.buffer_size)),
-            down=_Direction(i, c, boundaries.feed, to_client, bytearray(self.buffer_size)),
-            on_end=on_end, on_input=on_input, report_every=self.report_every, pending=pending,
+            up=_Direction(c, i, frames.feed, memoryview(bytearray(self.buffer_size))),
+            down=_Direction(i, c, boundaries.feed, memoryview(bytearray(self.buffer_size))),
+            on_end=on_end, on_input=on_input, to_ide=to_ide, to_client=to_client, pending=pending, client_fd=c.fileno(),
         )
         frames.on_input = lambda size: self._input(link)
         self._command("add", link)
@@ -311,31 +321,64 @@ class Relay:
     def _run(self) -> None:
         poll = self._epoll.poll
         by_fd = self._by_fd
+        wake = self._wake_r
         try:
             while True:
                 events = poll(self._timeout())
                 for fd, mask in events:
-                    if fd == self._wake_r:
-                        if not self._drain_commands():
-                            return
-                        continue
                     link = by_fd.get(fd)
                     if link is not None:
                         self._ready(link, fd, mask)
-                self._timers()
+                    elif fd == wake and not self._drain_commands():
+                        return
+                if self._timers and self._timers[0][0] <= time.monotonic():
+                    self._fire()
         finally:
             for link in list(self._links):
                 self._end(link, "stopped")
 
+    def _at(self, when: float, link: Link) -> None:
+        """Look at ``link`` again at ``when`` (its deadline, expiry or next activity report)."""
+        if when != _NEVER:
+            self._seq += 1
+            heapq.heappush(self._timers, (when, self._seq, link))
+
     def _timeout(self) -> float:
-        if not self._links:
+        timers = self._timers
+        while timers and timers[0][2].ended:
+            heapq.heappop(timers)
+        if not timers:
             return -1
+        return max(0.0, timers[0][0] - time.monotonic())
+
+    def _fire(self) -> None:
         now = time.monotonic()
-        soonest = min(link.deadline if link.closing or link.expires <= now else min(link.expires, link.deadline)
-                      for link in self._links)
-        if self._unreported:
-            soonest = min(soonest, min(link.reported_at + link.report_every for link in self._unreported))
-        return max(0.0, soonest - now) if soonest != _NEVER else -1
+        timers = self._timers
+        due: list[Link] = []
+        while timers and timers[0][0] <= now:
+            link = heapq.heappop(timers)[2]
+            if not link.ended and link not in due:
+                due.append(link)
+        for link in due:
+            if link.unreported and now - link.reported_at >= self.report_every:
+                self._report(link, now)
+            if link.deadline <= now:
+                self._end(link, "expired" if link.closing or link.expires <= now else "linger")
+            elif link.expires <= now and not link.closing:
+                self._expire(link, now)
+        if now - self._counted_at >= 1.0:
+            self._counted_at = now
+            for link in self._links:
+                self._count(link)
+
+    @staticmethod
+    def _count(link: Link) -> None:
+        if link.up.moved:
+            link.to_ide(link.up.moved)
+            link.up.moved = 0
+        if link.down.moved:
+            link.to_client(link.down.moved)
+            link.down.moved = 0
 
     def _drain_commands(self) -> bool:
         try:
@@ -366,36 +409,45 @@ class Relay:
             for direction, data in zip((link.up, link.down), link.pending):
                 if data:
                     direction.inspect(memoryview(data))
-                    direction.count(len(data))
+                    direction.moved += len(data)
                     direction.queue(data)
         except OSError:
             self._end(link, "broken")
             return
-        if link.expires <= time.monotonic():
-            self._expire(link)
+        now = time.monotonic()
+        if link.expires <= now:
+            self._expire(link, now)
         else:
+            self._at(link.expires, link)
             self._interest(link)
 
     def _input(self, link: Link) -> None:
+        """The browser sent input: tell trio now, or at the end of this report interval."""
         now = time.monotonic()
-        if now - link.reported_at >= link.report_every:
-            link.reported_at = now
-            link.unreported = False
-            self._unreported.discard(link)
-            self._to_trio(link.on_input)
+        if now - link.reported_at >= self.report_every:
+            self._report(link, now)
         elif not link.unreported:
             link.unreported = True
-            self._unreported.add(link)
+            self._at(link.reported_at + self.report_every, link)
+
+    def _report(self, link: Link, now: float) -> None:
+        link.reported_at = now
+        link.unreported = False
+        self._to_trio(link.on_input)
 
     def _ready(self, link: Link, fd: int, mask: int) -> None:
-        client_side = fd == link.client.fileno()
+        client_side = fd == link.client_fd
         reading = link.up if client_side else link.down
         writing = link.down if client_side else link.up
         try:
-            if mask & _OUT:
-                writing.send_pending()
-            if mask & ~_OUT:  # readable, hung up or failed: a read tells which
-                reading.pump()
+            if mask == _IN:
+                if reading.pump() and not link.expiring:
+                    return  # the common case: passed on whole, nothing else to look at
+            else:
+                if mask & _OUT:
+                    writing.send_pending()
+                if mask & ~_OUT:  # readable, hung up or failed: a read tells which
+                    reading.pump()
         except OSError as exc:
             self._end(link, "broken")
             log.debug("front door relay: a connection broke: %s", exc)
@@ -407,11 +459,12 @@ class Relay:
         elif link.up.done and link.down.done:
             self._end(link, "closed")
             return
+        elif link.expiring and not client_side:
+            self._expire(link, time.monotonic())  # it waited for the IDE's frame to end
+            return
         elif (link.up.done or link.down.done) and link.deadline == _NEVER:
             link.deadline = time.monotonic() + link.linger
-        elif not client_side and link.expires <= time.monotonic():
-            self._expire(link)  # it waited for the IDE's frame to end
-            return
+            self._at(link.deadline, link)
         self._interest(link)
 
     def _interest(self, link: Link) -> None:
@@ -424,29 +477,19 @@ class Relay:
                 link.events[fd] = mask
                 self._epoll.modify(fd, mask)
 
-    def _timers(self) -> None:
-        now = time.monotonic()
-        for link in [link for link in self._unreported if now - link.reported_at >= link.report_every]:
-            link.reported_at = now
-            link.unreported = False
-            self._unreported.discard(link)
-            self._to_trio(link.on_input)
-        for link in [link for link in self._links if link.deadline <= now or (link.expires <= now and not link.closing)]:
-            if link.deadline <= now:
-                self._end(link, "expired" if link.closing or link.expires <= now else "linger")
-            else:
-                self._expire(link)
-
-    def _expire(self, link: Link) -> None:
+    def _expire(self, link: Link, now: float) -> None:
         """The credentials ran out: Close frames at frame boundaries, then close. While the IDE is
         inside a frame, wait (at most :data:`CLOSE_GRACE`) for it to end."""
-        now = time.monotonic()
         if not (link.boundaries.at_boundary and not link.down.pending):
-            if link.deadline > now + CLOSE_GRACE:
-                link.deadline = now + CLOSE_GRACE
+            if not link.expiring:
+                link.expiring = True
+                link.deadline = min(link.deadline, now + CLOSE_GRACE)
+                self._at(link.deadline, link)
             return
+        link.expiring = False
         link.closing = True
         link.deadline = now + CLOSE_GRACE
+        self._at(link.deadline, link)
         try:
             if not link.down.done:
                 link.down.eof = True
@@ -474,8 +517,8 @@ class Relay:
         self._interest(link)
 
     def _end(self, link: Link, reason: str) -> None:
+        link.ended = True
         self._links.discard(link)
-        self._unreported.discard(link)
         for sock in (link.client, link.ide):
             fd = sock.fileno()
             if fd >= 0:
@@ -485,6 +528,7 @@ class Relay:
                 except (OSError, ValueError):
                     pass
             sock.close()
+        self._count(link)
         if link.unreported:
             self._to_trio(link.on_input)
         self._to_trio(lambda: link.on_end(reason))

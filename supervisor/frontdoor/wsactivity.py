@@ -18,6 +18,7 @@ ENGINE_IO_KEEPALIVES = frozenset({b"2", b"3", b"2probe", b"3probe"})
 _MAX_HEADER = 14  # 2 + 8 (extended length) + 4 (mask)
 SNIFF_LIMIT = 1024  # frames up to this size are inspected; larger ones are always input
 _CONTROL_OPCODES = frozenset({0x8, 0x9, 0xA})  # close, ping, pong
+_OPCODES = frozenset({0x0, 0x1, 0x2}) | _CONTROL_OPCODES
 _BINARY_EVENT_HEADER = re.compile(rb"45\d+-")  # engine.io message + socket.io BINARY_EVENT, N attachments
 
 
@@ -51,6 +52,22 @@ class ClientFrames:
         view = memoryview(data)
         pos, end = 0, len(view)
         while pos < end:
+            if not self._in_payload and not self._buffer and end - pos >= 6:
+                # Fast path: a small masked frame that is here whole (nearly every browser frame).
+                first, second = view[pos], view[pos + 1]
+                length = second & 0x7F
+                opcode = first & 0x0F
+                if second & 0x80 and length < 126 and not first & 0x70 and opcode in _OPCODES and end - pos >= 6 + length:
+                    mask = bytes(view[pos + 2 : pos + 6])
+                    begin = pos + 6
+                    pos = begin + length
+                    if opcode in _CONTROL_OPCODES:
+                        continue
+                    unmask = int.from_bytes((mask * (length // 4 + 1))[:length], "little")
+                    sample = (int.from_bytes(view[begin:pos], "little") ^ unmask).to_bytes(length, "little")
+                    if not self._is_keepalive_sample(opcode, sample):
+                        self.on_input(length)
+                    continue
             if not self._in_payload:
                 old = self._buffer
                 head = old + bytes(view[pos : pos + _MAX_HEADER])
@@ -86,7 +103,7 @@ class ClientFrames:
             return None
         first, second = buf[0], buf[1]
         opcode = first & 0x0F
-        if first & 0x70 or opcode not in (0x0, 0x1, 0x2, 0x8, 0x9, 0xA):
+        if first & 0x70 or opcode not in _OPCODES:
             self._gave_up = True  # reserved bits or opcodes: not a frame we understand
             return 0
         masked = bool(second & 0x80)
@@ -120,10 +137,16 @@ class ClientFrames:
             return True
         if self._length > SNIFF_LIMIT:
             return False
-        sample = bytes(self._sample)
-        if sample in ENGINE_IO_KEEPALIVES or any(marker in sample for marker in self.markers):
+        return self._is_keepalive_sample(self._opcode, bytes(self._sample))
+
+    def _is_keepalive_sample(self, opcode: int, sample: bytes) -> bool:
+        """Whether a data frame (of at most SNIFF_LIMIT bytes, unmasked) is a keep-alive."""
+        if sample in ENGINE_IO_KEEPALIVES:
             return True
+        for marker in self.markers:
+            if marker in sample:
+                return True
         # A socket.io binary event is a text header ("451-/services,[...{"_placeholder":true...}]")
         # followed by binary frames with the content: the header says nothing of who sent it; the
         # attachments are judged on their own.
-        return self._opcode == 0x1 and _BINARY_EVENT_HEADER.match(sample) is not None and b'"_placeholder":true' in sample
+        return opcode == 0x1 and _BINARY_EVENT_HEADER.match(sample) is not None and b'"_placeholder":true' in sample

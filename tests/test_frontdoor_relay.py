@@ -1,0 +1,264 @@
+"""The WebSocket relay thread on real sockets: a TCP pair for the browser, a Unix pair for the IDE.
+
+Each test plays both ends with plain blocking sockets (in worker threads) and drives
+:meth:`Relay.carry` from trio, as the front door does after a 101.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+import time
+from functools import partial
+from typing import Any, AsyncIterator, Callable, Iterator, TypeVar
+
+import pytest
+import trio
+from wsproto.connection import Connection, ConnectionType
+from wsproto.events import BytesMessage, Ping, TextMessage
+
+from supervisor.frontdoor.relay import CLOSE_GOING_AWAY, CLOSE_POLICY, FrameBoundaries, Relay, close_frame
+
+T = TypeVar("T")
+
+
+def client_frames(*events: Any) -> bytes:
+    """Masked frames as a browser sends them."""
+    conn = Connection(ConnectionType.CLIENT)
+    return b"".join(conn.send(event) for event in events)
+
+
+def server_frame(payload: bytes, opcode: int = 0x2) -> bytes:
+    n = len(payload)
+    if n < 126:
+        return bytes((0x80 | opcode, n)) + payload
+    if n < 65536:
+        return struct.pack("!BBH", 0x80 | opcode, 126, n) + payload
+    return struct.pack("!BBQ", 0x80 | opcode, 127, n) + payload
+
+
+def tcp_pair() -> tuple[socket.socket, socket.socket]:
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        outside = socket.create_connection(listener.getsockname())
+        inside, _ = listener.accept()
+    return outside, inside
+
+
+def read_exactly(sock: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        piece = sock.recv(n - len(data))
+        if not piece:
+            raise EOFError(f"EOF after {len(data)} of {n} bytes")
+        data += piece
+    return data
+
+
+def read_to_eof(sock: socket.socket) -> bytes:
+    data = b""
+    while piece := sock.recv(65536):
+        data += piece
+    return data
+
+
+async def in_thread(fn: Callable[[], T]) -> T:
+    return await trio.to_thread.run_sync(fn)
+
+
+class Ends:
+    """The browser's and the IDE's ends of one relayed connection, and what the relay reported."""
+
+    def __init__(self) -> None:
+        self.browser, client = tcp_pair()
+        ide_inside, self.ide = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        for sock in (self.browser, self.ide):
+            sock.settimeout(10)
+        self.fds = (client, ide_inside)  # what the front door holds (it closes them after carry)
+        self.inputs = 0
+        self.up = 0
+        self.down = 0
+
+    def on_input(self) -> None:
+        self.inputs += 1
+
+    def count_up(self, n: int) -> None:
+        self.up += n
+
+    def count_down(self, n: int) -> None:
+        self.down += n
+
+    async def carry(self, relay: Relay, **kwargs: Any) -> str:
+        try:
+            return await relay.carry(self.fds[0].fileno(), self.fds[1].fileno(), on_input=self.on_input,
+                                     to_ide=self.count_up, to_client=self.count_down, **kwargs)
+        finally:
+            for sock in self.fds:
+                sock.close()  # as the front door does: the relay's duplicates keep the connection
+
+    def close(self) -> None:
+        for sock in (self.browser, self.ide, *self.fds):
+            sock.close()
+
+
+@pytest.fixture
+async def relay() -> AsyncIterator[Relay]:
+    r = Relay(buffer_size=64 * 1024, report_every=0.2)
+    r.start()
+    yield r
+    r.stop()
+
+
+@pytest.fixture
+def ends() -> Iterator[Ends]:
+    e = Ends()
+    yield e
+    e.close()
+
+
+async def test_bytes_flow_both_ways_and_half_closes_end_it(relay: Relay, ends: Ends) -> None:
+    async with trio.open_nursery() as nursery:
+        result: list[str] = []
+
+        async def run() -> None:
+            result.append(await ends.carry(relay, pending=(client_frames(TextMessage("early")), b"")))
+
+        nursery.start_soon(run)
+        big = os.urandom(3 * 2**20)
+        early = await in_thread(lambda: read_exactly(ends.ide, len(client_frames(TextMessage("early")))))
+        assert early[:2] == b"\x81\x85"
+        frames = client_frames(BytesMessage(big))
+        await in_thread(lambda: ends.browser.sendall(frames))
+        assert await in_thread(lambda: read_exactly(ends.ide, len(frames))) == frames
+        answer = server_frame(big)
+
+        def ide_answers() -> None:
+            ends.ide.sendall(answer)
+            ends.ide.shutdown(socket.SHUT_WR)
+
+        nursery.start_soon(in_thread, ide_answers)
+        assert await in_thread(lambda: read_to_eof(ends.browser)) == answer  # the IDE's EOF was passed on
+        ends.browser.shutdown(socket.SHUT_WR)
+        assert await in_thread(lambda: read_to_eof(ends.ide)) == b""
+    assert result == ["closed"]
+    assert ends.up == len(frames) + len(early) and ends.down == len(answer)
+    assert relay.connections == 0
+
+
+async def test_input_reaches_trio_at_once_then_at_most_once_per_interval_and_keepalives_never(relay: Relay, ends: Ends) -> None:
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(ends.carry, relay)
+        keepalives = client_frames(TextMessage("3"), Ping(b"x"), TextMessage("2"))
+        await in_thread(lambda: ends.browser.sendall(keepalives))
+        await in_thread(lambda: read_exactly(ends.ide, len(keepalives)))
+        await trio.sleep(0.3)
+        assert ends.inputs == 0
+        typed = client_frames(TextMessage('42/services,["keystroke","a"]'))
+        await in_thread(lambda: ends.browser.sendall(typed))
+        await in_thread(lambda: read_exactly(ends.ide, len(typed)))
+        with trio.fail_after(0.15):  # the first input after a quiet spell is not held back
+            while ends.inputs == 0:
+                await trio.sleep(0.005)
+        burst = typed * 200
+        for _ in range(5):
+            await in_thread(lambda: ends.browser.sendall(burst))
+            await in_thread(lambda: read_exactly(ends.ide, len(burst)))
+        await trio.sleep(0.3)  # the last of the burst is reported at the end of its interval
+        assert 2 <= ends.inputs <= 4, ends.inputs
+        ends.browser.close()
+        ends.ide.close()
+
+
+async def test_expiry_sends_close_frames_between_the_ides_frames(relay: Relay, ends: Ends) -> None:
+    result: list[str] = []
+    async with trio.open_nursery() as nursery:
+
+        async def run() -> None:
+            result.append(await ends.carry(relay, expires=time.monotonic() + 0.4))
+
+        nursery.start_soon(run)
+        message = server_frame(b"m" * 1000)
+        await in_thread(lambda: ends.ide.sendall(message[:500]))  # the IDE is inside a frame at expiry
+        assert await in_thread(lambda: read_exactly(ends.browser, 500)) == message[:500]
+        await trio.sleep(0.6)
+        assert result == []
+        await in_thread(lambda: ends.ide.sendall(message[500:]))
+        got = await in_thread(lambda: read_to_eof(ends.browser))
+        close = close_frame(CLOSE_POLICY, "session expired: sign in again", masked=False)
+        assert got == message[500:] + close
+        code, = struct.unpack("!H", close[2:4])
+        assert code == 1008
+        to_ide = await in_thread(lambda: read_to_eof(ends.ide))
+        assert to_ide[0] == 0x88 and to_ide[1] & 0x80  # a masked Close frame, then EOF
+        mask, payload = to_ide[2:6], to_ide[6:]
+        assert struct.unpack("!H", bytes(b ^ mask[i % 4] for i, b in enumerate(payload))[:2]) == (CLOSE_GOING_AWAY,)
+        await in_thread(lambda: ends.browser.sendall(client_frames(TextMessage("late"))))  # dropped
+        ends.browser.shutdown(socket.SHUT_WR)
+    assert result == ["expired"]
+
+
+async def test_already_expired_credentials_close_at_once(relay: Relay, ends: Ends) -> None:
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(partial(ends.carry, relay, expires=0.0))
+            got = await in_thread(lambda: read_to_eof(ends.browser))
+            assert got[:2] == b"\x88" + bytes((len(got) - 2,)) and got[2:4] == struct.pack("!H", CLOSE_POLICY)
+            ends.browser.close()
+
+
+async def test_cancelling_the_carrier_cuts_the_connection(relay: Relay, ends: Ends) -> None:
+    with trio.move_on_after(0.2):
+        await ends.carry(relay)
+    assert await in_thread(lambda: read_to_eof(ends.browser)) == b""
+    assert await in_thread(lambda: read_to_eof(ends.ide)) == b""
+
+
+async def test_a_broken_side_ends_both(relay: Relay, ends: Ends) -> None:
+    async with trio.open_nursery() as nursery:
+        result: list[str] = []
+
+        async def run() -> None:
+            result.append(await ends.carry(relay))
+
+        nursery.start_soon(run)
+        ends.browser.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        ends.browser.close()  # a reset
+        assert await in_thread(lambda: read_to_eof(ends.ide)) == b""
+    assert result in (["broken"], ["closed"], ["linger"]) and relay.connections == 0
+
+
+async def test_stopping_the_relay_ends_its_connections() -> None:
+    relay = Relay()
+    relay.start()
+    ends = Ends()
+    try:
+        async with trio.open_nursery() as nursery:
+            result: list[str] = []
+
+            async def run() -> None:
+                result.append(await ends.carry(relay))
+
+            nursery.start_soon(run)
+            while relay.connections == 0:
+                await trio.sleep(0.01)
+            relay.stop()
+        assert result == ["stopped"]
+        assert await in_thread(lambda: read_to_eof(ends.browser)) == b""
+    finally:
+        ends.close()
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 5, 13, 4096])
+def test_frame_boundaries_in_any_chunking(chunk: int) -> None:
+    data = server_frame(b"a" * 5) + server_frame(b"b" * 300) + server_frame(b"c" * 70_000) + server_frame(b"", 0x9)
+    ends_at = set()
+    total = 0
+    for frame in (server_frame(b"a" * 5), server_frame(b"b" * 300), server_frame(b"c" * 70_000), server_frame(b"", 0x9)):
+        total += len(frame)
+        ends_at.add(total)
+    tracker = FrameBoundaries()
+    for i in range(0, len(data), chunk):
+        piece = data[i : i + chunk]
+        tracker.feed(memoryview(piece))
+        end = i + len(piece)
+        assert tracker.at_boundary == (end in ends_at), end
