@@ -129,6 +129,7 @@ class _Direction:
     done: bool = False  # EOF passed on
     discard: bool = False  # read src but drop what arrives (the connection is closing)
     moved: int = 0  # bytes passed on and not yet counted in the metrics
+    error: OSError | None = None  # a socket broke (seen by Relay._pass_on)
 
     @property
     def reading(self) -> bool:
@@ -321,21 +322,56 @@ class Relay:
     def _run(self) -> None:
         poll = self._epoll.poll
         by_fd = self._by_fd
+        timers = self._timers
         wake = self._wake_r
         try:
             while True:
-                events = poll(self._timeout())
-                for fd, mask in events:
+                timeout = -1.0
+                if timers:
+                    now = time.monotonic()
+                    if timers[0][0] <= now:
+                        self._fire(now)
+                    timeout = self._timeout(now)
+                for fd, mask in poll(timeout):
                     link = by_fd.get(fd)
-                    if link is not None:
+                    if link is None:
+                        if fd == wake and not self._drain_commands():
+                            return
+                    elif mask != _IN or link.expiring or not self._pass_on(link.up if fd == link.client_fd else link.down):
                         self._ready(link, fd, mask)
-                    elif fd == wake and not self._drain_commands():
-                        return
-                if self._timers and self._timers[0][0] <= time.monotonic():
-                    self._fire()
         finally:
             for link in list(self._links):
                 self._end(link, "stopped")
+
+    @staticmethod
+    def _pass_on(direction: _Direction) -> bool:
+        """The common case, kept short: ``src`` is readable and ``dst`` takes all of what it had.
+        False (nothing done) when anything else may be the case: :meth:`_ready` then looks."""
+        if direction.eof or direction.pending or direction.discard:
+            return False
+        try:
+            n = direction.src.recv_into(direction.view)
+        except BlockingIOError:
+            return True
+        except OSError as exc:
+            direction.error = exc
+            return False
+        if not n:
+            return False  # EOF (which the next read reports again)
+        chunk = direction.view[:n]
+        direction.inspect(chunk)
+        direction.moved += n
+        try:
+            sent = direction.dst.send(chunk)
+        except BlockingIOError:
+            sent = 0
+        except OSError as exc:
+            direction.error = exc
+            return False
+        if sent < n:
+            direction.pending = bytes(chunk[sent:])
+            return False
+        return True
 
     def _at(self, when: float, link: Link) -> None:
         """Look at ``link`` again at ``when`` (its deadline, expiry or next activity report)."""
@@ -343,16 +379,15 @@ class Relay:
             self._seq += 1
             heapq.heappush(self._timers, (when, self._seq, link))
 
-    def _timeout(self) -> float:
+    def _timeout(self, now: float) -> float:
         timers = self._timers
         while timers and timers[0][2].ended:
             heapq.heappop(timers)
         if not timers:
-            return -1
-        return max(0.0, timers[0][0] - time.monotonic())
+            return -1.0
+        return max(0.0, timers[0][0] - now)
 
-    def _fire(self) -> None:
-        now = time.monotonic()
+    def _fire(self, now: float) -> None:
         timers = self._timers
         due: list[Link] = []
         while timers and timers[0][0] <= now:
@@ -428,11 +463,13 @@ class Relay:
             self._report(link, now)
         elif not link.unreported:
             link.unreported = True
+            link.frames.judging = False  # more input would change nothing until it is reported
             self._at(link.reported_at + self.report_every, link)
 
     def _report(self, link: Link, now: float) -> None:
         link.reported_at = now
         link.unreported = False
+        link.frames.judging = True
         self._to_trio(link.on_input)
 
     def _ready(self, link: Link, fd: int, mask: int) -> None:
@@ -440,14 +477,13 @@ class Relay:
         reading = link.up if client_side else link.down
         writing = link.down if client_side else link.up
         try:
-            if mask == _IN:
-                if reading.pump() and not link.expiring:
-                    return  # the common case: passed on whole, nothing else to look at
-            else:
-                if mask & _OUT:
-                    writing.send_pending()
-                if mask & ~_OUT:  # readable, hung up or failed: a read tells which
-                    reading.pump()
+            error = reading.error or writing.error
+            if error is not None:
+                raise error
+            if mask & _OUT:
+                writing.send_pending()
+            if mask & ~_OUT:  # readable, hung up or failed: a read tells which
+                reading.pump()
         except OSError as exc:
             self._end(link, "broken")
             log.debug("front door relay: a connection broke: %s", exc)

@@ -38,6 +38,10 @@ class ClientFrames:
         self._sample = bytearray()
         self._in_payload = False
         self._gave_up = False
+        #: False: only follow the frames (their boundaries), judge none - for a caller that
+        #: already knows there was input and has not passed that on yet (the relay thread).
+        self.judging = True
+        self._judged = True  # whether the current frame is judged (judging when it began)
 
     @property
     def at_boundary(self) -> bool:
@@ -58,11 +62,11 @@ class ClientFrames:
                 length = second & 0x7F
                 opcode = first & 0x0F
                 if second & 0x80 and length < 126 and not first & 0x70 and opcode in _OPCODES and end - pos >= 6 + length:
-                    mask = bytes(view[pos + 2 : pos + 6])
                     begin = pos + 6
                     pos = begin + length
-                    if opcode in _CONTROL_OPCODES:
+                    if opcode in _CONTROL_OPCODES or not self.judging:
                         continue
+                    mask = bytes(view[begin - 4 : begin])
                     unmask = int.from_bytes((mask * (length // 4 + 1))[:length], "little")
                     sample = (int.from_bytes(view[begin:pos], "little") ^ unmask).to_bytes(length, "little")
                     if not self._is_keepalive_sample(opcode, sample):
@@ -84,7 +88,7 @@ class ClientFrames:
                     self._finish_frame()
                 continue
             take = min(self._remaining, end - pos)
-            if self._length <= SNIFF_LIMIT:
+            if self._length <= SNIFF_LIMIT and self._judged:
                 start = self._length - self._remaining
                 chunk = bytes(view[pos : pos + take])
                 if self._mask:
@@ -124,11 +128,12 @@ class ClientFrames:
         self._mask = bytes(buf[size:header_end]) if masked else b""
         self._sample = bytearray()
         self._in_payload = True
+        self._judged = self.judging
         return header_end
 
     def _finish_frame(self) -> None:
         self._in_payload = False
-        if self._is_keepalive():
+        if not self._judged or self._is_keepalive():
             return
         self.on_input(self._length)
 
