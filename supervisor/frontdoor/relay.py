@@ -123,7 +123,7 @@ class _Direction:
     src: socket.socket
     dst: socket.socket
     inspect: Callable[[memoryview], None]
-    view: memoryview  # the read buffer
+    view: memoryview  # the read buffer (the relay's, shared)
     pending: bytes = b""  # read (or queued by the relay) but not yet sent
     eof: bool = False  # src ended (or is no longer read): pass EOF on once pending is sent
     done: bool = False  # EOF passed on
@@ -226,6 +226,9 @@ class Relay:
         self._timers: list[tuple[float, int, Link]] = []  # a heap; stale entries are skipped
         self._seq = 0
         self._counted_at = 0.0
+        # One read buffer for every connection: a read is passed on before the next one, and
+        # what a destination does not take at once is kept apart (pending).
+        self._buffer = memoryview(bytearray(buffer_size))
         self._thread: threading.Thread | None = None
         self._token: trio.lowlevel.TrioToken | None = None
 
@@ -279,8 +282,8 @@ class Relay:
         frames = ClientFrames(lambda size: None, markers)
         link = Link(
             client=c, ide=i, frames=frames, boundaries=boundaries, expires=expires, linger=linger,
-            up=_Direction(c, i, frames.feed, memoryview(bytearray(self.buffer_size))),
-            down=_Direction(i, c, boundaries.feed, memoryview(bytearray(self.buffer_size))),
+            up=_Direction(c, i, frames.feed, self._buffer),
+            down=_Direction(i, c, boundaries.feed, self._buffer),
             on_end=on_end, on_input=on_input, to_ide=to_ide, to_client=to_client, pending=pending, client_fd=c.fileno(),
         )
         frames.on_input = lambda size: self._input(link)
