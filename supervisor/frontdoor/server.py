@@ -43,9 +43,8 @@ import trio
 from supervisor.config import Config
 from supervisor.errors import CapacityExceeded, Draining, InvalidTransition, SupervisorError, UnknownTier
 from supervisor.frontdoor.admission import ColdStarts, SessionTable
-from supervisor.frontdoor.answers import Answer, html_page, retry_after_header, json_answer, redirect, retry_later, starting_page, unauthorized, wants_html
+from supervisor.frontdoor.answers import Answer, html_page, json_answer, redirect, retry_after_header, retry_later, starting_page, unauthorized, wants_html
 from supervisor.frontdoor.auth import AuthError, Authenticator, Identity, credentials
-from supervisor.frontdoor.relay import Relay
 from supervisor.frontdoor.proxy import (
     ClientGone,
     Exchange,
@@ -58,6 +57,7 @@ from supervisor.frontdoor.proxy import (
     upgrade_of,
     upstream_request_headers,
 )
+from supervisor.frontdoor.relay import Relay
 from supervisor.manager import SessionManager
 from supervisor.metrics import AUTH_REJECTIONS, PROXY_ACTIVE, PROXY_CONNECTIONS
 from supervisor.paths import user_paths
@@ -187,7 +187,7 @@ class FrontDoor:
         self.connections = 0
         self.addresses: list[tuple[str, int]] = []
         self._starting: dict[str, _ColdStart] = {}
-        self.relay = Relay(buffer_size=config.http.buffer_size)
+        self.relay: Relay | None = None  # while serving
 
     @property
     def cookie_name(self) -> str:
@@ -199,7 +199,7 @@ class FrontDoor:
             "enabled": True,
             "listen": [_format_address(*address) for address in self.addresses],
             "connections": self.connections,
-            "websockets": self.relay.connections,
+            "websockets": self.relay.connections if self.relay else 0,
             "browser_sessions": self.sessions.total(self.clock()),
             "cold_starts_in_flight": len(self.cold.in_flight),
             "algorithms": sorted(self.auth.tokens.keys.accepted),
@@ -216,6 +216,7 @@ class FrontDoor:
         self.addresses = [tuple(listener.socket.getsockname()[:2]) for listener in listeners]
         for address in self.addresses:
             log.info("front door listening on %s", _format_address(*address))
+        self.relay = Relay(buffer_size=self.http.buffer_size)
         self.relay.start()
         try:
             async with trio.open_nursery() as nursery:
@@ -603,7 +604,7 @@ class _Connection:
         try:
             exchange = await forward_upgrade(
                 self.client, upstream, request, target=target, headers=headers, cookie_name=self.front.cookie_name,
-                idle=self.http.idle_timeout, on_input=on_input, on_switched=on_switched, relay=self.front.relay,
+                idle=self.http.idle_timeout, on_input=on_input, on_switched=on_switched, relay=self._relay(),
                 expires=self._expiry(identity), keepalive_markers=self.front.keepalive_markers,
             )
         except UpstreamFailed as exc:
@@ -617,6 +618,12 @@ class _Connection:
             log.info("user=%s sid=%s WebSocket %s closed: its credentials expired", user, identity.sid[:16], loggable(target))
         log.debug("user=%s upgrade %s -> %d (%s)", user, loggable(target), exchange.status, exchange.ended or "answered")
         return False
+
+    def _relay(self) -> Relay:
+        relay = self.front.relay
+        if relay is None:
+            raise RuntimeError("the front door is not serving")
+        return relay
 
     def _expiry(self, identity: Identity) -> float:
         """When (``time.monotonic``) the credentials that admitted a WebSocket run out: the token's
