@@ -262,3 +262,16 @@ def test_frame_boundaries_in_any_chunking(chunk: int) -> None:
         tracker.feed(memoryview(piece))
         end = i + len(piece)
         assert tracker.at_boundary == (end in ends_at), end
+
+
+async def test_byte_counts_reach_the_metrics_while_the_connection_is_open(relay: Relay, ends: Ends) -> None:
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(ends.carry, relay)
+        frame = client_frames(TextMessage("x" * 500))
+        await in_thread(lambda: ends.browser.sendall(frame))
+        await in_thread(lambda: read_exactly(ends.ide, len(frame)))
+        with trio.fail_after(3):  # counted about once a second, not only at the end
+            while ends.up != len(frame):
+                await trio.sleep(0.05)
+        ends.browser.close()
+        ends.ide.close()

@@ -55,6 +55,7 @@ Counter = Callable[[int], None]
 _IN = select.EPOLLIN
 _OUT = select.EPOLLOUT
 _NEVER = float("inf")
+_MAX_EVENTS = 256  # per epoll wait
 _MAX_HEADER = 14  # 2 + 8 (length) + 4 (mask)
 #: After the credentials expired: how long the IDE's current frame may take to end before the
 #: connection is cut without a Close frame, and how long the browser then has to close its side.
@@ -98,16 +99,16 @@ class FrameBoundaries:
         pos = remaining
         while pos < n:
             old = self._head
-            head = old + bytes(data[pos : pos + _MAX_HEADER])
+            head = old + bytes(data[pos : pos + _MAX_HEADER]) if old else data[pos : pos + _MAX_HEADER]
             if len(head) < 2:
-                self._head = head
+                self._head = bytes(head)
                 self._remaining = 0
                 return
             second = head[1]
             length = second & 0x7F
             size = 2 + (2 if length == 126 else 8 if length == 127 else 0) + (4 if second & 0x80 else 0)
             if len(head) < size:
-                self._head = head
+                self._head = bytes(head)
                 self._remaining = 0
                 return
             if length == 126:
@@ -226,9 +227,11 @@ class Relay:
         self._commands: queue.SimpleQueue[tuple[str, Link | None]] = queue.SimpleQueue()
         self._by_fd: dict[int, Link] = {}
         self._links: set[Link] = set()
-        self._timers: list[tuple[float, int, Link]] = []  # a heap; stale entries are skipped
+        # A heap of (when, sequence, link); stale entries (ended links) are skipped. A None link
+        # is the next time byte counts go to the metrics (once a second while links exist).
+        self._timers: list[tuple[float, int, Link | None]] = []
         self._seq = 0
-        self._counted_at = 0.0
+        self._counting = False  # a None entry is in the heap
         # One read buffer for every connection: a read is passed on before the next one, and
         # what a destination does not take at once is kept apart (pending).
         self._buffer = memoryview(bytearray(buffer_size))
@@ -338,7 +341,7 @@ class Relay:
                     if timers[0][0] <= now:
                         self._fire(now)
                     timeout = self._timeout(now)
-                for fd, mask in poll(timeout):
+                for fd, mask in poll(timeout, _MAX_EVENTS):
                     link = by_fd.get(fd)
                     if link is None:
                         if fd == wake and not self._drain_commands():
@@ -382,15 +385,16 @@ class Relay:
             return False
         return True
 
-    def _at(self, when: float, link: Link) -> None:
-        """Look at ``link`` again at ``when`` (its deadline, expiry or next activity report)."""
+    def _at(self, when: float, link: Link | None) -> None:
+        """Look at ``link`` again at ``when`` (its deadline, expiry or next activity report), or
+        count bytes then (None)."""
         if when != _NEVER:
             self._seq += 1
             heapq.heappush(self._timers, (when, self._seq, link))
 
     def _timeout(self, now: float) -> float:
         timers = self._timers
-        while timers and timers[0][2].ended:
+        while timers and (link := timers[0][2]) is not None and link.ended:
             heapq.heappop(timers)
         if not timers:
             return -1.0
@@ -401,7 +405,9 @@ class Relay:
         due: list[Link] = []
         while timers and timers[0][0] <= now:
             link = heapq.heappop(timers)[2]
-            if not link.ended and link not in due:
+            if link is None:
+                self._count_all(now)
+            elif not link.ended and link not in due:
                 due.append(link)
         for link in due:
             if link.unreported and now - link.reported_at >= self.report_every:
@@ -410,10 +416,14 @@ class Relay:
                 self._end(link, "expired" if link.closing or link.expires <= now else "linger")
             elif link.expires <= now and not link.closing:
                 self._expire(link, now)
-        if now - self._counted_at >= 1.0:
-            self._counted_at = now
-            for link in self._links:
-                self._count(link)
+
+    def _count_all(self, now: float) -> None:
+        """Pass the byte counts on to the metrics (once a second while there are links)."""
+        for link in self._links:
+            self._count(link)
+        self._counting = bool(self._links)
+        if self._counting:
+            self._at(now + 1.0, None)
 
     @staticmethod
     def _count(link: Link) -> None:
@@ -445,6 +455,9 @@ class Relay:
 
     def _add(self, link: Link) -> None:
         self._links.add(link)
+        if not self._counting:
+            self._counting = True
+            self._at(time.monotonic() + 1.0, None)
         for sock in (link.client, link.ide):
             self._by_fd[sock.fileno()] = link
             link.events[sock.fileno()] = _IN
