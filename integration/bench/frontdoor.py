@@ -154,9 +154,10 @@ class Route:
     """One way to the echo upstream: where the client connects and which processes serve it."""
 
     def __init__(self, name: str, port: int, headers: dict[str, str], proxy_pids: Callable[[], list[int]],
-                 upstream_pids: Callable[[], list[int]]) -> None:
+                 upstream_pids: Callable[[], list[int]], socket: str | None = None) -> None:
         self.name = name
         self.port = port
+        self.socket = socket  # a Unix socket to connect to instead of 127.0.0.1:port
         self.headers = headers
         self.proxy_pids = proxy_pids
         self.upstream_pids = upstream_pids
@@ -278,6 +279,14 @@ class Bench:
             assert info["state"] == "RUNNING", info
             daemon_pid = d.proc.pid if d.proc else 0
             self.paths[name] = Route(name, port, headers, lambda p=daemon_pid: [p], lambda dd=d: [int(dd.user(USER)["pid"])])
+            if name == "ours" and self.args.ide_direct:
+                # The same IDE, reached without the front door: its own Unix socket (found in its
+                # environment), its uid and cgroup - what the front door adds, apart from where
+                # the IDE runs.
+                pid = int(d.user(USER)["pid"])
+                env = dict(item.split("=", 1) for item in Path(f"/proc/{pid}/environ").read_text().split("\0") if "=" in item)
+                self.paths["ide-direct"] = Route("ide-direct", 0, {}, lambda: [], lambda dd=d: [int(dd.user(USER)["pid"])],
+                                                 socket=env["WSUP_IDE_SOCKET"])
 
     # -- measuring -----------------------------------------------------------------------------------
 
@@ -285,7 +294,8 @@ class Bench:
         cpu = self.args.cpu
         pids = path.proxy_pids() + path.upstream_pids()
         set_affinity(pids, {cpu} if pinned else self.all_cpus)
-        argv = [self.args.node, str(LOAD), json.dumps({"host": "127.0.0.1", "port": path.port, "headers": path.headers, **opts})]
+        where = {"socket": path.socket} if path.socket else {"host": "127.0.0.1", "port": path.port}
+        argv = [self.args.node, str(LOAD), json.dumps({**where, "headers": path.headers, **opts})]
         if pinned:
             argv = ["taskset", "-c", str(cpu), *argv]
         before = cpu_seconds(path.proxy_pids())
@@ -485,7 +495,7 @@ def table(results: dict[str, Any]) -> tuple[str, list[dict[str, Any]]]:
 def cpu_report(results: dict[str, Any]) -> str:
     """CPU the proxy process spent per operation: what it would sustain on a core of its own."""
     f = results["figures"]
-    proxies = [p for p in f.get("ws_rtt_100b_us", {}) if p != "direct"]
+    proxies = [p for p in f.get("ws_rtt_100b_us", {}) if p not in ("direct", "ide-direct")]
     head = f"{'proxy CPU per operation':<34}" + "".join(f"{p.replace('proto-', ''):>16}" for p in proxies)
     out = ["proxy CPU (user+sys of the proxy process, warm-up included) per operation, medians over rounds - the load-independent cost:",
            head]
@@ -518,12 +528,13 @@ def splice_report(results: dict[str, Any]) -> str:
 def proto_report(results: dict[str, Any]) -> str | None:
     """The minimal relays beside the front door, CHP and direct (medians over rounds)."""
     f = results["figures"]
-    names = [p for p in f.get("ws_rtt_100b_us", {}) if p.startswith("proto-")]
+    names = [p for p in f.get("ws_rtt_100b_us", {}) if p.startswith("proto-") or p == "ide-direct"]
     if not names:
         return None
     cols = ["direct", "chp", "ours", "ours-copy", *names]
     head = f"{'figure':<26}" + "".join(f"{c.replace('proto-', ''):>15}" for c in cols)
-    out = ["minimal relays (relay_proto.py: bytes only, no HTTP, no auth) beside the real paths, medians over rounds:", head]
+    out = ["extra paths (ide-direct: the daemon's IDE without the front door; relay_proto.py: bytes only, no HTTP, no auth), "
+           "medians over rounds:", head]
     for key, label, fmt in (("ws_rtt_100b_us", "RTT 100 B pinned us", "{:,.1f}"), ("ws_50conn_msgs_per_s", "50 conns msg/s", "{:,.0f}"),
                             ("ws_1mib_echo_mib_per_s", "1 MiB echo MiB/s", "{:,.1f}"), ("get_10mb_s", "GET 10 MB s", "{:.4f}")):
         if key in f:
@@ -543,6 +554,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="also measure minimal pure-Python relays (relay_proto.py: trio/asyncio x copy/splice) as extra paths")
     p.add_argument("--daemon-set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="a config setting for the echo daemons (ours, ours-copy), e.g. http.buffer_size=64Ki; repeatable")
+    p.add_argument("--ide-direct", action="store_true",
+                   help="also measure the client straight onto the daemon's IDE (its Unix socket, uid and cgroup; no front door)")
     p.add_argument("--no-cold-start", action="store_true", help="skip the Theia cold start")
     p.add_argument("--theia", default=None, help="an installed Theia prefix (default: install the checkout's build into the run dir)")
     p.add_argument("--cpu", type=int, default=1, help="the CPU single-connection figures are pinned to (default %(default)s)")

@@ -333,9 +333,10 @@ async def _relay_response(
         ), idle)
         result.answered = True
         length = body_length(method, response) if kernel_splice else None
-        if length is None or not await _splice_response_body(client, ide, length, idle):
+        how = "pump" if length is None else await _splice_response_body(client, ide, length, idle)
+        if how == "pump":
             await _pump_response_body(client, ide, idle)
-        else:
+        elif how == "spliced":
             result.spliced = True
             result.ide_keeps_alive = response.http_version == b"1.1" and b"close" not in connection_tokens(response.headers)
     except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError, h11.ProtocolError) as exc:
@@ -355,15 +356,17 @@ def body_length(method: bytes, response: h11.Response) -> int | None:
     return length
 
 
-async def _splice_response_body(client: HttpStream, ide: HttpStream, length: int, idle: float) -> bool:
-    """Move a Content-Length body with :func:`splice_exactly` once h11 has parsed the head; False
-    (nothing done) where the kernel cannot, or when there is too little left to be worth it.
+async def _splice_response_body(client: HttpStream, ide: HttpStream, length: int, idle: float) -> str:
+    """Move a Content-Length body with :func:`splice_exactly` once h11 has parsed the head:
+    ``"spliced"``; ``"relayed"`` if h11 already had all of it (passed on as usual); ``"pump"``
+    (nothing of the body done yet, or only what h11 had) where the kernel cannot splice or too
+    little is left to be worth it - the caller relays the rest through h11.
 
-    What h11 already read of the body is passed on first; afterwards both h11 machines are told
-    of the spliced bytes, so the browser's connection goes on as if h11 had sent them. (The IDE's
-    machine cannot be told: after the body :func:`forward_http` gives it a fresh one.)"""
+    What h11 already read of the body is passed on first. The browser's h11 machine is then told
+    of the spliced bytes (their length only), so its connection goes on as if h11 had sent them;
+    the IDE's machine cannot be told, and :func:`forward_http` gives it a fresh one afterwards."""
     if not (isinstance(client.stream, trio.SocketStream) and isinstance(ide.stream, trio.SocketStream)):
-        return False
+        return "pump"
     buffered: list[bytes] = []
     seen = 0
     while True:
@@ -373,36 +376,28 @@ async def _splice_response_body(client: HttpStream, ide: HttpStream, length: int
             seen += len(event.data)
         elif event is h11.NEED_DATA:
             break
-        else:  # the whole body was buffered (EndOfMessage), or the IDE is gone: the usual way
-            return await _replay(client, ide, buffered, event, idle)
-    if length - seen < SPLICE_MIN:
-        return await _replay(client, ide, buffered, None, idle)
-    for data in buffered:
-        TO_CLIENT.inc(len(data))
-        await client.send(h11.Data(data=data), idle)
+        else:  # the whole body was buffered (EndOfMessage), or the IDE is gone
+            await _pass_on(client, buffered, idle)
+            if not isinstance(event, h11.EndOfMessage):
+                raise trio.BrokenResourceError("the IDE closed inside a response body")
+            await client.send(h11.EndOfMessage(), idle)
+            return "relayed"
+    await _pass_on(client, buffered, idle)
     left = length - seen
-    if not await splice_exactly(ide.stream, client.stream, left, idle=idle, count=TO_CLIENT.inc):
-        raise trio.BrokenResourceError("the kernel cannot splice this body after part of it was sent")
+    if left < SPLICE_MIN or not await splice_exactly(ide.stream, client.stream, left, idle=idle, count=TO_CLIENT.inc):
+        return "pump"
     while left:  # tell the browser's h11 how much it "sent" (no bytes are copied or written)
         step = min(left, len(_ZEROS))
         client.conn.send_with_data_passthrough(h11.Data(data=_ZEROS[:step]))  # type: ignore[arg-type] # only len() is used
         left -= step
     await client.send(h11.EndOfMessage(), idle)
-    return True
+    return "spliced"
 
 
-async def _replay(client: HttpStream, ide: HttpStream, buffered: list[bytes], last: object, idle: float) -> bool:
-    """Pass on body pieces taken from h11 for a splice that did not happen; False if the body
-    goes on (the caller pumps the rest), True if it is complete."""
-    for data in buffered:
+async def _pass_on(client: HttpStream, pieces: list[bytes], idle: float) -> None:
+    for data in pieces:
         TO_CLIENT.inc(len(data))
         await client.send(h11.Data(data=data), idle)
-    if last is None:
-        return False
-    if isinstance(last, h11.EndOfMessage):
-        await client.send(h11.EndOfMessage(), idle)
-        return True
-    raise trio.BrokenResourceError("the IDE closed inside a response body")
 
 
 async def _guard_client(pump: Callable[[], object]) -> None:

@@ -33,7 +33,7 @@ function maskedFrame(size, opcode = 0x2) {
 
 function connectWs(target = '/ws') {
   return new Promise((resolve, reject) => {
-    const sock = net.connect({ host: opts.host, port: opts.port });
+    const sock = net.connect(opts.socket ? { path: opts.socket } : { host: opts.host, port: opts.port });
     sock.setNoDelay(true);
     const key = crypto.randomBytes(16).toString('base64');
     const extra = Object.entries(opts.headers || {}).map(([k, v]) => `${k}: ${v}\r\n`).join('');
@@ -170,7 +170,8 @@ async function get() {
   const agent = new http.Agent({ keepAlive: true, maxSockets: 1 });
   const one = () => new Promise((resolve, reject) => {
     const t0 = now();
-    const req = http.request({ host: opts.host, port: opts.port, path: opts.path, agent, headers: opts.headers || {} }, (res) => {
+    const where = opts.socket ? { socketPath: opts.socket } : { host: opts.host, port: opts.port };
+    const req = http.request({ ...where, path: opts.path, agent, headers: opts.headers || {} }, (res) => {
       let bytes = 0;
       res.on('data', (d) => { bytes += d.length; });
       res.on('end', () => {
