@@ -5,8 +5,9 @@
 - LSP_PAUSED: language servers and extension hosts (descendants of the IDE whose command line
   matches ``[idle] lsp_patterns``) move into the user's ``paused`` child cgroup, which is frozen;
   SIGSTOP where the driver cannot;
-- RECLAIMED: SIGUSR2 to the IDE backend (its GC preload runs ``global.gc()``), and the cgroup's
-  ``memory.reclaim`` where the kernel has it;
+- RECLAIMED: SIGUSR2 to the IDE backend (its GC preload runs ``global.gc()``, then
+  ``malloc_trim(0)``, which returns the ~40 MiB of free C heap an idle Theia holds), and the
+  cgroup's ``memory.reclaim`` where the kernel has it;
 - FROZEN: the whole tree is frozen;
 - STOPPED: the IDE is stopped (SIGTERM first); the next request cold-starts it.
 

@@ -1,7 +1,7 @@
 """Real Theia users behind the real daemon's front door, for the idle tests and benchmark.
 
-- :func:`theia_command`: the IDE command the daemon runs (the built app, both preloads, as
-  images/theia/README.md describes);
+- :func:`theia_command`: the IDE command the daemon runs by default (the built app, both preloads,
+  ``--no-cluster``: the file watcher runs inside the backend; images/theia/README.md);
 - :class:`Browser`: one headless Chromium (Debian ``chromium``) driven over its DevTools HTTP
   endpoints (``/json/new``, ``/json/close``): each user's workbench is a tab at
   ``http://<user>.localhost:<port>/`` - Chromium resolves ``*.localhost`` to the loopback address
@@ -14,10 +14,12 @@ Standard library and psutil only; the tests import it as ``integration.bench.the
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 import time
@@ -54,7 +56,7 @@ def theia_command(prefix: Path | None = None) -> list[str]:
         NODE, "--expose-gc",
         "--require", str(preloads / "unix-socket-preload.js"), "--require", str(preloads / "gc-preload.js"),
         str(app / "lib" / "backend" / "main.js"), "{workspace}", "--hostname", "127.0.0.1",
-        "--session-preference=security.workspace.trust.enabled=false",
+        "--session-preference=security.workspace.trust.enabled=false", "--no-cluster",
     ]
 
 
@@ -155,9 +157,9 @@ def descendants(pid: int) -> list[psutil.Process]:
 
 
 def workbench_ready(pid: int) -> bool:
-    """The backend forked its file watcher and opened a terminal: a workbench has loaded."""
-    kids = descendants(pid)
-    return any(is_file_watcher(p) for p in kids) and any(is_shell(p) for p in kids)
+    """The backend opened a terminal (it does on every page load): a workbench has loaded. (Without
+    ``--no-cluster`` it also forks its file watcher first; with it there is no such process.)"""
+    return any(is_shell(p) for p in descendants(pid))
 
 
 def cgroup_pids(cgroup_dirs: list[Path]) -> set[int]:
@@ -213,3 +215,109 @@ def gc_lines(log_text: str) -> list[dict[str, Any]]:
             except ValueError:
                 continue
     return lines
+
+
+class DevTools:
+    """A minimal Chrome DevTools Protocol client for one tab (its WebSocket, standard library only):
+    evaluate JavaScript in the page and type keys, as a user would."""
+
+    def __init__(self, browser: Browser, tab: str, timeout: float = 30.0) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", browser.devtools), timeout=timeout)
+        key = base64.b64encode(os.urandom(16)).decode()
+        self.sock.sendall(
+            (f"GET /devtools/page/{tab} HTTP/1.1\r\nHost: 127.0.0.1:{browser.devtools}\r\nUpgrade: websocket\r\n"
+             f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode()
+        )
+        self.pending = bytearray()
+        while b"\r\n\r\n" not in self.pending:
+            piece = self.sock.recv(65536)
+            if not piece:
+                raise ConnectionError("DevTools closed the connection during the handshake")
+            self.pending += piece
+        head, _, rest = bytes(self.pending).partition(b"\r\n\r\n")
+        if b" 101 " not in head.split(b"\r\n", 1)[0]:
+            raise ConnectionError(f"DevTools refused the WebSocket: {head[:200]!r}")
+        self.pending = bytearray(rest)
+        self.next_id = 0
+
+    def _send(self, text: str) -> None:
+        payload = text.encode()
+        mask = os.urandom(4)
+        n = len(payload)
+        head = bytes([0x81]) + (bytes([0x80 | n]) if n < 126 else bytes([0x80 | 126]) + n.to_bytes(2, "big")
+                                if n < 65536 else bytes([0x80 | 127]) + n.to_bytes(8, "big"))
+        repeated = (mask * (n // 4 + 1))[:n]
+        masked = (int.from_bytes(payload, "big") ^ int.from_bytes(repeated, "big")).to_bytes(n, "big") if n else b""
+        self.sock.sendall(head + mask + masked)
+
+    def _read(self, n: int) -> bytes:
+        while len(self.pending) < n:
+            piece = self.sock.recv(65536)
+            if not piece:
+                raise EOFError("DevTools closed the connection")
+            self.pending += piece
+        data = bytes(self.pending[:n])
+        del self.pending[:n]
+        return data
+
+    def _recv(self) -> str:
+        message = b""
+        while True:
+            first, second = self._read(2)
+            n = second & 0x7F
+            if n == 126:
+                n = int.from_bytes(self._read(2), "big")
+            elif n == 127:
+                n = int.from_bytes(self._read(8), "big")
+            message += self._read(n)
+            if first & 0x80:
+                return message.decode()
+
+    def call(self, method: str, **params: Any) -> dict[str, Any]:
+        self.next_id += 1
+        self._send(json.dumps({"id": self.next_id, "method": method, "params": params}))
+        while True:
+            answer = json.loads(self._recv())
+            if answer.get("id") == self.next_id:
+                if "error" in answer:
+                    raise RuntimeError(f"{method}: {answer['error']}")
+                return dict(answer.get("result", {}))
+
+    def evaluate(self, expression: str) -> Any:
+        """The value of a JavaScript expression in the page (promises awaited)."""
+        result = self.call("Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True)
+        if "exceptionDetails" in result:
+            raise RuntimeError(f"{expression!r} threw: {result['exceptionDetails']}")
+        return result.get("result", {}).get("value")
+
+    def type_line(self, text: str) -> None:
+        """Type ``text`` into whatever has the focus, then Enter."""
+        self.call("Input.insertText", text=text)
+        for kind in ("keyDown", "keyUp"):
+            self.call("Input.dispatchKeyEvent", type=kind, key="Enter", code="Enter", windowsVirtualKeyCode=13,
+                      nativeVirtualKeyCode=13, **({"text": "\r"} if kind == "keyDown" else {}))
+
+    def click(self, selector: str, text: str | None = None) -> bool:
+        """Press and release the mouse on the middle of the first element matching ``selector``
+        (and whose trimmed text is ``text``, if given); False if there is none on screen."""
+        box = self.evaluate(
+            f"(() => {{ const e = [...document.querySelectorAll({json.dumps(selector)})]"
+            f".find(e => {json.dumps(text)} === null || e.textContent.trim() === {json.dumps(text)}); if (!e) return null; "
+            "const r = e.getBoundingClientRect(); return r.width && r.height ? [r.x + r.width / 2, r.y + r.height / 2] : null; })()"
+        )
+        if not box:
+            return False
+        self.call("Input.dispatchMouseEvent", type="mouseMoved", x=box[0], y=box[1])  # menus act on the hovered item
+        for kind in ("mousePressed", "mouseReleased"):
+            self.call("Input.dispatchMouseEvent", type=kind, x=box[0], y=box[1], button="left", clickCount=1)
+        return True
+
+    def key(self, key: str, code: str, key_code: int, *, ctrl: bool = False, shift: bool = False) -> None:
+        """Press and release one key (e.g. ``key("`", "Backquote", 192, ctrl=True)``)."""
+        modifiers = (2 if ctrl else 0) | (8 if shift else 0)
+        for kind in ("rawKeyDown", "keyUp"):
+            self.call("Input.dispatchKeyEvent", type=kind, key=key, code=code, windowsVirtualKeyCode=key_code,
+                      nativeVirtualKeyCode=key_code, modifiers=modifiers)
+
+    def close(self) -> None:
+        self.sock.close()
