@@ -170,6 +170,13 @@ class BenchDaemon:
         hierarchies = [CGROUP_MOUNT, *(h for h in CGROUP_MOUNT.iterdir() if h.is_dir() and not h.is_symlink())]
         return [h / self.name / user for h in hierarchies if (h / self.name / user).is_dir()]
 
+    def log_of(self, user: str) -> str:
+        """The user's IDE log (its stderr: gc-preload.js's report lines)."""
+        try:
+            return (self.base / "log" / f"{user}.log").read_text(errors="replace")
+        except OSError:
+            return ""
+
     def shutdown(self) -> None:
         terminate(self.proc, 120, "the daemon")  # drain: every user is stopped gracefully
 
@@ -410,8 +417,8 @@ class TheiaPod:
         return info["pid"] if info and info["state"] == "RUNNING" else None
 
     def load_workbench(self, u: TheiaUser) -> float:
-        """Open the user's workbench in a tab until the backend has its file watcher and a
-        terminal; close the tab. Returns the seconds it took."""
+        """Open the user's workbench in a tab until the backend has opened its terminal; close the
+        tab. Returns the seconds it took."""
         assert self.browser is not None
         began = time.monotonic()
         tab = self.browser.open(f"{tu.user_origin(u.user, self.port)}/?token={u.token}")
@@ -550,6 +557,7 @@ def run_theia(args: argparse.Namespace, base: Path, tag: str, cleanup: list[Call
             log(f"  {u.user} loaded in {out['load_s'][u.user]:.1f}s (load {load()})")
         log(f"waiting for every laddered user to walk down to STOPPED ({4 * args.stage:g}s of idleness each)")
         tracker.join(timeout=8 * args.stage + args.users * 60 + 600)
+        out["gc"] = [line for u in laddered for line in tu.gc_lines(pod.daemon.log_of(u.user))]
         # The wake part runs alone: no workbench loading or other ladder steps next to it.
         log(f"loading {len(lsp_users)} users with a language-server stand-in and {len(frozen_users)} to be frozen")
         for u in lsp_users:
@@ -624,6 +632,13 @@ def build_rows(results: dict[str, Any], args: argparse.Namespace) -> list[dict[s
             target, ok = ("<= 100 MiB", rss <= 100) if stage != "active" else ("(before the ladder)", None)
             row(f"tree RSS per idle user after {stage} ({len(got)}/{n} users)", "MiB", rss, b_rss, target, ok)
             row(f"  PSS (shared pages split) / cgroup memory usage, {stage}", "MiB", pss, b_pss, f"cgroup {cg:.1f} MiB")
+        gcs = [g for g in theia.get("gc", []) if g.get("ok")]
+        if gcs:
+            trimmed = sum(1 for g in gcs if g.get("trimmed"))
+            row(f"  the GC rung in the backend (gc-preload.js, n={len(gcs)}, {trimmed} trimmed): its RSS before -> after",
+                "MiB", mean([g["rss_after"] for g in gcs]) / MIB, None,
+                f"before {mean([g['rss_before'] for g in gcs]) / MIB:.1f} MiB; GC {mean([g['ms'] for g in gcs]):.1f} ms, "
+                f"malloc_trim {mean([g.get('trim_ms', 0.0) for g in gcs]):.1f} ms")
     cpu = results.get("cpu")
     if cpu:
         with_ = mean([w["ladder"]["cpu_percent"] for w in cpu["windows"]])
