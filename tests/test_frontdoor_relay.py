@@ -275,3 +275,34 @@ async def test_byte_counts_reach_the_metrics_while_the_connection_is_open(relay:
                 await trio.sleep(0.05)
         ends.browser.close()
         ends.ide.close()
+
+
+async def test_a_hung_up_socket_waiting_for_the_other_side_does_not_spin(relay: Relay, ends: Ends) -> None:
+    """The browser sent its last bytes and closed, the IDE closed its side and is slow to read:
+    the relay waits (no busy loop on the hang-up) and delivers everything once the IDE reads."""
+    async with trio.open_nursery() as nursery:
+        result: list[str] = []
+
+        async def run() -> None:
+            result.append(await ends.carry(relay, linger=30))
+
+        nursery.start_soon(run)
+        ends.ide.shutdown(socket.SHUT_WR)  # the IDE's EOF: the relay half-closes the browser's side
+        assert await in_thread(lambda: read_to_eof(ends.browser)) == b""
+        # More than the IDE's socket holds (the relay keeps the rest), little enough that the
+        # browser's FIN reaches the relay's socket behind it: a hang-up while the relay cannot read.
+        data = os.urandom(300 * 1024)
+
+        def browser_sends() -> None:
+            ends.browser.sendall(data)
+            ends.browser.shutdown(socket.SHUT_WR)
+
+        await in_thread(browser_sends)
+        await trio.sleep(0.2)
+        assert relay._thread is not None
+        clock = time.pthread_getcpuclockid(relay._thread.ident)  # type: ignore[arg-type]
+        before = time.clock_gettime(clock)
+        await trio.sleep(0.5)
+        assert time.clock_gettime(clock) - before < 0.1, "the relay thread spins on a hung-up socket"
+        assert await in_thread(lambda: read_to_eof(ends.ide)) == data
+    assert result == ["closed"]

@@ -211,7 +211,7 @@ class Link:
     expiring: bool = False  # expired while the IDE was inside a frame: close at its end
     closing: bool = False  # the front door's Close frame is out (expired)
     ended: bool = False
-    events: dict[int, int] = field(default_factory=dict)  # fd -> registered epoll mask
+    events: dict[int, int] = field(default_factory=dict)  # fd -> registered epoll mask (0: not in the set)
 
 
 class Relay:
@@ -526,13 +526,23 @@ class Relay:
         self._interest(link)
 
     def _interest(self, link: Link) -> None:
+        """Watch each socket for what its two directions wait for. A socket with nothing to wait
+        for is taken out of the epoll set: a hang-up is reported whatever the mask, and would be
+        reported again and again while, say, its bytes wait for the other side to take the last."""
         for sock, reading, writing in ((link.client, link.up, link.down), (link.ide, link.down, link.up)):
             fd = sock.fileno()
             if fd not in link.events:
                 continue  # no longer watched (the IDE's side of a closing connection)
             mask = (_IN if reading.reading else 0) | (_OUT if writing.pending else 0)
-            if mask != link.events[fd]:
-                link.events[fd] = mask
+            was = link.events[fd]
+            if mask == was:
+                continue
+            link.events[fd] = mask
+            if not mask:
+                self._epoll.unregister(fd)
+            elif not was:
+                self._epoll.register(fd, mask)
+            else:
                 self._epoll.modify(fd, mask)
 
     def _expire(self, link: Link, now: float) -> None:
