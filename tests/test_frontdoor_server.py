@@ -8,6 +8,7 @@ Clients are real blocking sockets run in worker threads.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import socket
@@ -22,6 +23,7 @@ import trio
 
 from supervisor import config as config_module
 from supervisor.errors import CapacityExceeded, Draining
+from supervisor.frontdoor import proxy
 from supervisor.frontdoor.auth import Authenticator
 from supervisor.frontdoor.server import FrontDoor, IdeInfo
 from supervisor.sessions import State
@@ -395,7 +397,18 @@ async def test_a_user_paused_by_an_operator_gets_503_at_once(door: Door) -> None
     assert (await in_thread(lambda: door.client().get("/api", headers=bearer("gus")))).status == 200
 
 
-async def test_large_bodies_spliced_on_a_kept_alive_connection_stay_in_step(door: Door) -> None:
+async def test_large_bodies_spliced_both_ways_on_a_kept_alive_connection_stay_in_step(
+    door: Door, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    spliced: list[int] = []
+    real = proxy.splice_exactly
+
+    async def recording(*args: Any, **kwargs: Any) -> bool:
+        moved = await real(*args, **kwargs)
+        spliced.append(args[2] if moved else -1)
+        return moved
+
+    monkeypatch.setattr(proxy, "splice_exactly", recording)
     client = door.client()
     for target in ("/big?mb=3", "/", "/big?mb=1", "/chunked?kb=100", "/big?mb=2"):
         answer = await in_thread(lambda t=target: client.get(t, headers=bearer()))  # type: ignore[misc]
@@ -408,7 +421,13 @@ async def test_large_bodies_spliced_on_a_kept_alive_connection_stay_in_step(door
             assert answer.body.startswith(b"stub-ide user=alice")
     head = await in_thread(lambda: client.request("HEAD", "/big?mb=4", headers=bearer()))
     assert head.status == 200 and head.body == b"" and head.header("content-length") == str(4 * 2**20)
+    for size in (3 * 2**20, 100, 2**20 + 7):  # uploads: spliced when large, on the same connection
+        payload = os.urandom(size)
+        counted = await in_thread(lambda p=payload: client.request("POST", "/count", headers=bearer(), body=p))  # type: ignore[misc]
+        assert counted.status == 200 and counted.json() == {"length": size, "sha256": hashlib.sha256(payload).hexdigest()}
     assert (await in_thread(lambda: client.get("/", headers=bearer()))).status == 200
+    # 3 + 1 + 2 MiB down, 3 MiB + 1 MiB up; less the pieces h11 had already read with the heads
+    assert len(spliced) == 5 and all(n > 2**20 // 2 for n in spliced), spliced
 
 
 async def test_websocket_with_a_token_parameter_is_served_not_redirected(door: Door) -> None:

@@ -5,8 +5,8 @@
 - :func:`forward_http`: one request/response exchange. The request body and the response body
   are streamed concurrently in ``buffer_size`` pieces, never held whole (Theia's 12 MB bundles,
   uploads), with backpressure both ways; 1xx answers are passed on.
-  A large ``Content-Length`` response body (Theia's bundles) is moved with ``os.splice`` instead
-  (:func:`splice_exactly`: IDE socket -> pipe -> browser socket) once h11 has parsed the head.
+  A large ``Content-Length`` body (Theia's bundles, uploads) is moved with ``os.splice`` instead
+  (:func:`splice_exactly`: socket -> pipe -> socket) once h11 has parsed the head.
 - :func:`forward_upgrade`: a WebSocket (any ``Upgrade:``) handshake goes to the IDE; if it answers
   101 the browser gets that 101 (with the IDE's headers and cookies) and from then on the
   :class:`~supervisor.frontdoor.relay.Relay` thread carries the bytes both ways; any other answer
@@ -263,7 +263,7 @@ async def forward_http(
     cookie_name: str, idle: float, on_input: Counter, kernel_splice: bool = False,
 ) -> Exchange:
     """Forward one request to the IDE and its answer to the browser, streaming both bodies
-    (a large Content-Length response body with ``os.splice`` if ``kernel_splice``).
+    (large Content-Length bodies, either way, with ``os.splice`` if ``kernel_splice``).
 
     Raises UpstreamFailed if the IDE broke off before the browser was answered (the caller may
     answer 502); a failure after that, or on the browser's side, raises ClientGone."""
@@ -271,12 +271,19 @@ async def forward_http(
     ide = upstream.http
     upstream.exchanges += 1
     request_done = False
+    request_spliced = False
 
     async def pump_request_body() -> None:
-        nonlocal request_done
+        nonlocal request_done, request_spliced
         if client.conn.their_state is h11.DONE:  # already relayed once (a retried GET): just end it
             await ide.send(h11.EndOfMessage(), idle)
             request_done = True
+            return
+        length = request_length(request) if kernel_splice else None
+        how = "pump" if length is None else await _splice_request_body(client, ide, length, idle, on_input)
+        if how != "pump":
+            request_done = True
+            request_spliced = how == "spliced"
             return
         while True:
             event = await client.next_event(idle)
@@ -308,6 +315,8 @@ async def forward_http(
     # An IDE that ends its own connection (its answer said Connection: close, a hop-by-hop header
     # the browser never sees) costs a new IDE connection next time, not the browser's connection.
     result.reusable = request_done and client.conn.our_state is h11.DONE
+    if request_spliced and result.reusable:
+        client.restart()  # its machine never saw the body; the connection is at a message boundary
     if result.spliced:
         # The IDE's h11 never saw the spliced body; the connection is at a message boundary.
         result.ide_reusable = result.reusable and result.ide_keeps_alive and ide.conn.our_state is h11.DONE
@@ -341,6 +350,51 @@ async def _relay_response(
             result.ide_keeps_alive = response.http_version == b"1.1" and b"close" not in connection_tokens(response.headers)
     except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError, h11.ProtocolError) as exc:
         raise ClientGone(f"response to the browser broke off: {type(exc).__name__}") from None
+
+
+def request_length(request: h11.Request) -> int | None:
+    """The body size a request announces with Content-Length (None: none, or chunked)."""
+    length = None
+    for name, value in request.headers:
+        if name == b"transfer-encoding":
+            return None
+        if name == b"content-length":
+            length = int(value)  # h11 has validated it
+    return length
+
+
+async def _splice_request_body(client: HttpStream, ide: HttpStream, length: int, idle: float, on_input: Counter) -> str:
+    """The browser -> IDE twin of :func:`_splice_response_body` (an upload): ``"spliced"``,
+    ``"relayed"`` (h11 already had all of it) or ``"pump"`` (the caller relays the rest). Here
+    the IDE's machine is told of the spliced bytes, and the browser's cannot be:
+    :func:`forward_http` gives it a fresh one once the answer is out."""
+    if not (isinstance(client.stream, trio.SocketStream) and isinstance(ide.stream, trio.SocketStream)):
+        return "pump"
+    seen = 0
+    while True:
+        event = client.conn.next_event()  # only what is already buffered: no read
+        if isinstance(event, h11.Data):
+            TO_IDE.inc(len(event.data))
+            on_input(len(event.data))
+            await ide.send(h11.Data(data=event.data), idle)
+            seen += len(event.data)
+        elif event is h11.NEED_DATA:
+            break
+        elif isinstance(event, h11.EndOfMessage):
+            await ide.send(h11.EndOfMessage(), idle)
+            return "relayed"
+        else:
+            raise ClientGone("the browser closed the connection inside a request body")
+    left = length - seen
+    if left < SPLICE_MIN or not await splice_exactly(client.stream, ide.stream, left, idle=idle, count=TO_IDE.inc):
+        return "pump"
+    on_input(left)
+    while left:  # tell the IDE's h11 how much it "sent" (no bytes are copied or written)
+        step = min(left, len(_ZEROS))
+        ide.conn.send_with_data_passthrough(h11.Data(data=_ZEROS[:step]))  # type: ignore[arg-type] # only len() is used
+        left -= step
+    await ide.send(h11.EndOfMessage(), idle)
+    return "spliced"
 
 
 def body_length(method: bytes, response: h11.Response) -> int | None:
@@ -556,9 +610,9 @@ async def splice_exactly(src: trio.SocketStream, dst: trio.SocketStream, length:
                 except OSError as exc:
                     if exc.errno in _CANNOT_SPLICE and left == length:
                         return False
-                    raise trio.BrokenResourceError(f"splice from the IDE: {exc.strerror}") from None
+                    raise trio.BrokenResourceError(f"splice from the sending socket: {exc.strerror}") from None
                 if n == 0:
-                    raise trio.BrokenResourceError(f"the IDE closed with {left} bytes of the body still to come")
+                    raise trio.BrokenResourceError(f"the sender closed with {left} bytes of the body still to come")
                 if n > 0:
                     left -= n
                     piped += n
@@ -569,7 +623,7 @@ async def splice_exactly(src: trio.SocketStream, dst: trio.SocketStream, length:
                 except BlockingIOError:
                     n = 0
                 except OSError as exc:
-                    raise trio.BrokenResourceError(f"splice to the browser: {exc.strerror}") from None
+                    raise trio.BrokenResourceError(f"splice to the receiving socket: {exc.strerror}") from None
                 if n:
                     piped -= n
                     count(n)

@@ -404,6 +404,8 @@ class _Connection:
             if not await self._exchange(request):
                 return
             conn = self.client.conn
+            if conn.our_state is h11.IDLE and conn.their_state is h11.IDLE:
+                continue  # a fresh machine (the request body was spliced past the old one)
             if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
                 return
             conn.start_next_cycle()
