@@ -295,7 +295,7 @@ class HttpConfig:
     )
     buffer_size: int = setting(256 * 2**10, "Bytes read per step when streaming bodies and WebSockets.", parse_size)
     kernel_splice: bool = setting(
-        True, "Move large Content-Length response bodies with os.splice through a pipe (never through Python); false passes them "
+        True, "Move large Content-Length bodies (answers and uploads) with os.splice through a pipe (never through Python); false passes them "
         "through h11. (WebSockets are always carried by the front door's relay thread.)", _bool
     )
 
