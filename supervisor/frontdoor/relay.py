@@ -2,14 +2,18 @@
 
 Why a thread: after the 101 the front door only moves bytes, and trio's cost per wake-up (a task
 switch, checkpoints around every ``receive_some``/``send_all``) was most of the front door's CPU
-per small message: ~23 us per round trip at best, against ~10 us for a loop driven by readiness
-alone (``integration/bench/README.md``). :class:`Relay` is that loop: one thread, one level-
-triggered ``select.epoll`` for every upgraded connection of the daemon, ``recv_into`` one
-preallocated buffer (shared by all connections: what a destination does not take at once is
-kept apart) and ``send``. Splicing was measured too and lost: moving large frame payloads
-socket -> pipe -> socket halved the 1 MiB echo throughput, and small messages only ever cost two
-syscalls either way. It holds the GIL only while it handles ready
-sockets; the trio thread is idle meanwhile (it has nothing to do for a relayed connection).
+per small message: 36-55 us per round trip, against ~9 us for this loop (``integration/bench/
+README.md``). :class:`Relay` is one thread with one level-triggered ``select.epoll`` for every
+upgraded connection of the daemon: ``recv_into`` one preallocated buffer (shared by all
+connections: what a destination does not take at once is kept apart) and ``send``. Splicing was
+measured too and lost: moving large frame payloads socket -> pipe -> socket halved the 1 MiB echo
+throughput, and small messages cost two syscalls per direction either way.
+
+The GIL: the relay holds it only while it handles ready sockets, and the trio thread has nothing
+to do for a relayed connection. But while trio is busy with Python work (many HTTP requests at
+once) the relay waits for the GIL at each of its syscalls, and round trips grow from tens of
+microseconds to milliseconds (measured in the README); a relay process would not share the GIL,
+at the cost of a second interpreter (~10 MiB).
 
 Per connection (:class:`Link`), both directions are read frame by frame, cheaply:
 
