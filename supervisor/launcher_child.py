@@ -1,7 +1,8 @@
 """The pre-spawned launcher process of :mod:`supervisor.launchpool` (stdlib only, no package imports).
 
 Run by the daemon as ``python -I -S launcher_child.py FD PROCS_FILE...`` with ``FD`` one end of a
-``SOCK_SEQPACKET`` socket pair and stdin/stdout/stderr on ``/dev/null``. It:
+``SOCK_SEQPACKET`` socket pair and stdin/stdout/stderr on ``/dev/null``; it closes any other
+descriptor it inherited. It:
 
 1. joins the spare cgroup by writing ``0`` into every ``PROCS_FILE`` (the kernel's slow attach,
    paid here, off any user's start), sets ``no_new_privs`` and resets the signal dispositions
@@ -97,8 +98,11 @@ def execvpe(argv: list, environ: dict) -> None:
 
 
 def main() -> None:
-    sock = socket(AF_UNIX, SOCK_SEQPACKET, 0, int(sys.argv[1]))
-    os.set_inheritable(sock.fileno(), False)  # pass_fds made it inheritable: the IDE must not get it
+    fd = int(sys.argv[1])
+    os.closerange(3, fd)  # whatever else the daemon had open without close-on-exec
+    os.closerange(fd + 1, 1 << 20)
+    sock = socket(AF_UNIX, SOCK_SEQPACKET, 0, fd)
+    os.set_inheritable(fd, False)  # it was inherited: the IDE must not get it
     try:
         prepare(sock, sys.argv[2:])
     except BaseException as exc:  # noqa: BLE001 - reported to the daemon, then exit

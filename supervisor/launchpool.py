@@ -27,7 +27,6 @@ import secrets
 import select
 import signal
 import socket
-import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,12 +42,13 @@ from supervisor.errors import CgroupError, LaunchError
 log = logging.getLogger(__name__)
 
 CHILD = Path(__file__).with_name("launcher_child.py")
+LAUNCHER_FD = 3  # the launcher's end of its socket, in the launcher
 
 
 class PoolDriver(SpareGroups, Protocol):
-    """What the pool needs of a cgroup driver: spare groups, and create() for the user's limits."""
+    """What the pool needs of a cgroup driver: spare groups, and set_limits() for the user's limits."""
 
-    def create(self, user: str, limits: Limits) -> None: ...
+    def set_limits(self, user: str, limits: Limits) -> None: ...
 
 
 @dataclass
@@ -68,6 +68,8 @@ class LauncherPool:
     exec_timeout = 10.0  # launch message to exec
     retry_initial = 1.0  # back-off after a launcher failed to come up
     retry_max = 60.0
+    settle_max = 2.0  # longest a refill waits for the starts in flight to become ready
+    settle_pause = 0.005
 
     def __init__(
         self, driver: PoolDriver, size: int, *, reap: Callable[[int], object], python: str = sys.executable
@@ -79,12 +81,22 @@ class LauncherPool:
         self.ready: list[Launcher] = []
         self._pids: set[int] = set()  # launchers alive (or not yet reaped) and not handed over
         self._wake = trio.Event()
+        self._in_flight: set[int] = set()  # pids launched and not yet ready (see settled())
+        self._settled = trio.Event()
         self._nursery: trio.Nursery | None = None
         self.launched = 0
         self.fallbacks = 0
 
     def owns(self, pid: int) -> bool:
         return pid in self._pids
+
+    def settled(self, pid: int) -> None:
+        """The start of ``pid`` is over (ready, failed or gone): refills may run again."""
+        if pid in self._in_flight:
+            self._in_flight.discard(pid)
+            if not self._in_flight:
+                self._settled.set()
+                self._settled = trio.Event()
 
     def info(self) -> dict[str, int]:
         return {"size": self.size, "ready": len(self.ready), "launched": self.launched, "fallbacks": self.fallbacks}
@@ -111,6 +123,12 @@ class LauncherPool:
         delay = self.retry_initial
         while True:
             while len(self.ready) < self.size:
+                # A launcher's own start-up (~20 ms of CPU) would compete with the IDEs starting
+                # now, and with the daemon answering their readiness: wait until they are up.
+                if self._in_flight:
+                    with trio.move_on_after(self.settle_max):
+                        await self._settled.wait()
+                    await trio.sleep(self.settle_pause)  # the readiness answer goes out first
                 launcher = await self._spawn_one()
                 if launcher is None:
                     await trio.sleep(delay)
@@ -130,8 +148,8 @@ class LauncherPool:
             return None
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
-            pid, pidfd = await trio.to_thread.run_sync(self._popen, theirs.fileno(), procs_files)
-        except (OSError, subprocess.SubprocessError) as exc:
+            pid, pidfd = self._posix_spawn(theirs.fileno(), procs_files)
+        except OSError as exc:
             log.warning("launcher pool: cannot spawn a launcher (%s %s): %s", self.python, CHILD, exc)
             ours.close()
             self._remove_spare(spare)
@@ -150,17 +168,26 @@ class LauncherPool:
         self._discard(launcher)
         return None
 
-    def _popen(self, fd: int, procs_files: list[str]) -> tuple[int, int]:
-        """Runs in a worker thread: fork/exec costs the event loop nothing."""
-        proc = subprocess.Popen(  # noqa: S603 - our own interpreter and module
-            [self.python, "-I", "-S", str(CHILD), str(fd), *procs_files],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            env={"PATH": launch.BASE_PATH, "LANG": "C.UTF-8"}, cwd="/", pass_fds=(fd,),
-            close_fds=True, start_new_session=True,
+    def _posix_spawn(self, fd: int, procs_files: list[str]) -> tuple[int, int]:
+        """Start a launcher with its socket as fd 3 and /dev/null as stdio.
+
+        posix_spawn (a vfork in glibc) blocks the event loop ~0.1 ms; subprocess.Popen costs more,
+        and in a worker thread it holds the GIL for up to a switch interval (5 ms) at a time. The
+        launcher closes every other inherited descriptor itself.
+        """
+        pid = os.posix_spawn(
+            self.python, [self.python, "-I", "-S", str(CHILD), str(LAUNCHER_FD), *procs_files],
+            {"PATH": launch.BASE_PATH, "LANG": "C.UTF-8"},
+            file_actions=[
+                (os.POSIX_SPAWN_DUP2, fd, LAUNCHER_FD),
+                (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDWR, 0),
+                (os.POSIX_SPAWN_DUP2, 0, 1),
+                (os.POSIX_SPAWN_DUP2, 0, 2),
+            ],
+            setsid=True,
         )
-        proc.returncode = 0  # reaped by the daemon's reaper (see owns()), never by Popen
-        self._pids.add(proc.pid)
-        return proc.pid, os.pidfd_open(proc.pid)
+        self._pids.add(pid)
+        return pid, os.pidfd_open(pid)
 
     # ---- launching -----------------------------------------------------------------------------
 
@@ -177,7 +204,15 @@ class LauncherPool:
             log.info("user=%s launcher pool empty; starting the ordinary way", spec.user)
             return None
         launcher = self.ready.pop(0)
+        self._in_flight.add(launcher.pid)  # before the refill wakes: it waits for this start
         self._wake.set()
+        try:
+            return await self._launch(launcher, spec, limits)
+        finally:
+            if launcher.pid in self._pids:  # not handed over: nothing to wait for
+                self.settled(launcher.pid)
+
+    async def _launch(self, launcher: Launcher, spec: LaunchSpec, limits: Limits) -> int | None:
         try:
             self.driver.assign_spare(launcher.spare, spec.user)
         except CgroupError as exc:
@@ -187,7 +222,7 @@ class LauncherPool:
             return None
         # The launcher is in the user's group now: on any failure it must not run on.
         try:
-            self.driver.create(spec.user, limits)  # limits and the OOM setting of the renamed group
+            self.driver.set_limits(spec.user, limits)
             self._send(launcher, spec)
         except CgroupError:
             self._discard(launcher, remove_spare=False)

@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 import trio
 
-from supervisor import launch, logfiles, metrics
+from supervisor import launch, logfiles, metrics, sockwatch
 from supervisor.cgroups import CgroupDriver, Limits, SpareGroups
 from supervisor.config import Config, TierConfig
 from supervisor.errors import CgroupError, InvalidTransition, SupervisorError, UnknownUser, UnsafePath
@@ -179,6 +179,7 @@ class SessionManager:
         self.user_info_providers: list[Callable[[str], dict[str, Any]]] = []
         self._changed = trio.Event()
         self._nursery: trio.Nursery | None = None
+        self.sockets: sockwatch.SocketDirWatcher | None = None  # wakes readiness probes (set by serve)
 
     # ---- service ---------------------------------------------------------------------------
 
@@ -196,6 +197,8 @@ class SessionManager:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             nursery.start_soon(self._sigchld_loop)
+            self.sockets = sockwatch.SocketDirWatcher()
+            await nursery.start(self.sockets.serve)
             if self.pool is not None:
                 await nursery.start(self.pool.serve)
             await self._adopt_all()
@@ -576,35 +579,74 @@ class SessionManager:
             await self._handle(rt, rt.session.on_exit(self.clock(), info))
 
     async def _await_ready(self, rt: UserRuntime, pid: int) -> None:
-        timeout = self.config.ide.ready_timeout
-        started = self.clock()
-        deadline = started + timeout
-        delay = 0.001
-        while True:
-            if rt.session.pid != pid or rt.session.state is not State.STARTING:
-                return
-            if await probe_http(rt.socket_path):
-                break
-            if self.clock() >= deadline:
-                async with rt.lock:
-                    if rt.session.pid == pid:
-                        log.error("user=%s not ready within %gs; killing this attempt", rt.session.user, timeout)
-                        await self._handle(rt, rt.session.on_ready_timeout(self.clock(), timeout))
-                return
-            await trio.sleep(delay)
-            # Probe often while a quick start is likely (a few ms of overshoot at most), then back off.
-            delay = min(delay * 1.5, 0.002 if self.clock() - started < 2.0 else 0.05)
+        watch = self.sockets.add(rt.socket_dir) if self.sockets is not None else None
+        try:
+            ready = await self._probe_until_ready(rt, pid, watch)
+        finally:
+            if watch is not None and self.sockets is not None:
+                self.sockets.remove(watch)
+        try:
+            if ready:
+                await self._on_ready(rt, pid)
+        finally:
+            if self.pool is not None:
+                self.pool.settled(pid)
+
+    async def _on_ready(self, rt: UserRuntime, pid: int) -> None:
         async with rt.lock:
             if rt.session.pid != pid:
                 return
-            tier = self.config.tier(rt.session.tier)
-            if tier.start_cpu > tier.cpu:
-                self.driver.set_limits(rt.session.user, limits_for(tier))
             rt.running_since_wall = time.time()
             if rt.session.started_at is not None:
                 metrics.SPAWN_DURATION.labels(tier=rt.session.tier).observe(self.clock() - rt.session.started_at)
             await self._handle(rt, rt.session.on_ready(self.clock()))
         log.info("user=%s RUNNING (pid %d)", rt.session.user, pid)
+        # The STARTING CPU boost ends - one turn of the event loop later, so that the answer to
+        # whoever waited for RUNNING goes out first (trio runs the woken waiter in the next batch,
+        # in either order with this task; the lock below is the second checkpoint).
+        if self.config.tier(rt.session.tier).start_cpu > self.config.tier(rt.session.tier).cpu:
+            await trio.lowlevel.checkpoint()
+            async with rt.lock:
+                if rt.session.pid == pid and rt.session.state in LIVE:
+                    self.driver.set_limits(rt.session.user, limits_for(self.config.tier(rt.session.tier)))
+
+    async def _probe_until_ready(self, rt: UserRuntime, pid: int, watch: int | None) -> bool:
+        """Probe ``GET /`` until it answers (True), or until this attempt is over or timed out (False).
+
+        Between probes it waits for the back-off delay or, sooner, for the socket directory's watch
+        (bind() creates the socket): then it probes 0.1 ms later, and while the connection is
+        refused (bound, not yet listening) every 0.2 ms a few times, then at the back-off."""
+        timeout = self.config.ide.ready_timeout
+        started = self.clock()
+        deadline = started + timeout
+        delay = 0.001
+        naps = 0
+        while True:
+            if rt.session.pid != pid or rt.session.state is not State.STARTING:
+                return False
+            if await probe_http(rt.socket_path):
+                return True
+            if self.clock() >= deadline:
+                async with rt.lock:
+                    if rt.session.pid == pid:
+                        log.error("user=%s not ready within %gs; killing this attempt", rt.session.user, timeout)
+                        await self._handle(rt, rt.session.on_ready_timeout(self.clock(), timeout))
+                return False
+            if watch is None or self.sockets is None:
+                await trio.sleep(delay)
+            elif rt.socket_path.exists():
+                # Bound, maybe not listening yet (the watch's wake-up may have preempted the IDE
+                # right after bind() on its CPU): let it run for a moment, then probe again.
+                await sockwatch.nap(0.0002 if naps < 5 else delay)
+                naps += 1
+            else:
+                with trio.move_on_after(delay):
+                    await self.sockets.wait(watch)
+                    await sockwatch.nap(0.0001)
+            # Probe often while a quick start is likely (a few ms of overshoot at most), then back off;
+            # the watch wakes the probe when the socket appears, so with one the timed probes can be rare.
+            early = 0.002 if watch is None else 0.01
+            delay = min(delay * 1.5, early if self.clock() - started < 2.0 else 0.05)
 
     async def _kill_after_grace(self, rt: UserRuntime, pid: int, grace: float) -> None:
         await trio.sleep(grace)

@@ -132,8 +132,9 @@ class SpareGroups(Protocol):
     """
 
     def create_spare(self, spare: str) -> list[str]:
-        """Create the spare group in every hierarchy (idempotent); return its ``cgroup.procs`` files,
-        in the order a process must write ``0`` into them."""
+        """Create the spare group in every hierarchy (idempotent) with what :meth:`CgroupDriver.create`
+        sets besides the limits; return its ``cgroup.procs`` files, in the order a process must
+        write ``0`` into them. Once assigned, :meth:`CgroupDriver.set_limits` completes it."""
         ...
 
     def assign_spare(self, spare: str, user: str) -> None:

@@ -205,41 +205,47 @@ class V1Driver:
             if not memory.use_hierarchy:  # always on since Linux 5.x; older kernels need it set
                 memory.use_hierarchy = True
 
+    # create() and set_limits() are on every start's path: plain mkdir and writes, no cgroupspy
+    # nodes (whose create_cgroup lists every sibling group, i.e. every user, each time).
+
     def create(self, user: str, limits: Limits) -> None:
         check_group_name("user", user)
         for hierarchy in self._hierarchies:
             if not (hierarchy / self.name).is_dir():
                 raise CgroupError(f"cannot create {user!r}: {hierarchy / self.name} is missing", hint="call prepare() first")
             with _errors(f"create {hierarchy / self.name / user}"):
-                self._subtree(hierarchy).create_cgroup(user)
-        with _errors(f"enable the OOM killer for {user}"):
-            self._memory(user).oom_control = 0  # oom_kill_disable 0: the kernel kills, as by default
+                try:
+                    os.mkdir(hierarchy / self.name / user)
+                except FileExistsError:
+                    pass
+        # oom_kill_disable 0: the kernel kills, as by default
+        write_text(self._controller_mounts["memory"] / self.name / user / "memory.oom_control", "0")
         self.set_limits(user, limits)
 
     def set_limits(self, user: str, limits: Limits) -> None:
         self._require(user)
-        cpu, memory, pids = self._cpu(user), self._memory(user), self._pids(user)
-        with _errors(f"set the cpu limit of {user}"):
-            cpu.cfs_period_us = limits.cpu_period_us
-            cpu.cfs_quota_us = cpu_quota_us(limits.cpu_millicores, limits.cpu_period_us)
-        with _errors(f"set the memory limit of {user}"):
-            self._set_memory(memory, limits.memory_bytes)
-            memory.soft_limit_in_bytes = limits.memory_high_bytes  # None writes -1: unlimited
-        with _errors(f"set pids.max of {user}"):
-            pids.max = limits.pids
+        cpu = self._controller_mounts["cpu"] / self.name / user
+        write_text(cpu / "cpu.cfs_period_us", str(limits.cpu_period_us))
+        write_text(cpu / "cpu.cfs_quota_us", str(cpu_quota_us(limits.cpu_millicores, limits.cpu_period_us)))
+        memory = self._controller_mounts["memory"] / self.name / user
+        self._set_memory(memory, limits.memory_bytes)
+        soft = -1 if limits.memory_high_bytes is None else limits.memory_high_bytes  # -1: unlimited
+        write_text(memory / "memory.soft_limit_in_bytes", str(soft))
+        write_text(self._controller_mounts["pids"] / self.name / user / "pids.max", str(limits.pids))
 
-    def _set_memory(self, memory: Any, limit: int) -> None:
+    @staticmethod
+    def _set_memory(memory: Path, limit: int) -> None:
         """Set RAM and RAM+swap to ``limit``; the kernel keeps limit <= memsw at every step."""
-        if not os.path.exists(memory.filepath(b"memory.memsw.limit_in_bytes")):
-            memory.limit_in_bytes = limit
+        memsw_file, limit_file = memory / "memory.memsw.limit_in_bytes", memory / "memory.limit_in_bytes"
+        if not memsw_file.exists():
+            write_text(limit_file, str(limit))
             return
-        memsw = memory.memsw_limit_in_bytes
-        if memsw is not None and limit > memsw:
-            memory.memsw_limit_in_bytes = limit
-            memory.limit_in_bytes = limit
+        if limit > int(read_text(memsw_file)):
+            write_text(memsw_file, str(limit))
+            write_text(limit_file, str(limit))
         else:
-            memory.limit_in_bytes = limit
-            memory.memsw_limit_in_bytes = limit
+            write_text(limit_file, str(limit))
+            write_text(memsw_file, str(limit))
 
     # -- membership
 
@@ -272,6 +278,7 @@ class V1Driver:
         for hierarchy in self._hierarchies:
             with _errors(f"create {hierarchy / self.name / name}"):
                 (hierarchy / self.name / name).mkdir(exist_ok=True)
+        write_text(self._controller_mounts["memory"] / self.name / name / "memory.oom_control", "0")  # as create()
         return self.procs_files(name)
 
     def assign_spare(self, spare: str, user: str) -> None:
