@@ -215,6 +215,26 @@ def test_websocket_upgrade_is_spliced_both_ways(fd: FrontDoorDaemon) -> None:
     assert fd.metric("workspace_supervisor_proxy_connections_total", kind="websocket") == before + 1
 
 
+def test_an_operator_paused_user_gets_503_at_once_until_resumed(fd: FrontDoorDaemon) -> None:
+    browser = fd.client(timeout=10)
+    browser.get("/?token=" + token("fd-paula"))
+    assert browser.get("/").status == 200
+    paused = fd.daemon.ctl("pause", "fd-paula")
+    assert paused.returncode == 0, paused.stderr
+    assert fd.daemon.user("fd-paula")["state"] == "PAUSED"
+    began = time.monotonic()
+    api = browser.get("/api")  # not held until an idle timeout ends in a 502
+    assert time.monotonic() - began < 2
+    assert api.status == 503 and api.json()["reason"] == "paused" and api.header("retry-after")
+    assert "operator paused" in api.json()["message"] and "workspacectl resume fd-paula" in api.json()["hint"]
+    page = browser.get("/", headers={"Accept": "text/html"})
+    assert page.status == 503 and b"paused" in page.body
+    assert fd.daemon.user("fd-paula")["state"] == "PAUSED"  # requests do not resume it
+    resumed = fd.daemon.ctl("resume", "fd-paula")
+    assert resumed.returncode == 0, resumed.stderr
+    assert browser.get("/").status == 200
+
+
 # ---- refusals -------------------------------------------------------------------------------------
 
 
