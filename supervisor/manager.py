@@ -643,10 +643,10 @@ class SessionManager:
                 with trio.move_on_after(delay):
                     await self.sockets.wait(watch)
                     await sockwatch.nap(0.0001)
-            # Probe often while a quick start is likely (a few ms of overshoot at most), then back off;
-            # the watch wakes the probe when the socket appears, so with one the timed probes can be rare.
-            early = 0.002 if watch is None else 0.01
-            delay = min(delay * 1.5, early if self.clock() - started < 2.0 else 0.05)
+            # Probe often while a quick start is likely (a few ms of overshoot at most), then back off.
+            # With a watch, which wakes the probe when the socket appears, timed probes are only a
+            # safety net: each one is a wake-up that may take the CPU from the starting IDE.
+            delay = 0.05 if watch is not None else min(delay * 1.5, 0.002 if self.clock() - started < 2.0 else 0.05)
 
     async def _kill_after_grace(self, rt: UserRuntime, pid: int, grace: float) -> None:
         await trio.sleep(grace)
