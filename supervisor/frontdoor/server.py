@@ -690,16 +690,6 @@ class FrontDoorHandle:
         self.scope.cancel()
 
 
-def enabled(config: Config) -> str | None:
-    """Why the front door is off, or None if it runs."""
-    if not config.http.listen:
-        return "[http] listen is empty"
-    auth = config.auth
-    if auth.public_key_file is None and auth.jwks_file is None and auth.hs256_secret_file is None:
-        return "no [auth] public_key_file, jwks_file or hs256_secret_file is configured"
-    return None
-
-
 async def run_frontdoor(
     config: Config, manager: SessionManager, *, publisher: Publisher | None = None,
     on_input: Callable[[str], None] | None = None, wake: Callable[[str], Awaitable[None]] | None = None,
@@ -713,7 +703,7 @@ async def run_frontdoor(
     (the idle ladder's hooks). Raises ConfigError (keys or cookie secret unusable) before listening."""
     with trio.CancelScope() as scope:
         handle = FrontDoorHandle(scope)
-        why_off = enabled(config)
+        why_off = config.frontdoor_off
         if why_off is not None:
             log.warning("front door disabled: %s", why_off)
             manager.info_providers["frontdoor"] = lambda: {"enabled": False, "why": why_off}
