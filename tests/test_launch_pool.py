@@ -288,6 +288,27 @@ def test_an_exec_failure_through_the_pool_is_a_failed_start() -> None:
         d.cleanup()
 
 
+def test_concurrent_starts_beyond_the_pool_fall_back_and_stay_confined() -> None:
+    d = Daemon(ide__launcher_pool=1)
+    d.start()
+    try:
+        wait_pool_full(d, 1)
+        starts = [subprocess.Popen([sys.executable, "-m", "supervisor.cli", "--socket", str(d.socket), "start", user],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for user in ("hana", "ivan", "jill")]
+        for proc in starts:
+            _, err = proc.communicate(timeout=60)
+            assert proc.returncode == 0, err
+        pool = pool_info(d)
+        assert pool["launched"] >= 1 and pool["launched"] + pool["fallbacks"] == 3, pool
+        for user in ("hana", "ivan", "jill"):
+            info = d.user(user)
+            assert info["state"] == "RUNNING"
+            assert groups_of(info["pid"], d.name) == {user}
+            assert f"uid={info['uid']} gid={info['uid']} groups=[] nnp=1" in http_get(d.base / "run" / "users" / user / "ide.sock")
+    finally:
+        d.cleanup()
+
+
 def test_pool_off_starts_the_ordinary_way() -> None:
     d = Daemon(ide__launcher_pool=0)
     d.start()

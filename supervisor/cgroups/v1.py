@@ -12,7 +12,6 @@ descriptors).
 
 from __future__ import annotations
 
-import errno
 import os
 import signal
 from contextlib import contextmanager
