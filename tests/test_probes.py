@@ -238,7 +238,17 @@ def test_real_probes_follow_the_pod(daemon: Daemon) -> None:
 
 @needs_kernel
 @pytest.mark.skipif(not v1_controllers_mounted() or pure_cgroup_v2(), reason="removes the daemon's v1 subtree from under it (cgroup v1 hosts)")
-def test_a_broken_cgroup_hierarchy_makes_the_pod_unready(daemon: Daemon) -> None:
+def test_a_broken_cgroup_hierarchy_makes_the_pod_unready() -> None:
+    # No launcher pool: its spare groups would keep the subtree from being removed.
+    daemon = Daemon(**{"pod__capacity": 2, "ide__launcher_pool": 0})
+    daemon.start()
+    try:
+        _broken_hierarchy_makes_the_pod_unready(daemon)
+    finally:
+        daemon.cleanup()
+
+
+def _broken_hierarchy_makes_the_pod_unready(daemon: Daemon) -> None:
     address = probes_address(daemon)
     assert get(address, "/readyz")[0] == 200
     subtrees = [p for p in daemon.cgroup_dirs() if p.name == daemon.name]
