@@ -179,12 +179,17 @@ class RestartConfig:
 
 @dataclass(frozen=True)
 class IdleConfig:
-    lsp_pause_after: float = setting(120.0, "Idle time before language servers are frozen.", parse_duration)
+    lsp_pause_after: float = setting(
+        120.0,
+        "Idle time before language servers are frozen; the IDE also gets SIGUSR2 then (Theia's "
+        "gc-preload.js runs a full V8 GC, then malloc_trim(0), which returns the ~40 MiB of free C "
+        "heap an idle backend holds: tens of ms of the IDE's time, once per idle spell).",
+        parse_duration,
+    )
     gc_after: float = setting(
         300.0,
-        "Idle time before the IDE is garbage-collected and memory reclaimed: SIGUSR2 to the IDE "
-        "(Theia's gc-preload.js runs a full V8 GC, then malloc_trim(0), which returns the ~40 MiB "
-        "of free C heap an idle backend holds) and the cgroup's memory.reclaim where the kernel has it.",
+        "Idle time before the IDE is garbage-collected again (SIGUSR2, see lsp_pause_after) and the "
+        "cgroup's memory.reclaim drops its page cache where the kernel has it.",
         parse_duration,
     )
     freeze_after: float = setting(900.0, "Idle time before the whole user is frozen.", parse_duration)

@@ -4,10 +4,10 @@
 
 - LSP_PAUSED: language servers and extension hosts (descendants of the IDE whose command line
   matches ``[idle] lsp_patterns``) move into the user's ``paused`` child cgroup, which is frozen;
-  SIGSTOP where the driver cannot;
-- RECLAIMED: SIGUSR2 to the IDE backend (its GC preload runs ``global.gc()``, then
-  ``malloc_trim(0)``, which returns the ~40 MiB of free C heap an idle Theia holds), and the
-  cgroup's ``memory.reclaim`` where the kernel has it;
+  SIGSTOP where the driver cannot. The IDE backend gets SIGUSR2 (its GC preload runs
+  ``global.gc()``, then ``malloc_trim(0)``, which returns the ~40 MiB of free C heap an idle Theia
+  holds - most of what an idle tree can give back while it runs, so the first rung returns it);
+- RECLAIMED: SIGUSR2 again, and the cgroup's ``memory.reclaim`` (page cache) where the kernel has it;
 - FROZEN: the whole tree is frozen;
 - STOPPED: the IDE is stopped (SIGTERM first); the next request cold-starts it.
 
@@ -264,8 +264,10 @@ class IdleService:
                     self._resume_lsps(user, state)
             elif step.target is Stage.LSP_PAUSED:
                 self._pause_lsps(rt, state)
+                self._collect_garbage(rt)
             elif step.target is Stage.RECLAIMED:
                 self._collect_garbage(rt)
+                self.manager.driver.reclaim_memory(user)
             elif step.target is Stage.FROZEN:
                 driver.freeze(user)
         except (CgroupError, OSError) as exc:
@@ -307,14 +309,15 @@ class IdleService:
         state.stopped_pids.clear()
 
     def _collect_garbage(self, rt: UserRuntime) -> None:
+        """Ask the IDE to collect garbage and trim its heap (SIGUSR2), if it handles the signal."""
         pid = rt.session.pid
-        if pid is not None:
-            if catches_signal(pid, GC_SIGNAL):
-                os.kill(pid, GC_SIGNAL)
-            else:  # its default action would kill the IDE
-                log.warning("user=%s the IDE (pid %d) does not catch SIGUSR2: no garbage collection "
-                            "(run it with --expose-gc --require gc-preload.js)", rt.session.user, pid)
-        self.manager.driver.reclaim_memory(rt.session.user)
+        if pid is None:
+            return
+        if catches_signal(pid, GC_SIGNAL):
+            os.kill(pid, GC_SIGNAL)
+        else:  # its default action would kill the IDE
+            log.warning("user=%s the IDE (pid %d) does not catch SIGUSR2: no garbage collection "
+                        "(run it with --expose-gc --require gc-preload.js)", rt.session.user, pid)
 
     async def _stop(self, rt: UserRuntime, state: IdleState, step: Step) -> None:
         user = rt.session.user

@@ -60,10 +60,11 @@ def test_idle_user_walks_down_the_ladder_and_wakes_on_file_change(daemon: Daemon
 
     poll(lambda: stage(daemon, "lsp-1") in ("lsp_paused", "reclaimed"), 5, "language servers paused")
     assert not progressing(home), "the language server still runs while paused"
+    poll(lambda: "garbage collection requested" in daemon.ctl("tail", "lsp-1").stdout, 5, "GC signal at the first rung")
     assert "uid=" in http_get(daemon.base / "run" / "users" / "lsp-1" / "ide.sock")  # the IDE itself still serves
 
     poll(lambda: stage(daemon, "lsp-1") == "reclaimed", 5, "reclaimed")
-    poll(lambda: "garbage collection requested" in daemon.ctl("tail", "lsp-1").stdout, 5, "GC signal")
+    poll(lambda: daemon.ctl("tail", "lsp-1").stdout.count("garbage collection requested") == 2, 5, "GC signal again")
 
     poll(lambda: stage(daemon, "lsp-1") == "frozen", 5, "frozen")
     with pytest.raises(OSError):
