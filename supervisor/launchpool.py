@@ -107,7 +107,7 @@ class LauncherPool:
         """Remove spare groups a killed daemon left, then keep the pool full until cancelled."""
         for spare in self.driver.spares():
             log.info("launcher pool: removing leftover spare group %s", spare)
-            self.driver.remove_spare(spare)
+            self._remove_spare(spare)
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
@@ -159,8 +159,12 @@ class LauncherPool:
         ours.setblocking(False)
         launcher = Launcher(spare, pid, pidfd, ours)
         answer = b""
-        with trio.move_on_after(self.spawn_timeout):
-            answer = await _receive(ours)
+        try:
+            with trio.move_on_after(self.spawn_timeout):
+                answer = await _receive(ours)
+        except BaseException:  # cancelled (daemon shutting down): leave nothing behind
+            self._kill_and_remove(launcher)
+            raise
         if answer == b"R":
             return launcher
         why = answer[1:].decode("utf-8", "replace") if answer.startswith(b"E") else "no answer" if not answer else repr(answer)
