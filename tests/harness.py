@@ -12,7 +12,7 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 STUB = Path(__file__).parent / "fixtures" / "ide_stub.py"
 #: Timeouts stretch inside the emulated VM of the cgroup v2 tier (integration/vm/guest-run sets it).
@@ -133,6 +133,17 @@ class Daemon:
 
     def log_text(self) -> str:
         return self.log.read_text(errors="replace")
+
+
+def started(**overrides: Any) -> Iterator[Daemon]:
+    """A started :class:`Daemon` for a pytest fixture (``yield from started(...)``), cleaned up
+    afterwards - also when it fails to start."""
+    d = Daemon(**overrides)
+    try:
+        d.start()
+        yield d
+    finally:
+        d.cleanup()
 
 
 def _kill_and_remove(group: Path) -> None:

@@ -17,7 +17,7 @@ from typing import Iterator
 import pytest
 
 from tests.conftest import is_root, pure_cgroup_v2, v1_controllers_mounted
-from tests.harness import Daemon, cgroup_of, descendants, http_get, poll
+from tests.harness import Daemon, cgroup_of, descendants, http_get, poll, started
 
 pytestmark = pytest.mark.skipif(
     not (is_root() and (v1_controllers_mounted() or pure_cgroup_v2())),
@@ -27,10 +27,7 @@ pytestmark = pytest.mark.skipif(
 
 @pytest.fixture
 def daemon() -> Iterator[Daemon]:
-    d = Daemon()
-    d.start()
-    yield d
-    d.cleanup()
+    yield from started()
 
 
 def socket_of(d: Daemon, user: str) -> Path:

@@ -21,7 +21,7 @@ from supervisor.publisher import Publisher
 from supervisor.registry import SqliteRegistry
 from supervisor.sessions import Pod, State, UserSession
 from tests.conftest import is_root, pure_cgroup_v2, v1_controllers_mounted
-from tests.harness import Daemon, http_get, poll
+from tests.harness import Daemon, http_get, poll, started
 from tests.probe_client import get_json, probes_address, scrape, value
 
 needs_kernel = pytest.mark.skipif(
@@ -163,10 +163,7 @@ def _save_a_file(d: Daemon, user: str) -> tuple[Path, str]:
 
 @pytest.fixture
 def daemon() -> Iterator[Daemon]:
-    d = Daemon(**{"daemon__drain_deadline": "60s"})
-    d.start()
-    yield d
-    d.cleanup()
+    yield from started(**{"daemon__drain_deadline": "60s"})
 
 
 @needs_kernel

@@ -13,7 +13,7 @@ from typing import Any, Iterator
 import pytest
 
 from tests.conftest import is_root, pure_cgroup_v2, v1_controllers_mounted
-from tests.harness import Daemon, http_get, poll
+from tests.harness import Daemon, http_get, poll, started
 
 pytestmark = pytest.mark.skipif(
     not (is_root() and (v1_controllers_mounted() or pure_cgroup_v2())),
@@ -28,10 +28,7 @@ FAST_LADDER = {
 
 @pytest.fixture
 def daemon() -> Iterator[Daemon]:
-    d = Daemon(**FAST_LADDER)
-    d.start()
-    yield d
-    d.cleanup()
+    yield from started(**FAST_LADDER)
 
 
 def stage(d: Daemon, user: str) -> Any:

@@ -24,7 +24,7 @@ from conftest import CGROUP_MOUNT, needs_v1
 from supervisor.cgroups.base import SPARE_PREFIX
 from supervisor.cgroups.v1 import V1Driver
 from supervisor.errors import CgroupError
-from tests.harness import Daemon, cgroup_of, http_get, poll
+from tests.harness import Daemon, cgroup_of, http_get, poll, started
 
 pytestmark = needs_v1
 CONTROLLERS = ("cpu", "memory", "pids", "freezer")
@@ -210,10 +210,7 @@ def alive(pid: int) -> bool:
 
 @pytest.fixture
 def daemon() -> Iterator[Daemon]:
-    d = Daemon()
-    d.start()
-    yield d
-    d.cleanup()
+    yield from started()
 
 
 def test_a_start_from_the_pool_keeps_every_guarantee(daemon: Daemon) -> None:

@@ -13,7 +13,7 @@ from prometheus_client import generate_latest
 
 from supervisor import metrics
 from tests.conftest import is_root, pure_cgroup_v2, v1_controllers_mounted
-from tests.harness import Daemon, http_get, poll
+from tests.harness import Daemon, http_get, poll, started
 from tests.probe_client import NO_PROMTOOL, PROMTOOL, promtool, samples, scrape, value
 
 ALERTS = Path(__file__).parent.parent / "images" / "alerts"
@@ -113,10 +113,7 @@ def test_alert_rules_use_only_metrics_the_daemon_exports() -> None:
 
 @pytest.fixture
 def daemon() -> Iterator[Daemon]:
-    d = Daemon(**{"tiers.free__memory": "64Mi"})
-    d.start()
-    yield d
-    d.cleanup()
+    yield from started(**{"tiers.free__memory": "64Mi"})
 
 
 @needs_kernel

@@ -11,7 +11,7 @@ import trio
 
 from supervisor.probes import ProbeServer, Readiness, evaluate, parse_listen
 from tests.conftest import is_root, pure_cgroup_v2, v1_controllers_mounted
-from tests.harness import Daemon, poll
+from tests.harness import Daemon, poll, started
 from tests.probe_client import get, get_json, probes_address
 
 needs_kernel = pytest.mark.skipif(
@@ -208,10 +208,7 @@ async def test_the_server_answers_500_when_the_source_fails() -> None:
 
 @pytest.fixture
 def daemon() -> Iterator[Daemon]:
-    d = Daemon(**{"pod__capacity": 2})
-    d.start()
-    yield d
-    d.cleanup()
+    yield from started(**{"pod__capacity": 2})
 
 
 @needs_kernel

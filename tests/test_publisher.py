@@ -22,7 +22,7 @@ from supervisor.publisher import PodResources, Publisher, detect_pod_resources
 from supervisor.registry import SessionRecord, SqliteRegistry, place
 from supervisor.sessions import State, UserSession
 from tests.conftest import is_root, pure_cgroup_v2, v1_controllers_mounted
-from tests.harness import Daemon, http_get, poll
+from tests.harness import Daemon, http_get, poll, started
 from tests.probe_client import get_json, probes_address, scrape, value
 
 needs_kernel = pytest.mark.skipif(
@@ -197,10 +197,7 @@ def _record(d: Daemon) -> Any:
 
 @pytest.fixture
 def daemon() -> Iterator[Daemon]:
-    d = Daemon()
-    d.start()
-    yield d
-    d.cleanup()
+    yield from started()
 
 
 @needs_kernel

@@ -27,7 +27,7 @@ import select
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence, Union
+from typing import Callable, Iterable, Sequence, Union
 
 import h11
 import trio
@@ -279,7 +279,7 @@ async def forward_http(
             await ide.send(h11.EndOfMessage(), idle)
             request_done = True
             return
-        length = request_length(request) if kernel_splice else None
+        length = content_length(request.headers) if kernel_splice else None
         how = "pump" if length is None else await _splice_request_body(client, ide, length, idle, on_input)
         if how != "pump":
             request_done = True
@@ -352,10 +352,10 @@ async def _relay_response(
         raise ClientGone(f"response to the browser broke off: {type(exc).__name__}") from None
 
 
-def request_length(request: h11.Request) -> int | None:
-    """The body size a request announces with Content-Length (None: none, or chunked)."""
+def content_length(headers: Iterable[tuple[bytes, bytes]]) -> int | None:
+    """The body size a message's headers announce with Content-Length (None: none, or chunked)."""
     length = None
-    for name, value in request.headers:
+    for name, value in headers:
         if name == b"transfer-encoding":
             return None
         if name == b"content-length":
@@ -401,13 +401,7 @@ def body_length(method: bytes, response: h11.Response) -> int | None:
     """The body size a response announces with Content-Length (None: none, or chunked)."""
     if method == b"HEAD" or response.status_code in (204, 304) or response.status_code < 200:
         return None
-    length = None
-    for name, value in response.headers:
-        if name == b"transfer-encoding":
-            return None
-        if name == b"content-length":
-            length = int(value)  # h11 has validated it
-    return length
+    return content_length(response.headers)
 
 
 async def _splice_response_body(client: HttpStream, ide: HttpStream, length: int, idle: float) -> str:
