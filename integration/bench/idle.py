@@ -40,6 +40,7 @@ import json
 import os
 import platform
 import re
+import select
 import shutil
 import signal
 import socket
@@ -321,12 +322,32 @@ class SocketIO:
             if opcode == 0x1 and payload.startswith(b"40/services,{"):
                 took = time.perf_counter() - began
                 break
+            if opcode == 0x8:
+                raise SocketIOClosed(payload)
             raise BenchError(f"unexpected socket.io answer: {opcode} {payload[:120]!r}")
         ws_send(self.ws, b"41/services,", opcode=0x1)  # and leave the namespace again
         return took
 
+    def answer_pings(self) -> None:
+        """Answer the engine.io pings that arrived since the last read, as a browser does at once
+        (Theia closes a connection whose ping goes unanswered for 60 s; this client reads a user's
+        socket only when it samples that user)."""
+        while self.ws.pending or select.select([self.ws.sock], [], [], 0)[0]:
+            opcode, payload = ws_recv(self.ws)
+            if opcode == 0x1 and payload == b"2":
+                ws_send(self.ws, b"3", opcode=0x1)
+            elif opcode == 0x8:
+                raise SocketIOClosed(payload)
+
     def close(self) -> None:
         self.ws.close()
+
+
+class SocketIOClosed(BenchError):
+    """The IDE (or the front door) closed the socket.io WebSocket."""
+
+    def __init__(self, payload: bytes) -> None:
+        super().__init__(f"socket.io WebSocket closed by the other side: close frame {payload[:120]!r}")
 
 
 class TheiaUser:
@@ -336,6 +357,7 @@ class TheiaUser:
         self.client: Client | None = None
         self.sio: SocketIO | None = None
         self.retries: list[str] = []
+        self.reconnects: list[str] = []
 
     def sign_in(self) -> Client:
         if self.client is None:
@@ -370,6 +392,18 @@ class TheiaUser:
             self.http_roundtrip()  # Theia's connection cookie
             self.sio = SocketIO(self.pod.port, self.client.cookies)
         return self.sio
+
+    def socketio_sample(self, during: Callable[[], None] | None = None) -> float:
+        """One socket.io CONNECT round trip; a connection closed under it is reopened (as the
+        workbench's socket.io client does) and counted in ``reconnects``, and the sample taken again."""
+        try:
+            return self.open_socketio().connect_namespace(during)
+        except SocketIOClosed as exc:
+            self.reconnects.append(f"{time.strftime('%H:%M:%S')} {self.user}: {exc}")
+            assert self.sio is not None
+            self.sio.close()
+            self.sio = None
+            return self.open_socketio().connect_namespace(during)
 
     def close(self) -> None:
         if self.sio is not None:
@@ -500,10 +534,19 @@ def sample_wakes(pod: TheiaPod, frozen_users: list[TheiaUser], lsp_users: list[T
             time.sleep(0.005)
 
     rounds = 0
+    everyone = frozen_users + lsp_users + base_users
     while min(len(samples[k]) for k in ("frozen_ws", "frozen_http", "lsp_ws", "lsp_http")) < args.wake_samples:
+        for u in everyone:
+            if u.sio is not None:
+                try:
+                    u.sio.answer_pings()
+                except SocketIOClosed as exc:
+                    u.reconnects.append(f"{time.strftime('%H:%M:%S')} {u.user} (between samples): {exc}")
+                    u.sio.close()
+                    u.sio = None
         for path in ("ws", "http"):
             u = pick(frozen_users, ready_frozen, "frozen", rounds)
-            samples[f"frozen_{path}"].append(u.open_socketio().connect_namespace() if path == "ws" else u.http_roundtrip())
+            samples[f"frozen_{path}"].append(u.socketio_sample() if path == "ws" else u.http_roundtrip())
             u = pick(lsp_users, ready_lsp, "lsp", rounds)
             if path == "ws":
                 resumed: list[float] = []
@@ -515,19 +558,21 @@ def sample_wakes(pod: TheiaPod, frozen_users: list[TheiaUser], lsp_users: list[T
                         time.sleep(0.0002)
                     resumed.append(time.perf_counter() - began)
 
-                samples["lsp_ws"].append(u.open_socketio().connect_namespace(during=wait_resume))
+                samples["lsp_ws"].append(u.socketio_sample(during=wait_resume))
                 samples["lsp_resume_ws"].append(resumed[0])
             else:
                 samples["lsp_http"].append(u.http_roundtrip())
             b = base_users[rounds % len(base_users)]
-            samples[f"baseline_{path}"].append(b.open_socketio().connect_namespace() if path == "ws" else b.http_roundtrip())
+            samples[f"baseline_{path}"].append(b.socketio_sample() if path == "ws" else b.http_roundtrip())
         rounds += 1
         if rounds % 20 == 0:
             log(f"wake latency: {rounds} rounds, load {load()}")
     thaw_ms = [float(m.group(1)) for m in re.finditer(r"idle: frozen -> active \(woken by a request\) in ([\d.]+) ms", d.log_text())]
     resume_ms = [float(m.group(1)) for m in re.finditer(r"idle: lsp_paused -> active \(woken by a request\) in ([\d.]+) ms", d.log_text())]
-    retries = [r for u in frozen_users + lsp_users + base_users for r in u.retries]
+    retries = [r for u in everyone for r in u.retries]
+    reconnects = [r for u in everyone for r in u.reconnects]
     return {"samples_s": samples, "rounds": rounds, "waits_for_ready": not_ready, "http_retries": retries,
+            "socketio_reconnects": reconnects,
             "daemon_thaw_ms": thaw_ms, "daemon_lsp_resume_ms": resume_ms}
 
 
@@ -609,6 +654,8 @@ def build_rows(results: dict[str, Any], args: argparse.Namespace) -> list[dict[s
                 row(f"wake: {label}, {how}, first byte -> answer, p99", "ms", p99, percentile(s[f"baseline_{path}"], 99), "< 20 ms", p99 < 20)
                 row(f"  same, p50 (n={len(s[f'{stage}_{path}'])})", "ms", percentile(s[f"{stage}_{path}"], 50), percentile(s[f"baseline_{path}"], 50))
         row("  paused language servers running again after the first byte, p99", "ms", percentile(s["lsp_resume_ws"], 99), None)
+        reconnects = theia["wake"].get("socketio_reconnects", [])
+        row("  socket.io WebSockets closed by the other side (reopened, sample taken again)", "count", len(reconnects), None)
         retried = theia["wake"].get("http_retries", [])
         if retried:
             row("  HTTP requests whose kept-alive connection closed under them (retried once)", "count", len(retried), None)
