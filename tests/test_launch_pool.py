@@ -9,6 +9,7 @@ launchers never outlive the daemon.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -126,9 +127,11 @@ def test_spare_ids_cannot_name_other_groups(driver: V1Driver) -> None:
 # --- the launcher program --------------------------------------------------------------------
 
 
-def test_the_launcher_execs_as_the_user_with_only_stdio_open(tmp_path: Path) -> None:
-    from supervisor.launch import build_spec
-    from supervisor.launchpool import CHILD, LauncherPool
+@contextlib.contextmanager
+def launcher() -> Iterator[tuple[socket.socket, subprocess.Popen[bytes]]]:
+    """A launcher program started as the pool starts one (no cgroup to join), once it said ready:
+    the daemon's end of its socket and the process."""
+    from supervisor.launchpool import CHILD
 
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     proc = subprocess.Popen([sys.executable, "-I", "-S", str(CHILD), str(theirs.fileno())], pass_fds=(theirs.fileno(),),
@@ -136,6 +139,18 @@ def test_the_launcher_execs_as_the_user_with_only_stdio_open(tmp_path: Path) -> 
     theirs.close()
     try:
         assert ours.recv(16) == b"R"
+        yield ours, proc
+    finally:
+        ours.close()
+        proc.kill()
+        proc.wait()
+
+
+def test_the_launcher_execs_as_the_user_with_only_stdio_open(tmp_path: Path) -> None:
+    from supervisor.launch import build_spec
+    from supervisor.launchpool import LauncherPool
+
+    with launcher() as (ours, proc):
         (tmp_path / "ws").mkdir()
         os.chown(tmp_path / "ws", 65534, 65534)
         spec = build_spec(
@@ -151,22 +166,13 @@ def test_the_launcher_execs_as_the_user_with_only_stdio_open(tmp_path: Path) -> 
         text = (tmp_path / "log").read_text()
         assert "uid=65534" in text and "gid=65534" in text and "groups=65534" in text.replace("groups=65534(nogroup)", "groups=65534")
         assert str(tmp_path / "ws") in text and "0077" in text and "NoNewPrivs:\t1" in text
-    finally:
-        ours.close()
-        proc.kill()
-        proc.wait()
 
 
 def test_the_launcher_reports_an_exec_failure(tmp_path: Path) -> None:
     from supervisor.launch import build_spec
-    from supervisor.launchpool import CHILD, LauncherPool
+    from supervisor.launchpool import LauncherPool
 
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    proc = subprocess.Popen([sys.executable, "-I", "-S", str(CHILD), str(theirs.fileno())], pass_fds=(theirs.fileno(),),
-                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    theirs.close()
-    try:
-        assert ours.recv(16) == b"R"
+    with launcher() as (ours, proc):
         spec = build_spec(
             user="nobody", uid=65534, gid=65534, command=["/nonexistent/ide"], extra_env={}, shell="/bin/sh",
             workspace=Path("/"), home=tmp_path, socket_path=tmp_path / "s", procs_files=[], log_path=tmp_path / "log",
@@ -175,10 +181,6 @@ def test_the_launcher_reports_an_exec_failure(tmp_path: Path) -> None:
         answer = ours.recv(4096)
         assert answer.startswith(b"E") and b"/nonexistent/ide" in answer and b"No such file" in answer
         assert proc.wait(5) == 127
-    finally:
-        ours.close()
-        proc.kill()
-        proc.wait()
 
 
 # --- daemon ----------------------------------------------------------------------------------

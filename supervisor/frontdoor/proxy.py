@@ -389,10 +389,7 @@ async def _splice_request_body(client: HttpStream, ide: HttpStream, length: int,
     if left < SPLICE_MIN or not await splice_exactly(client.stream, ide.stream, left, idle=idle, count=TO_IDE.inc):
         return "pump"
     on_input(left)
-    while left:  # tell the IDE's h11 how much it "sent" (no bytes are copied or written)
-        step = min(left, len(_ZEROS))
-        ide.conn.send_with_data_passthrough(h11.Data(data=_ZEROS[:step]))  # type: ignore[arg-type] # only len() is used
-        left -= step
+    _count_spliced(ide.conn, left)
     await ide.send(h11.EndOfMessage(), idle)
     return "spliced"
 
@@ -434,12 +431,18 @@ async def _splice_response_body(client: HttpStream, ide: HttpStream, length: int
     left = length - seen
     if left < SPLICE_MIN or not await splice_exactly(ide.stream, client.stream, left, idle=idle, count=TO_CLIENT.inc):
         return "pump"
-    while left:  # tell the browser's h11 how much it "sent" (no bytes are copied or written)
-        step = min(left, len(_ZEROS))
-        client.conn.send_with_data_passthrough(h11.Data(data=_ZEROS[:step]))  # type: ignore[arg-type] # only len() is used
-        left -= step
+    _count_spliced(client.conn, left)
     await client.send(h11.EndOfMessage(), idle)
     return "spliced"
+
+
+def _count_spliced(conn: h11.Connection, length: int) -> None:
+    """Tell an h11 connection that ``length`` body bytes went out by splice (nothing is copied or
+    written: h11 only counts them against Content-Length)."""
+    while length:
+        step = min(length, len(_ZEROS))
+        conn.send_with_data_passthrough(h11.Data(data=_ZEROS[:step]))  # type: ignore[arg-type] # only len() is used
+        length -= step
 
 
 async def _pass_on(client: HttpStream, pieces: list[bytes], idle: float) -> None:
