@@ -15,6 +15,7 @@ from typing import Any, Callable
 import psutil
 
 CGROUP_MOUNT = Path("/sys/fs/cgroup")
+BIN = Path(sys.executable).parent  # the project venv's bin: workspace-supervisor, workspacectl
 
 
 class BenchError(Exception):
@@ -131,3 +132,77 @@ def terminate(proc: subprocess.Popen[bytes] | None, timeout: float, what: str) -
         log(f"{what} did not exit {timeout:g} s after SIGTERM; killing it")
         proc.kill()
         proc.wait()
+
+
+class BenchDaemon:
+    """One ``workspace-supervisor run`` of a benchmark: its own workspace, state, run and log
+    directories under ``base``, its own cgroup subtree ``name``, registry file and free probe port,
+    the front door off; ``sections`` add to or override that config."""
+
+    def __init__(self, base: Path, name: str, sections: dict[str, dict[str, Any]], *,
+                 env: dict[str, str], call_timeout: float) -> None:
+        self.base = base
+        self.name = name
+        self.env = env
+        self.call_timeout = call_timeout
+        base.mkdir(mode=0o755)
+        (base / "workspace").mkdir(mode=0o755)
+        self.run_dir = base / "run"
+        self.socket = self.run_dir / "control.sock"
+        self.log_path = base / "daemon.log"
+        config: dict[str, dict[str, Any]] = {
+            "workspace": {"root": str(base / "workspace"), "shards": 10},
+            "control": {"socket": str(self.socket)},
+            "daemon": {"state_dir": str(base / "state"), "run_dir": str(self.run_dir), "log_dir": str(base / "log")},
+            "cgroups": {"name": name},
+            "registry": {"path": str(base / "registry.db")},
+            "probes": {"listen": "127.0.0.1:0"},
+            "http": {"listen": ""},
+        }
+        for section, values in sections.items():
+            config.setdefault(section, {}).update(values)
+        self.config = base / "config.toml"
+        write_toml(self.config, config)
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start_daemon(self) -> None:
+        """Start it and wait until its control socket answers."""
+        with open(self.log_path, "ab") as out:
+            self.proc = subprocess.Popen([str(BIN / "workspace-supervisor"), "run", "--config", str(self.config)],
+                                         stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True,
+                                         env=self.env)
+        poll(lambda: self._alive() and self._answers(), 30, f"the daemon's control socket ({self.name})")
+
+    def _alive(self) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise BenchError(f"workspace-supervisor exited {self.proc.returncode}:\n{self.log_text()[-3000:]}")
+        return True
+
+    def _answers(self) -> bool:
+        try:
+            self.call("pod")
+            return True
+        except OSError:
+            return False
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def log_text(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def call(self, verb: str, **args: Any) -> Any:
+        """One raw control-socket request (what workspacectl sends, without its start-up)."""
+        return control_call(self.socket, verb, args, self.call_timeout)
+
+    shutdown_timeout = 120.0
+
+    def shutdown(self) -> None:
+        """SIGTERM: it drains (every user stopped gracefully) and exits; SIGKILL after ``shutdown_timeout``."""
+        terminate(self.proc, self.shutdown_timeout, "workspace-supervisor")

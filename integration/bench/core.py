@@ -52,15 +52,13 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from integration.bench.common import (  # noqa: E402
-    CGROUP_MOUNT, BenchError, control_call, kill_leftovers, log, percentile, poll, remove_cgroup_tree, terminate,
-    write_toml,
+    BIN, CGROUP_MOUNT, BenchDaemon, BenchError, kill_leftovers, log, percentile, poll, remove_cgroup_tree,
 )
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 SERVER = HERE / "server.py"
 SERVER_PYTHON = "/usr/bin/python3"
-BIN = Path(sys.executable).parent  # the project venv's bin: workspace-supervisor, workspacectl
 SUPERVISOR_VERSION = "4.3.0"
 DEFAULT_SV_VENV = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "workspace-supervisor-bench" / f"supervisor-{SUPERVISOR_VERSION}"
 
@@ -189,66 +187,20 @@ class AttachProbe:
 # ---- workspace-supervisor ------------------------------------------------------------------------
 
 
-class Ours:
+class Ours(BenchDaemon):
     label = "workspace-supervisor"
     cli_env = OURS_ENV
+    shutdown_timeout = 90.0
 
     def __init__(self, base: Path, server: Path, name: str, capacity: int, healthy_after: float) -> None:
-        self.base = base / "ours"
-        self.base.mkdir(mode=0o755)
-        (self.base / "workspace").mkdir(mode=0o755)
-        self.name = name
-        self.run_dir = self.base / "run"
-        self.socket = self.run_dir / "control.sock"
-        self.config = self.base / "config.toml"
-        self.daemon_log = self.base / "daemon.log"
-        write_toml(self.config, {
+        super().__init__(base / "ours", name, {
             "pod": {"id": "bench-pod", "capacity": capacity},
-            "workspace": {"root": str(self.base / "workspace"), "shards": 10},
             "ide": {"command": [SERVER_PYTHON, "-I", "-S", str(server)], "ready_timeout": "20s", "stop_grace": "3s"},
             "restart": {"healthy_after": f"{healthy_after}s"},
-            "control": {"socket": str(self.socket)},
-            "daemon": {"state_dir": str(self.base / "state"), "run_dir": str(self.run_dir), "log_dir": str(self.base / "log")},
-            "cgroups": {"name": name},
-            # Own registry file and a free probe port, so that it never collides with another daemon;
-            # the front door is off (it is not part of this benchmark, and needs [auth] keys anyway).
-            "registry": {"path": str(self.base / "registry.db")},
-            "probes": {"listen": "127.0.0.1:0"},
-            "http": {"listen": ""},
             # The idle ladder's rungs (2 m, 5 m, 15 m, 60 m by default) are moved past the run, so the
             # idle windows measure the steady state, not the one-off transitions of 500 users at once.
             "idle": {"lsp_pause_after": "1h", "gc_after": "2h", "freeze_after": "3h", "stop_after": "4h"},
-        })
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start_daemon(self) -> None:
-        with open(self.daemon_log, "ab") as out:
-            self.proc = subprocess.Popen([str(BIN / "workspace-supervisor"), "run", "--config", str(self.config)],
-                                         stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True,
-                                         env=OURS_ENV)
-        poll(lambda: self._alive() and self._answers(), 30, "workspace-supervisor's control socket")
-
-    def _alive(self) -> bool:
-        assert self.proc is not None
-        if self.proc.poll() is not None:
-            raise BenchError(f"workspace-supervisor exited {self.proc.returncode}:\n{self.daemon_log.read_text()[-3000:]}")
-        return True
-
-    def _answers(self) -> bool:
-        try:
-            self.call("pod")
-            return True
-        except OSError:
-            return False
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def call(self, verb: str, **args: Any) -> Any:
-        """One raw control-socket request (what workspacectl sends, without its start-up)."""
-        return control_call(self.socket, verb, args, 120)
+        }, env=OURS_ENV, call_timeout=120)
 
     def server_socket(self, user: str) -> Path:
         return self.run_dir / "users" / user / "ide.sock"
@@ -284,8 +236,6 @@ class Ours:
         self.call("status")
         return time.perf_counter() - t0
 
-    def shutdown(self) -> None:
-        terminate(self.proc, 90, "workspace-supervisor")  # sigterm = "stop": every user is stopped first
 
 
 # ---- supervisord ---------------------------------------------------------------------------------

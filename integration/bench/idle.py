@@ -44,7 +44,6 @@ import select
 import shutil
 import signal
 import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -62,12 +61,10 @@ sys.path.insert(0, str(REPO))
 
 from integration.bench import theia_users as tu  # noqa: E402
 from integration.bench.common import (  # noqa: E402
-    CGROUP_MOUNT, BenchError, control_call, kill_leftovers, log, percentile, poll, remove_cgroup_tree, terminate,
-    write_toml,
+    BIN, CGROUP_MOUNT, BenchDaemon, BenchError, kill_leftovers, log, percentile, poll, remove_cgroup_tree,
 )
 from tests.frontdoor_client import ISSUER, Client, WebSocket, mint, ws_connect, ws_recv, ws_send  # noqa: E402
 
-BIN = Path(sys.executable).parent
 SERVER = HERE / "server.py"
 SERVER_PYTHON = "/usr/bin/python3"
 MIB = 2**20
@@ -93,66 +90,16 @@ def load() -> float:
 # ---- a daemon under test -------------------------------------------------------------------------
 
 
-class BenchDaemon:
-    """One ``workspace-supervisor run`` with its own directories, cgroup subtree and registry."""
+class IdleBenchDaemon(BenchDaemon):
+    """A benchmark daemon (:class:`~integration.bench.common.BenchDaemon`) at ``--log-level``, with
+    the idle benchmark's views of its users."""
 
     def __init__(self, base: Path, name: str, sections: dict[str, dict[str, Any]]) -> None:
-        self.base = base
-        self.name = name
-        base.mkdir(mode=0o755)
-        (base / "workspace").mkdir(mode=0o755)
-        self.socket = base / "run" / "control.sock"
-        self.log_path = base / "daemon.log"
-        defaults: dict[str, dict[str, Any]] = {
-            "workspace": {"root": str(base / "workspace"), "shards": 10},
-            "control": {"socket": str(self.socket)},
-            "daemon": {"state_dir": str(base / "state"), "run_dir": str(base / "run"), "log_dir": str(base / "log"),
-                       "log_level": LOG_LEVEL[0]},
-            "cgroups": {"name": name},
-            "registry": {"path": str(base / "registry.db")},
-            "probes": {"listen": "127.0.0.1:0"},
-            "http": {"listen": ""},
-        }
-        for section, values in sections.items():
-            defaults.setdefault(section, {}).update(values)
-        self.config = base / "config.toml"
-        write_toml(self.config, defaults)
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> BenchDaemon:
         env = {k: v for k, v in os.environ.items() if not k.startswith("WSUP_")}
-        with open(self.log_path, "ab") as out:
-            self.proc = subprocess.Popen([str(BIN / "workspace-supervisor"), "run", "--config", str(self.config)],
-                                         stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True, env=env)
-        poll(lambda: self._alive() and self._answers(), 30, f"the daemon's control socket ({self.name})")
-        return self
-
-    def _alive(self) -> bool:
-        assert self.proc is not None
-        if self.proc.poll() is not None:
-            raise BenchError(f"the daemon exited {self.proc.returncode}:\n{self.log_text()[-3000:]}")
-        return True
-
-    def _answers(self) -> bool:
-        try:
-            self.call("pod")
-            return True
-        except OSError:
-            return False
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def log_text(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-
-    def call(self, verb: str, **args: Any) -> Any:
-        return control_call(self.socket, verb, args, 180)
+        config: dict[str, dict[str, Any]] = {"daemon": {"log_level": LOG_LEVEL[0]}}
+        for section, values in sections.items():
+            config.setdefault(section, {}).update(values)
+        super().__init__(base, name, config, env=env, call_timeout=180)
 
     def status(self) -> dict[str, dict[str, Any]]:
         return {u["user"]: u for u in self.call("status")["users"]}
@@ -178,8 +125,6 @@ class BenchDaemon:
         except OSError:
             return ""
 
-    def shutdown(self) -> None:
-        terminate(self.proc, 120, "the daemon")  # drain: every user is stopped gracefully
 
 
 def remove_cgroups(name: str) -> None:
@@ -203,7 +148,7 @@ def frozen(group: Path) -> bool:
         return False
 
 
-def freezer_group(d: BenchDaemon, user: str) -> Path:
+def freezer_group(d: IdleBenchDaemon, user: str) -> Path:
     """The one directory that freezes the user: v1 freezer hierarchy, or the v2 group."""
     for hierarchy in (CGROUP_MOUNT / "freezer", CGROUP_MOUNT):
         group = hierarchy / d.name / user
@@ -226,7 +171,7 @@ def cgroup_memory(groups: list[Path]) -> dict[str, int]:
     return {"usage": 0, "anon": 0, "file": 0}
 
 
-def measure_tree(d: BenchDaemon, user: str) -> dict[str, Any]:
+def measure_tree(d: IdleBenchDaemon, user: str) -> dict[str, Any]:
     groups = d.user_groups(user)
     procs = tu.theia_tree(groups)
     parts: dict[str, int] = {}
@@ -244,17 +189,18 @@ def run_cpu(args: argparse.Namespace, base: Path, tag: str, cleanup: list[Callab
     server = base / "server.py"
     shutil.copy(SERVER, server)
     os.chmod(server, 0o644)
-    daemons: dict[str, BenchDaemon] = {}
+    daemons: dict[str, IdleBenchDaemon] = {}
     rungs = {"lsp_pause_after": "1h", "gc_after": "2h", "freeze_after": "3h", "stop_after": "4h"}
     for label, tick in (("ladder", "1s"), ("no ladder", LATER)):
         name = f"wsup-bench-idle-{tag}-{'on' if label == 'ladder' else 'off'}"
-        d = BenchDaemon(base / name, name, {
+        d = IdleBenchDaemon(base / name, name, {
             "pod": {"id": name, "capacity": args.cpu_users + 10},
             "ide": {"command": [SERVER_PYTHON, "-I", "-S", str(server)], "ready_timeout": "60s", "stop_grace": "3s"},
             "idle": {**rungs, "tick": tick},
         })
         cleanup.append(lambda d=d: (d.shutdown(), remove_cgroups(d.name)))
-        daemons[label] = d.start()
+        d.start_daemon()
+        daemons[label] = d
     users = [f"idle-{i:03d}" for i in range(args.cpu_users)]
     log(f"tracking CPU: starting {len(users)} stub users on each of two daemons (with and without the ladder)")
     for d in daemons.values():
@@ -423,7 +369,7 @@ class TheiaPod:
         s = args.stage
         room = {"cpu": "1", "memory": "1Gi", "sessions": 5}
         self.total = args.users + args.baseline_users + args.frozen_users + args.lsp_users
-        self.daemon = BenchDaemon(base / "daemon", name, {
+        self.daemon = IdleBenchDaemon(base / "daemon", name, {
             "pod": {"id": name, "capacity": self.total + 5},
             "ide": {"command": tu.theia_command(args.prefix), "ready_timeout": "180s", "stop_grace": "5s", "env": {}},
             "http": {"listen": "127.0.0.1:0", "start_timeout": "180s", "max_cold_starts": 4},
@@ -441,7 +387,7 @@ class TheiaPod:
         self.browser: tu.Browser | None = None
 
     def start(self) -> TheiaPod:
-        self.daemon.start()
+        self.daemon.start_daemon()
         self.port = self.daemon.frontdoor_port()
         self.browser = tu.Browser()
         return self
