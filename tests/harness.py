@@ -128,7 +128,7 @@ class Daemon:
     def cleanup(self) -> None:
         self.stop()
         for group in sorted(self.cgroup_dirs(), key=lambda p: len(p.parts), reverse=True):
-            _kill_and_remove(group)
+            remove_cgroup_tree(group)
         shutil.rmtree(self.base, ignore_errors=True)
 
     def log_text(self) -> str:
@@ -146,18 +146,26 @@ def started(**overrides: Any) -> Iterator[Daemon]:
         d.cleanup()
 
 
-def _kill_and_remove(group: Path) -> None:
-    for child in sorted((p for p in group.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True) + [group]:
-        procs = child / "cgroup.procs"
+def remove_cgroup_tree(group: Path) -> list[Path]:
+    """Thaw, kill whatever is left in, and remove ``group`` and every cgroup below it; returns the
+    groups that could not be removed (benchmarks clean up with it too)."""
+    left = []
+    subdirs = sorted((p for p in group.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True)
+    for child in [*subdirs, group]:
+        for state, thawed in (("freezer.state", "THAWED"), ("cgroup.freeze", "0")):
+            try:
+                (child / state).write_text(thawed)
+            except OSError:
+                pass
         try:
-            for pid in procs.read_text().split():
+            for pid in (child / "cgroup.procs").read_text().split():
                 try:
                     os.kill(int(pid), signal.SIGKILL)
                 except ProcessLookupError:
                     pass
         except OSError:
             pass
-        for _ in range(200):
+        for _ in range(300):
             try:
                 child.rmdir()
                 break
@@ -165,6 +173,9 @@ def _kill_and_remove(group: Path) -> None:
                 break
             except OSError:
                 time.sleep(0.01)
+        else:
+            left.append(child)
+    return left
 
 
 def http_get(socket_path: Path, target: str = "/", timeout: float = 5.0) -> str:

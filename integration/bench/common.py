@@ -1,4 +1,4 @@
-"""Helpers shared by the benchmarks (run as root from the repository; standard library + psutil)."""
+"""Helpers shared by the benchmarks (run as root from the repository; standard library, psutil and the tests' harness)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 import psutil
+
+from tests import harness
 
 CGROUP_MOUNT = Path("/sys/fs/cgroup")
 BIN = Path(sys.executable).parent  # the project venv's bin: workspace-supervisor, workspacectl
@@ -63,32 +65,9 @@ def write_toml(path: Path, sections: dict[str, dict[str, Any]]) -> None:
 
 
 def remove_cgroup_tree(group: Path) -> None:
-    """Thaw, kill whatever is left in, and remove ``group`` and every cgroup below it."""
-    subdirs = sorted((p for p in group.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True)
-    for child in [*subdirs, group]:
-        for state, thawed in (("freezer.state", "THAWED"), ("cgroup.freeze", "0")):
-            try:
-                (child / state).write_text(thawed)
-            except OSError:
-                pass
-        try:
-            for pid in (child / "cgroup.procs").read_text().split():
-                try:
-                    os.kill(int(pid), signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-        except OSError:
-            pass
-        for _ in range(300):
-            try:
-                child.rmdir()
-                break
-            except FileNotFoundError:
-                break
-            except OSError:
-                time.sleep(0.01)
-        else:
-            log(f"could not remove cgroup {child}")
+    """Thaw, kill whatever is left in, and remove ``group`` and every cgroup below it (says what stayed)."""
+    for child in harness.remove_cgroup_tree(group):
+        log(f"could not remove cgroup {child}")
 
 
 def kill_leftovers(base: Path) -> None:
