@@ -178,6 +178,21 @@ def remove_cgroup_tree(group: Path) -> list[Path]:
     return left
 
 
+def lsp_ticks(home: Path) -> int:
+    """How often the language-server stand-in (``lsp-ticks`` in the user's home) has ticked."""
+    try:
+        return (home / "lsp-ticks").stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+def lsp_progressing(home: Path, window: float) -> bool:
+    """Whether the stand-in ticks during ``window`` seconds (it writes every 20 ms while it runs)."""
+    before = lsp_ticks(home)
+    time.sleep(window)  # a measurement window, not a wait for a transition
+    return lsp_ticks(home) > before
+
+
 def http_get(socket_path: Path, target: str = "/", timeout: float = 5.0) -> str:
     import socket as socketlib
 

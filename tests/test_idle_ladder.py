@@ -6,14 +6,13 @@ Thresholds are in seconds here (the defaults are minutes); the daemon runs with 
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
 
 from tests.conftest import is_root, pure_cgroup_v2, v1_controllers_mounted
-from tests.harness import Daemon, http_get, poll, started
+from tests.harness import Daemon, http_get, lsp_progressing, lsp_ticks, poll, started
 
 pytestmark = pytest.mark.skipif(
     not (is_root() and (v1_controllers_mounted() or pure_cgroup_v2())),
@@ -35,28 +34,15 @@ def stage(d: Daemon, user: str) -> Any:
     return d.user(user)["idle_stage"]
 
 
-def ticks(home: Path) -> int:
-    try:
-        return (home / "lsp-ticks").stat().st_size
-    except FileNotFoundError:
-        return 0
-
-
-def progressing(home: Path, window: float = 0.3) -> bool:
-    before = ticks(home)
-    time.sleep(window)  # a measurement window: the ticker writes every 20 ms when it runs
-    return ticks(home) > before
-
-
 def test_idle_user_walks_down_the_ladder_and_wakes_on_file_change(daemon: Daemon) -> None:
     assert daemon.ctl("start", "lsp-1").returncode == 0
     info = daemon.user("lsp-1")
     home = Path(info["workspace"]).parent / ".home" / "lsp-1"
-    poll(lambda: ticks(home) > 0, 5, "the language server to tick")
+    poll(lambda: lsp_ticks(home) > 0, 5, "the language server to tick")
     assert stage(daemon, "lsp-1") == "active"
 
     poll(lambda: stage(daemon, "lsp-1") in ("lsp_paused", "reclaimed"), 5, "language servers paused")
-    assert not progressing(home), "the language server still runs while paused"
+    assert not lsp_progressing(home, 0.3), "the language server still runs while paused"
     poll(lambda: "garbage collection requested" in daemon.ctl("tail", "lsp-1").stdout, 5, "GC signal at the first rung")
     assert "uid=" in http_get(daemon.base / "run" / "users" / "lsp-1" / "ide.sock")  # the IDE itself still serves
 
@@ -70,7 +56,7 @@ def test_idle_user_walks_down_the_ladder_and_wakes_on_file_change(daemon: Daemon
     (Path(info["workspace"]) / "notes.txt").write_text("back to work\n")  # file activity wakes it
     poll(lambda: stage(daemon, "lsp-1") == "active", 5, "woken")
     assert "uid=" in http_get(daemon.base / "run" / "users" / "lsp-1" / "ide.sock")
-    assert progressing(home), "the language server did not resume"
+    assert lsp_progressing(home, 0.3), "the language server did not resume"
 
     why = json.loads(daemon.ctl("why", "lsp-1", "--json").stdout)["why"]
     assert [h["to"] for h in why["history"]] == ["lsp_paused", "reclaimed", "frozen", "active"]

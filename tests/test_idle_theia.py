@@ -46,7 +46,7 @@ import pytest
 from integration.bench import theia_users as tu
 from tests.conftest import is_root, pure_cgroup_v2, v1_controllers_mounted
 from tests.frontdoor_client import ISSUER, Client, mint, ws_connect, ws_recv, ws_send
-from tests.harness import SLOW, Daemon, http_get, poll
+from tests.harness import SLOW, Daemon, http_get, lsp_progressing, lsp_ticks, poll
 
 SECRET = b"idle-theia-test-secret-0123456789abcdef"
 MISSING = tu.missing_requirements()
@@ -194,19 +194,6 @@ def freezer_dirs(d: Daemon, user: str, child: str = "") -> list[Path]:
     return [g for g in dirs if frozen_group(g) is not None]
 
 
-def ticks(home: Path) -> int:
-    try:
-        return (home / "lsp-ticks").stat().st_size
-    except FileNotFoundError:
-        return 0
-
-
-def progressing(home: Path, window: float = 0.4) -> bool:
-    before = ticks(home)
-    time.sleep(window)  # a measurement window: the ticker writes every 20 ms when it runs
-    return ticks(home) > before
-
-
 def as_user(uid: int) -> Any:
     def drop() -> None:
         os.setgroups([])
@@ -260,7 +247,7 @@ def test_language_server_like_children_are_frozen_and_resume(pod: TheiaPod) -> N
         (home / name).write_text(text)
         os.chown(home / name, uid, uid)
     pid = pod.load_workbench("lsp-user", "ladder")
-    poll(lambda: ticks(home) > 0, 30, "the language-server stand-in to tick (started by ~/.bashrc in Theia's terminal)")
+    poll(lambda: lsp_ticks(home) > 0, 30, "the language-server stand-in to tick (started by ~/.bashrc in Theia's terminal)")
     standin = [p for p in tu.descendants(pid) if "pylsp" in tu.cmdline(p)]
     assert standin
 
@@ -272,7 +259,7 @@ def test_language_server_like_children_are_frozen_and_resume(pod: TheiaPod) -> N
     in_paused = tu.cgroup_pids(paused)
     assert {p.pid for p in standin} <= in_paused, (in_paused, standin)
     assert pid not in in_paused
-    assert not progressing(home), "the language-server stand-in still runs while paused"
+    assert not lsp_progressing(home, 0.4), "the language-server stand-in still runs while paused"
     # The backend itself still serves (asked on its own socket: a request through the front door
     # would wake the user).
     assert " 200 " in http_get(d.base / "run" / "users" / "lsp-user" / "ide.sock", timeout=10).split("\r\n", 1)[0]
@@ -283,7 +270,7 @@ def test_language_server_like_children_are_frozen_and_resume(pod: TheiaPod) -> N
     assert page.status == 200
     assert pod.stage("lsp-user") == "active"
     assert not any(frozen_group(g) for g in paused)
-    assert progressing(home), "the language-server stand-in did not resume"
+    assert lsp_progressing(home, 0.4), "the language-server stand-in did not resume"
     print(f"\nlanguage servers paused -> page answered through the front door in {took * 1000:.1f} ms; stand-in ticking again")
     history = [h["to"] for h in d.ctl_json("why", "lsp-user")["why"]["history"]]
     assert history[0] == "lsp_paused" and history[-1] == "active", history
