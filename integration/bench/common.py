@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import platform
 import signal
 import socket
 import subprocess
@@ -185,3 +187,25 @@ class BenchDaemon:
     def shutdown(self) -> None:
         """SIGTERM: it drains (every user stopped gracefully) and exits; SIGKILL after ``shutdown_timeout``."""
         terminate(self.proc, self.shutdown_timeout, "workspace-supervisor")
+
+
+def write_report(path: Path, args: argparse.Namespace, started: float, load_before: tuple[float, ...],
+                 load_after: tuple[float, ...], rows: list[dict[str, Any]], raw: dict[str, Any],
+                 **extra: Any) -> None:
+    """Write a benchmark's JSON report: when and how it ran (command, host, load, settings), then
+    ``extra`` fields, the printed table's rows and the raw figures."""
+    report = {
+        "version": 1,
+        "when": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
+        "duration_s": round(time.time() - started, 1),
+        "command": " ".join([sys.executable, *sys.argv]),
+        "host": {"cpus": os.cpu_count(), "memory_bytes": psutil.virtual_memory().total, "kernel": platform.release(),
+                 "python": platform.python_version(), "loadavg_before": load_before, "loadavg_after": load_after},
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        **extra,
+        "rows": rows,
+        "raw": raw,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    log(f"results written to {path}")

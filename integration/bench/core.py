@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import http.client
-import json
 import os
 import platform
 import shutil
@@ -53,6 +52,7 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from integration.bench.common import (  # noqa: E402
     BIN, CGROUP_MOUNT, BenchDaemon, BenchError, kill_leftovers, log, percentile, poll, remove_cgroup_tree,
+    write_report,
 )
 
 HERE = Path(__file__).resolve().parent
@@ -717,21 +717,7 @@ def main(argv: list[str] | None = None) -> int:
         load_after = os.getloadavg()
         print(f"host: {os.cpu_count()} CPUs, kernel {platform.release()}; load average before {load_before[0]:.2f}, "
               f"after {load_after[0]:.2f} (1 min); nice {args.nice}", flush=True)
-        report = {
-            "version": 1,
-            "when": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
-            "duration_s": round(time.time() - started, 1),
-            "command": " ".join([sys.executable, *sys.argv]),
-            "host": {"cpus": os.cpu_count(), "memory_bytes": psutil.virtual_memory().total,
-                     "kernel": platform.release(), "python": platform.python_version(),
-                     "loadavg_before": load_before, "loadavg_after": os.getloadavg()},
-            "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-            "rows": rows,
-            "raw": results,
-        }
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
-        log(f"results written to {args.json}")
+        write_report(args.json, args, started, load_before, load_after, rows, results)
         code = 0
     except KeyboardInterrupt:
         log("interrupted: cleaning up")

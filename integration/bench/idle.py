@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import http.client
-import json
 import os
 import platform
 import re
@@ -62,6 +61,7 @@ sys.path.insert(0, str(REPO))
 from integration.bench import theia_users as tu  # noqa: E402
 from integration.bench.common import (  # noqa: E402
     BIN, CGROUP_MOUNT, BenchDaemon, BenchError, kill_leftovers, log, percentile, poll, remove_cgroup_tree,
+    write_report,
 )
 from tests.frontdoor_client import ISSUER, Client, WebSocket, mint, ws_connect, ws_recv, ws_send  # noqa: E402
 
@@ -736,21 +736,7 @@ def main(argv: list[str] | None = None) -> int:
               f"load average before {load_before[0]:.2f}, after {load_after[0]:.2f} (1 min)", flush=True)
         for part, why in skipped.items():
             print(f"skipped {part}: {why}")
-        report = {
-            "version": 1,
-            "when": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
-            "duration_s": round(time.time() - started, 1),
-            "command": " ".join([sys.executable, *sys.argv]),
-            "host": {"cpus": os.cpu_count(), "memory_bytes": psutil.virtual_memory().total, "kernel": platform.release(),
-                     "python": platform.python_version(), "loadavg_before": load_before, "loadavg_after": load_after},
-            "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-            "skipped": skipped,
-            "rows": rows,
-            "raw": results,
-        }
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
-        log(f"results written to {args.json}")
+        write_report(args.json, args, started, load_before, load_after, rows, results, skipped=skipped)
         code = 0
     except KeyboardInterrupt:
         log("interrupted: cleaning up")
