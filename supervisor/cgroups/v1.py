@@ -5,9 +5,10 @@ hierarchy is a v1 mount under ``<mount>`` holding one or more of cpu, cpuacct, m
 freezer (``cpu`` and ``cpuacct`` may be mounted apart or together as ``cpu,cpuacct``). Which mount
 holds which controller is read from ``/proc/self/mountinfo``, not guessed from directory names.
 
-cgroupspy provides the tree nodes and the typed cpu, cpuacct and memory files; the pids and
-freezer files, which it lacks, are declared below the same way (controller classes with file
-descriptors).
+cgroupspy provides the tree nodes, the walk over a subtree and the typed memory files; the
+freezer file, which it lacks, is declared below the same way (a controller class with file
+descriptors). The files every start writes and every usage sample reads (limits, cpu/memory/pids
+usage) are plain reads and writes: cgroupspy lists a group's children on each access.
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Literal, Mapping
 
-from cgroupspy.controllers import Controller, CpuAcctController, CpuController, MemoryController
-from cgroupspy.interfaces import BaseFileInterface, IntegerFile
+from cgroupspy.controllers import Controller, MemoryController
+from cgroupspy.interfaces import BaseFileInterface
 from cgroupspy.nodes import Node
 from cgroupspy.trees import BaseTree
 
@@ -107,13 +108,6 @@ def v1_hierarchies(entries: list[MountEntry], mount: Path) -> dict[str, Path]:
 # --- controller files cgroupspy lacks ---------------------------------------------------------
 
 
-class PidsController(Controller):
-    """pids.max (``max`` or a number) and pids.current."""
-
-    max = BaseFileInterface("pids.max")
-    current = IntegerFile("pids.current")
-
-
 class FreezerController(Controller):
     """freezer.state: THAWED, FREEZING or FROZEN."""
 
@@ -169,18 +163,6 @@ class V1Driver:
     def _dirs(self, user: str) -> list[Path]:
         check_group_name("user", user)
         return [h / self.name / user for h in self._hierarchies]
-
-    def _cpu(self, user: str) -> Any:
-        return CpuController(self._node("cpu", user))
-
-    def _cpuacct(self, user: str) -> Any:
-        return CpuAcctController(self._node("cpuacct", user))
-
-    def _memory(self, user: str) -> Any:
-        return MemoryController(self._node("memory", user))
-
-    def _pids(self, user: str) -> Any:
-        return PidsController(self._node("pids", user))
 
     def _freezer(self, user: str) -> Any:
         return FreezerController(self._node("freezer", user))
