@@ -303,6 +303,10 @@ class HttpConfig:
         True, "Move large Content-Length bodies (answers and uploads) with os.splice through a pipe (never through Python); false passes them "
         "through h11. (WebSockets are always carried by the front door's relay thread.)", _bool
     )
+    relay_fast_path: bool = setting(
+        True, "Let the relay thread's C fast path (built at install when a C compiler is present) pass on WebSocket frames that need "
+        "no decision without entering Python; false relays everything through Python. The log says which runs.", _bool
+    )
 
 
 @dataclass(frozen=True)

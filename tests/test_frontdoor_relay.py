@@ -7,6 +7,7 @@ Each test plays both ends with plain blocking sockets (in worker threads) and dr
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import struct
 import time
@@ -18,6 +19,7 @@ import trio
 from wsproto.connection import Connection, ConnectionType
 from wsproto.events import BytesMessage, Ping, TextMessage
 
+from supervisor.frontdoor import fastrelay
 from supervisor.frontdoor.relay import CLOSE_GOING_AWAY, CLOSE_POLICY, FrameBoundaries, Relay, close_frame
 
 T = TypeVar("T")
@@ -101,9 +103,24 @@ class Ends:
             sock.close()
 
 
-@pytest.fixture
-async def relay() -> AsyncIterator[Relay]:
-    r = Relay(buffer_size=64 * 1024, report_every=0.2)
+def fast_path_built() -> bool:
+    """Whether the C fast path is there; a machine with a C compiler must have built it."""
+    if fastrelay.library_path() is not None:
+        return True
+    if shutil.which("cc") or shutil.which("gcc"):
+        pytest.fail("supervisor/frontdoor/_fastrelay*.so is missing although a C compiler is installed: "
+                    "reinstall the project (pip install -e .) and read its build output")
+    return False
+
+
+@pytest.fixture(params=["fast", "python"])
+async def relay(request: pytest.FixtureRequest) -> AsyncIterator[Relay]:
+    """The relay with its C fast path, and with the pure-Python loop only."""
+    fast = request.param == "fast"
+    if fast and not fast_path_built():
+        pytest.skip("no C compiler: the relay's C fast path was not built")
+    r = Relay(buffer_size=64 * 1024, report_every=0.2, fast_path=fast)
+    assert r.mode.startswith("C fast path") == fast, r.mode
     r.start()
     yield r
     r.stop()
@@ -306,3 +323,63 @@ async def test_a_hung_up_socket_waiting_for_the_other_side_does_not_spin(relay: 
         assert time.clock_gettime(clock) - before < 0.1, "the relay thread spins on a hung-up socket"
         assert await in_thread(lambda: read_to_eof(ends.ide)) == data
     assert result == ["closed"]
+
+
+async def test_the_fast_path_carries_plain_frames_and_hands_python_the_rest(ends: Ends, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Once the browser's input of this interval is reported, round trips of small frames pass
+    through C alone; a frame split over two reads, and the browser's input at the next
+    interval, come back to Python and arrive intact and counted."""
+    if not fast_path_built():
+        pytest.skip("no C compiler: the relay's C fast path was not built")
+    seen_by_python: list[int] = []
+    pass_on, forward = Relay._pass_on, Relay._forward
+    monkeypatch.setattr(Relay, "_pass_on", staticmethod(lambda d: seen_by_python.append(1) or pass_on(d)))
+    monkeypatch.setattr(Relay, "_forward", staticmethod(lambda d, n: seen_by_python.append(1) or forward(d, n)))
+    relay = Relay(buffer_size=64 * 1024, report_every=0.5, fast_path=True)
+    relay.start()
+    try:
+        async with trio.open_nursery() as nursery:
+            result: list[str] = []
+
+            async def run() -> None:
+                result.append(await ends.carry(relay))
+
+            nursery.start_soon(run)
+            typed = client_frames(TextMessage('42/services,["keystroke","a"]'))
+            answer = server_frame(b'43/services,["ok"]', 0x1)
+
+            def round_trips(n: int) -> None:
+                for _ in range(n):
+                    ends.browser.sendall(typed)
+                    assert read_exactly(ends.ide, len(typed)) == typed
+                    ends.ide.sendall(answer)
+                    assert read_exactly(ends.browser, len(answer)) == answer
+
+            await in_thread(lambda: round_trips(2))  # input reported, then held back: judging stops
+            before = len(seen_by_python)
+            await in_thread(lambda: round_trips(200))
+            assert len(seen_by_python) - before <= 2, "plain frames should not have entered Python"
+            assert ends.inputs == 1
+
+            big = server_frame(os.urandom(40_000))
+
+            def split_frame() -> None:
+                ends.ide.sendall(big[:1000])
+                assert read_exactly(ends.browser, 1000) == big[:1000]
+                ends.ide.sendall(big[1000:])
+                assert read_exactly(ends.browser, len(big) - 1000) == big[1000:]
+
+            before = len(seen_by_python)
+            await in_thread(split_frame)
+            assert len(seen_by_python) > before  # not whole frames: Python passed them on
+            await in_thread(lambda: round_trips(5))  # and its reader is at a boundary again
+            with trio.fail_after(3):  # the held-back input is reported at the end of its interval
+                while ends.inputs < 2:
+                    await trio.sleep(0.02)
+            ends.browser.close()
+            ends.ide.close()
+        assert result == ["closed"]
+        assert ends.up == 207 * len(typed)
+        assert ends.down == 207 * len(answer) + len(big)
+    finally:
+        relay.stop()

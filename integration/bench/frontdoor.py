@@ -16,9 +16,10 @@ One run starts, side by side:
   daemon starts it as the user's uid in the user's cgroup, listening on the user's Unix socket,
   exactly as it runs Theia. After a WebSocket's 101 the front door's relay thread carries the
   bytes (``supervisor/frontdoor/relay.py``). ``ours`` has ``[http] kernel_splice = true`` (the
-  default: large ``Content-Length`` response bodies moved with ``os.splice``); a second daemon,
-  ``ours-copy``, has it false (bodies through h11), to measure what splicing gives the 10 MB GET -
-  its WebSocket figures run the same code as ``ours`` and show the run's noise;
+  default: large ``Content-Length`` response bodies moved with ``os.splice``) and ``[http]
+  relay_fast_path = true`` (the default: the relay's C fast path passes on WebSocket frames that
+  need no decision); a second daemon, ``ours-python``, has both false (bodies through h11, every
+  WebSocket byte through the Python relay loop), to measure what the two give;
 - for the cold start, a third daemon whose IDE is the real Theia (``images/theia/build``
   installed with ``--prefix`` into the run's directory).
 
@@ -75,7 +76,7 @@ CHP_MAIN = NODE_DIR / "node_modules" / "configurable-http-proxy" / "bin" / "conf
 THEIA = REPO / "images" / "theia"
 USER = "bench-echo"
 COLD_USER = "bench-cold"
-WS_PATHS = ("direct", "chp", "ours", "ours-copy")
+WS_PATHS = ("direct", "chp", "ours", "ours-python")
 
 
 def log(message: str) -> None:
@@ -265,8 +266,9 @@ class Bench:
         echo = self.base / "echo-server.mjs"
         shutil.copy(ECHO, echo)
         os.chmod(echo, 0o644)
-        for name, splice in (("ours", True), ("ours-copy", False)):
-            d, port = self.daemon(name, [self.args.node, str(echo)], pem, http__kernel_splice=splice, **self.args.daemon_set)
+        for name, native in (("ours", True), ("ours-python", False)):
+            d, port = self.daemon(name, [self.args.node, str(echo)], pem, http__kernel_splice=native,
+                                  http__relay_fast_path=native, **self.args.daemon_set)
             cookie = self.sign_in(port, USER, "bench")
             headers = {"Cookie": f"wsup_session={cookie}"}
             client = Client("127.0.0.1", port, timeout=60)
@@ -277,6 +279,10 @@ class Bench:
                 client.close()
             info = d.user(USER)
             assert info["state"] == "RUNNING", info
+            wanted = "front door WebSockets: " + ("C fast path" if native else "pure-Python relay")
+            if wanted not in d.log_text():
+                raise SystemExit(f"{name}: the daemon's log lacks {wanted!r} (is the fast path built? "
+                                 "pip install -e . with gcc installed)")
             daemon_pid = d.proc.pid if d.proc else 0
             self.paths[name] = Route(name, port, headers, lambda p=daemon_pid: [p], lambda dd=d: [int(dd.user(USER)["pid"])])
             if name == "ours" and self.args.ide_direct:
@@ -459,7 +465,7 @@ def table(results: dict[str, Any]) -> tuple[str, list[dict[str, Any]]]:
             ratio, chp_ratio, ok = m["ours"] / direct, m["chp"] / direct, m["ours"] >= target
             shown = f">= {target:,.0f}"
         rows.append({
-            "figure": label, "unit": unit, "ours": m["ours"], "ours_copy": m["ours-copy"], "chp": m["chp"], "direct": direct,
+            "figure": label, "unit": unit, "ours": m["ours"], "ours_python": m["ours-python"], "chp": m["chp"], "direct": direct,
             "ratio": ratio, "chp_ratio": chp_ratio, "target": shown, "chp_before": prior, "result": "PASS" if ok else "MISS", "fmt": fmt,
         })
 
@@ -467,12 +473,12 @@ def table(results: dict[str, Any]) -> tuple[str, list[dict[str, Any]]]:
     add("WS 50 conns, 100 B round trips", "msg/s", "ws_50conn_msgs_per_s", "abs_ge", 60000, "53k", "{:,.0f}")
     add("WS 1 MiB echo throughput, pinned", "MiB/s", "ws_1mib_echo_mib_per_s", "fraction_ge", 0.5, "0.20", "{:.1f}")
     add("GET 10 MB, 1 conn, pinned (p50)", "s", "get_10mb_s", "ratio_le", 1.5, "1.87", "{:.4f}")
-    head = f"{'figure':<44} {'unit':>6} {'ours':>10} {'ours-copy':>10} {'CHP':>10} {'direct':>10} {'ours/dir':>8} {'CHP/dir':>8} {'target':>9} {'CHP then':>8}  result"
+    head = f"{'figure':<44} {'unit':>6} {'ours':>10} {'ours-python':>11} {'CHP':>10} {'direct':>10} {'ours/dir':>8} {'CHP/dir':>8} {'target':>9} {'CHP then':>8}  result"
     lines = [head, "-" * len(head)]
     for r in rows:
         fm = r["fmt"]
         lines.append(
-            f"{r['figure']:<44} {r['unit']:>6} {fm.format(r['ours']):>10} {fm.format(r['ours_copy']):>10} {fm.format(r['chp']):>10} "
+            f"{r['figure']:<44} {r['unit']:>6} {fm.format(r['ours']):>10} {fm.format(r['ours_python']):>11} {fm.format(r['chp']):>10} "
             f"{fm.format(r['direct']):>10} {r['ratio']:>8.2f} {r['chp_ratio']:>8.2f} {r['target']:>9} {r['chp_before']:>8}  {r['result']}"
         )
     cold = f.get("cold_start_s")
@@ -481,7 +487,7 @@ def table(results: dict[str, Any]) -> tuple[str, list[dict[str, Any]]]:
             ok = cold[q] < target
             rows.append({"figure": f"cold start to workbench HTML ({q}, {cold['runs']} runs)", "unit": "s", "ours": cold[q],
                          "target": f"< {target:g} s", "result": "PASS" if ok else "MISS"})
-            lines.append(f"{rows[-1]['figure']:<44} {'s':>6} {cold[q]:>10.3f} {'':>10} {'':>10} {'':>10} {'':>8} {'':>8} {'< %g s' % target:>9} {'':>8}  {rows[-1]['result']}")
+            lines.append(f"{rows[-1]['figure']:<44} {'s':>6} {cold[q]:>10.3f} {'':>11} {'':>10} {'':>10} {'':>8} {'':>8} {'< %g s' % target:>9} {'':>8}  {rows[-1]['result']}")
         if cold.get("to_running_p50") is not None:
             lines.append(f"  (cold start: request to RUNNING p50 {cold['to_running_p50']:.3f}s by the daemon's log - Theia's own start-up "
                          f"under the tier's start CPU ({cold['tier']}); the rest is routing and the workbench HTML)")
@@ -510,15 +516,15 @@ def cpu_report(results: dict[str, Any]) -> str:
 
 
 def splice_report(results: dict[str, Any]) -> str:
-    """Spliced HTTP bodies (ours) against h11 (ours-copy); the WebSocket rows run the same code on
-    both daemons, so their difference is the run's noise."""
+    """Spliced HTTP bodies and the relay's C fast path (ours) against h11 and the Python relay loop
+    (ours-python)."""
     f = results["figures"]
-    out = ["kernel_splice on (ours) vs off (ours-copy), medians over rounds; proxy CPU = the daemon's user+sys seconds per measurement:"]
-    for key, label in (("get_10mb_s", "GET 10 MB s (lower better)"), ("ws_rtt_100b_us", "RTT 100 B us [same code]"),
-                       ("ws_50conn_msgs_per_s", "50 conns msg/s [same code]"), ("ws_1mib_echo_mib_per_s", "1 MiB echo MiB/s [same code]")):
+    out = ["kernel_splice and relay_fast_path on (ours) vs off (ours-python), medians over rounds; proxy CPU = the daemon's user+sys seconds per measurement:"]
+    for key, label in (("get_10mb_s", "GET 10 MB s (lower better)"), ("ws_rtt_100b_us", "RTT 100 B us [fast path]"),
+                       ("ws_50conn_msgs_per_s", "50 conns msg/s [fast path]"), ("ws_1mib_echo_mib_per_s", "1 MiB echo MiB/s [fast path]")):
         if key not in f:
             continue
-        s, c = f[key]["ours"], f[key]["ours-copy"]
+        s, c = f[key]["ours"], f[key]["ours-python"]
         out.append(f"  {label:<30} on {s['median']:>12,.4g}  off {c['median']:>12,.4g}  "
                    f"(on/off {s['median'] / c['median']:.2f}; proxy CPU s on {statistics.median(s['proxy_cpu_s']):.3f} "
                    f"off {statistics.median(c['proxy_cpu_s']):.3f})")
@@ -531,7 +537,7 @@ def proto_report(results: dict[str, Any]) -> str | None:
     names = [p for p in f.get("ws_rtt_100b_us", {}) if p.startswith("proto-") or p == "ide-direct"]
     if not names:
         return None
-    cols = ["direct", "chp", "ours", "ours-copy", *names]
+    cols = ["direct", "chp", "ours", "ours-python", *names]
     head = f"{'figure':<26}" + "".join(f"{c.replace('proto-', ''):>15}" for c in cols)
     out = ["extra paths (ide-direct: the daemon's IDE without the front door; relay_proto.py: bytes only, no HTTP, no auth), "
            "medians over rounds:", head]
@@ -553,7 +559,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--prototypes", action="store_true",
                    help="also measure minimal pure-Python relays (relay_proto.py: trio/asyncio x copy/splice) as extra paths")
     p.add_argument("--daemon-set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="a config setting for the echo daemons (ours, ours-copy), e.g. http.buffer_size=64Ki; repeatable")
+                   help="a config setting for the echo daemons (ours, ours-python), e.g. http.buffer_size=64Ki; repeatable")
     p.add_argument("--ide-direct", action="store_true",
                    help="also measure the client straight onto the daemon's IDE (its Unix socket, uid and cgroup; no front door)")
     p.add_argument("--no-cold-start", action="store_true", help="skip the Theia cold start")

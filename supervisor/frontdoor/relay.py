@@ -31,6 +31,12 @@ admitted it ran out: then the browser gets a Close frame 1008 and the IDE a Clos
 at frame boundaries, and the connection is closed a moment later. The trio side learns the end
 through a callback run in the trio thread (``TrioToken.run_sync_soon``).
 
+The fast path (``fastrelay.c`` through :mod:`~supervisor.frontdoor.fastrelay`): while nothing about a
+direction needs a decision - nothing pending, no EOF, its frame reader between two frames, and for
+the browser's direction no input being judged - the relay lets C wait, read and pass on whole
+frames without entering Python (and without the GIL); anything else comes back to this loop with
+the bytes read. Without the built library the loop does everything itself.
+
 The relay owns duplicates of the two sockets (``socket.dup``): the trio side may close its own
 objects whenever it likes, the connection lasts until the relay closes its copies.
 """
@@ -51,6 +57,7 @@ from typing import Callable
 
 import trio
 
+from supervisor.frontdoor import fastrelay
 from supervisor.frontdoor.wsactivity import ClientFrames
 
 log = logging.getLogger(__name__)
@@ -138,6 +145,7 @@ class _Direction:
     discard: bool = False  # read src but drop what arrives (the connection is closing)
     moved: int = 0  # bytes passed on and not yet counted in the metrics
     error: OSError | None = None  # a socket broke (seen by Relay._pass_on)
+    fast: int = -1  # the fast path's flags for src while it passes src on (-1: it does not)
 
     @property
     def reading(self) -> bool:
@@ -222,7 +230,7 @@ class Relay:
     """The relay thread (see the module docstring). :meth:`start` once, :meth:`stop` at the end;
     :meth:`carry` from trio tasks."""
 
-    def __init__(self, *, buffer_size: int = 256 * 2**10, report_every: float = 0.05) -> None:
+    def __init__(self, *, buffer_size: int = 256 * 2**10, report_every: float = 0.05, fast_path: bool = True) -> None:
         self.buffer_size = buffer_size
         self.report_every = report_every
         self._epoll = select.epoll()
@@ -238,7 +246,13 @@ class Relay:
         self._counting = False  # a None entry is in the heap
         # One read buffer for every connection: a read is passed on before the next one, and
         # what a destination does not take at once is kept apart (pending).
-        self._buffer = memoryview(bytearray(buffer_size))
+        buffer = bytearray(buffer_size)
+        self._buffer = memoryview(buffer)
+        self._fast: fastrelay.FastPath | None = None
+        #: Which loop carries the bytes, for the log.
+        self.mode = "pure-Python relay (fast path off in the configuration)"
+        if fast_path:
+            self._fast, self.mode = fastrelay.load(self._epoll.fileno(), buffer)
         self._thread: threading.Thread | None = None
         self._token: trio.lowlevel.TrioToken | None = None
 
@@ -260,6 +274,8 @@ class Relay:
             self._command("stop", None)
             self._thread.join()
             self._thread = None
+        if self._fast is not None:
+            self._fast.close()
         self._epoll.close()
         os.close(self._wake_r)
         os.close(self._wake_w)
@@ -333,31 +349,85 @@ class Relay:
     # ---- the thread ------------------------------------------------------------------------------
 
     def _run(self) -> None:
-        poll = self._epoll.poll
-        by_fd = self._by_fd
-        timers = self._timers
-        wake = self._wake_r
         try:
-            while True:
-                timeout = -1.0
-                if timers:
-                    now = time.monotonic()
-                    if timers[0][0] <= now:
-                        self._fire(now)
-                    timeout = self._timeout(now)
-                for fd, mask in poll(timeout, _MAX_EVENTS):
-                    link = by_fd.get(fd)
-                    if link is None:
-                        if fd == wake and not self._drain_commands():
-                            return
-                    elif mask != _IN or link.expiring or not self._pass_on(link.up if fd == link.client_fd else link.down):
-                        self._ready(link, fd, mask)
+            if self._fast is not None:
+                self._loop_fast(self._fast)
+            else:
+                self._loop()
         except BaseException:
             log.exception("front door: the WebSocket relay thread failed; open WebSockets are closed and new ones refused")
             raise
         finally:
             for link in list(self._links):
                 self._end(link, "stopped")
+
+    def _loop(self) -> None:
+        poll = self._epoll.poll
+        by_fd = self._by_fd
+        wake = self._wake_r
+        while True:
+            for fd, mask in poll(self._due(), _MAX_EVENTS):
+                link = by_fd.get(fd)
+                if link is None:
+                    if fd == wake and not self._drain_commands():
+                        return
+                elif mask != _IN or link.expiring or not self._pass_on(link.up if fd == link.client_fd else link.down):
+                    self._ready(link, fd, mask)
+
+    def _loop_fast(self, fast: fastrelay.FastPath) -> None:
+        """:meth:`_loop` with C passing on what needs no decision; here the rest, then what C may
+        pass on from now (:meth:`_fast_sync`)."""
+        by_fd = self._by_fd
+        wake = self._wake_r
+        view = self._buffer
+        while True:
+            for fd, mask, status, nread, nsent, error in fast.wait(self._due()):
+                link = by_fd.get(fd)
+                if link is None:
+                    if fd == wake and not self._drain_commands():
+                        return
+                    continue
+                direction = link.up if fd == link.client_fd else link.down
+                if status == fastrelay.EVENT:
+                    done = mask == _IN and not link.expiring and self._pass_on(direction)
+                elif status == fastrelay.READ:  # not whole plain frames: judged and passed on here
+                    done = self._forward(direction, nread)
+                elif status == fastrelay.PARTIAL:  # whole frames, counted; dst took nsent bytes
+                    direction.pending = bytes(view[nsent:nread])
+                    done = False
+                else:  # SEND_ERROR, RECV_ERROR
+                    direction.error = OSError(error, os.strerror(error))
+                    done = False
+                if not done:
+                    self._ready(link, fd, mask)
+                self._fast_sync(link)
+
+    def _fast_sync(self, link: Link) -> None:
+        """Let the fast path pass on each direction of ``link`` that needs no decision now."""
+        fast = self._fast
+        if fast is None or link.ended:
+            return
+        plain = not (link.expiring or link.closing)
+        frames = link.frames
+        up_flags = fastrelay.UP | (fastrelay.JUDGING if frames.judging else 0)
+        for direction, flags, at_boundary in ((link.up, up_flags, frames.at_boundary and frames.understood),
+                                              (link.down, 0, link.boundaries.at_boundary)):
+            wanted = flags if plain and at_boundary and direction.reading and not direction.discard else -1
+            if wanted != direction.fast:
+                if wanted < 0:
+                    fast.disable(direction.src.fileno())
+                else:
+                    fast.enable(direction.src.fileno(), direction.dst.fileno(), wanted)
+                direction.fast = wanted
+
+    def _due(self) -> float:
+        """Fire the timers that are due; seconds until the next one (-1: none)."""
+        if not self._timers:
+            return -1.0
+        now = time.monotonic()
+        if self._timers[0][0] <= now:
+            self._fire(now)
+        return self._timeout(now)
 
     @staticmethod
     def _pass_on(direction: _Direction) -> bool:
@@ -374,6 +444,11 @@ class Relay:
             return False
         if not n:
             return False  # EOF (which the next read reports again)
+        return Relay._forward(direction, n)
+
+    @staticmethod
+    def _forward(direction: _Direction, n: int) -> bool:
+        """Pass on the ``n`` bytes just read into the buffer (see :meth:`_pass_on`)."""
         chunk = direction.view[:n]
         direction.inspect(chunk)
         direction.moved += n
@@ -420,6 +495,7 @@ class Relay:
                 self._end(link, "expired" if link.closing or link.expires <= now else "linger")
             elif link.expires <= now and not link.closing:
                 self._expire(link, now)
+            self._fast_sync(link)
 
     def _count_all(self, now: float) -> None:
         """Pass the byte counts on to the metrics (once a second while there are links)."""
@@ -429,8 +505,10 @@ class Relay:
         if self._counting:
             self._at(now + 1.0, None)
 
-    @staticmethod
-    def _count(link: Link) -> None:
+    def _count(self, link: Link) -> None:
+        if self._fast is not None and not link.ended:
+            link.up.moved += self._fast.take_moved(link.client.fileno())
+            link.down.moved += self._fast.take_moved(link.ide.fileno())
         if link.up.moved:
             link.to_ide(link.up.moved)
             link.up.moved = 0
@@ -481,6 +559,7 @@ class Relay:
         else:
             self._at(link.expires, link)
             self._interest(link)
+        self._fast_sync(link)
 
     def _input(self, link: Link) -> None:
         """The browser sent input: tell trio now, or at the end of this report interval."""
@@ -589,18 +668,21 @@ class Relay:
         self._interest(link)
 
     def _end(self, link: Link, reason: str) -> None:
+        self._count(link)
         link.ended = True
         self._links.discard(link)
-        for sock in (link.client, link.ide):
+        for direction, sock in ((link.up, link.client), (link.down, link.ide)):
             fd = sock.fileno()
             if fd >= 0:
+                if direction.fast >= 0 and self._fast is not None:
+                    self._fast.disable(fd)  # before the fd number can be reused
+                    direction.fast = -1
                 self._by_fd.pop(fd, None)
                 try:
                     self._epoll.unregister(fd)
                 except (OSError, ValueError):
                     pass
             sock.close()
-        self._count(link)
         if link.unreported:
             self._to_trio(link.on_input)
         self._to_trio(lambda: link.on_end(reason))

@@ -216,8 +216,9 @@ class FrontDoor:
         self.addresses = [tuple(listener.socket.getsockname()[:2]) for listener in listeners]
         for address in self.addresses:
             log.info("front door listening on %s", _format_address(*address))
-        self.relay = Relay(buffer_size=self.http.buffer_size)
+        self.relay = Relay(buffer_size=self.http.buffer_size, fast_path=self.http.relay_fast_path)
         self.relay.start()
+        log.info("front door WebSockets: %s", self.relay.mode)
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._prune_loop)

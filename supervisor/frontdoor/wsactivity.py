@@ -48,6 +48,11 @@ class ClientFrames:
         """True between two frames (nothing of a next frame seen yet)."""
         return not self._in_payload and not self._buffer
 
+    @property
+    def understood(self) -> bool:
+        """False once the bytes stopped looking like WebSocket frames (all counts as input then)."""
+        return not self._gave_up
+
     def feed(self, data: bytes | memoryview) -> None:
         """Judge the next bytes (only read during the call: the caller may reuse its buffer)."""
         if self._gave_up:
