@@ -360,6 +360,29 @@ class Bench:
                 for p in order
             }
 
+    def under_http_load(self) -> None:
+        """WebSocket round trips (100 B, unpinned) while ``--http-clients`` other connections fetch
+        1 kB pages through the same proxy without pause: does HTTP work on the proxy's main
+        thread delay the WebSocket relay? p50 / p90 / p99 per path, one round."""
+        a = self.args
+        out: dict[str, Any] = {}
+        for name, path in self.paths.items():
+            where = {"socket": path.socket} if path.socket else {"host": "127.0.0.1", "port": path.port}
+            getter = json.dumps({**where, "headers": path.headers, "mode": "get", "path": "/bytes/1000", "count": 10**9, "warmup": 0})
+            getters = [subprocess.Popen([a.node, str(LOAD), getter], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                        cwd=NODE_DIR, start_new_session=True) for _ in range(a.http_clients)]
+            try:
+                time.sleep(0.5)  # the page loads are under way
+                r = self.run_load(path, {"mode": "rtt", "size": 100, "count": a.rtt_count, "warmup": 500}, pinned=False)
+            finally:
+                for g in getters:
+                    g.kill()
+                    g.wait()
+            out[name] = {"rtt_us": dict(zip(("p50", "mean", "p90", "p99"), r["rtt_us"])), "proxy_cpu_s": r["proxy_cpu_s"]}
+            log(f"under HTTP load ({a.http_clients} clients of 1 kB GETs) ws_rtt_100b_us on {name}: "
+                + " ".join(f"{k} {v:.0f}" for k, v in out[name]["rtt_us"].items()))
+        self.results["figures"]["ws_rtt_under_http_load"] = out
+
     # -- cold start ----------------------------------------------------------------------------------
 
     def cold_start(self, pem: Path) -> None:
@@ -531,6 +554,20 @@ def splice_report(results: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+def load_report(results: dict[str, Any]) -> str | None:
+    """Round trips while the same proxy serves a stream of page loads on other connections."""
+    f = results["figures"].get("ws_rtt_under_http_load")
+    if not f:
+        return None
+    clients = results["settings"]["http_clients"]
+    out = [f"WS round trip 100 B (us, unpinned) while {clients} other connections fetch 1 kB pages without pause through the same path:",
+           f"{'path':<14}{'p50':>10}{'p90':>10}{'p99':>10}"]
+    for name, v in f.items():
+        q = v["rtt_us"]
+        out.append(f"{name:<14}{q['p50']:>10,.0f}{q['p90']:>10,.0f}{q['p99']:>10,.0f}")
+    return "\n".join(out)
+
+
 def proto_report(results: dict[str, Any]) -> str | None:
     """The minimal relays beside the front door, CHP and direct (medians over rounds)."""
     f = results["figures"]
@@ -553,6 +590,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=3, help="rounds of figures 1-4 (median reported; default %(default)s)")
     p.add_argument("--seconds", type=float, default=3.0, help="duration of the 50-connection and 1 MiB figures (default %(default)s)")
     p.add_argument("--rtt-count", type=int, default=5000, help="round trips per RTT measurement (default %(default)s)")
+    p.add_argument("--http-clients", type=int, default=2,
+                   help="connections fetching 1 kB pages without pause during the 'under HTTP load' round trips (default %(default)s; 0 skips)")
     p.add_argument("--get-count", type=int, default=20, help="10 MB GETs per measurement (default %(default)s)")
     p.add_argument("--cold-runs", type=int, default=20, help="cold starts measured, after one warm-up (default %(default)s)")
     p.add_argument("--cold-tier", default="free", help="tier of the cold-start user (default %(default)s: 200m, 1 CPU while starting)")
@@ -618,6 +657,8 @@ def main(argv: list[str] | None = None) -> int:
             bench.start_prototypes()
         bench.verify()
         bench.figures()
+        if args.http_clients:
+            bench.under_http_load()
         r["load"]["after_figures"] = load_info()
         if not args.no_cold_start:
             bench.cold_start(pem)
@@ -636,6 +677,10 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     print()
     print(splice_report(r))
+    loaded = load_report(r)
+    if loaded:
+        print()
+        print(loaded)
     print()
     print(cpu_report(r))
     protos = proto_report(r)
