@@ -27,6 +27,7 @@ from typing import Any, Iterator
 import psutil
 import pytest
 
+from supervisor.frontdoor import fastrelay
 from tests.conftest import is_root, pure_cgroup_v2, v1_controllers_mounted
 from tests.frontdoor_client import ISSUER, Client, WebSocket, mint, ws_connect, ws_recv, ws_send
 from tests.harness import SYSTEM_PYTHON, Daemon, poll
@@ -206,6 +207,8 @@ def test_websocket_upgrade_is_spliced_both_ways(fd: FrontDoorDaemon) -> None:
     ws = fd.ws("/ws?EIO=4&transport=websocket", headers={"Cookie": cookies_of(browser)})
     assert ws.status == 101 and "theia-connection-token" in (ws.header("set-cookie") or "")
     assert fd.metric("workspace_supervisor_proxy_active_connections", kind="websocket") >= 1
+    relay = fd.daemon.ctl_json("pod")["pod"]["frontdoor"]["websocket_relay"]
+    assert relay.startswith("C fast path" if fastrelay.library_path() else "pure-Python relay"), relay
     for payload in (b"x", os.urandom(125), os.urandom(65_536), os.urandom(2**20)):
         ws_send(ws, payload)
         assert ws_recv(ws) == (2, payload)

@@ -124,6 +124,8 @@ class FastPath:
 
 def load(epoll_fd: int, buffer: bytearray) -> tuple[FastPath | None, str]:
     """The fast path over ``epoll_fd`` and ``buffer``, or None and why not."""
+    if len(buffer) >= 2**31:
+        return None, "[http] buffer_size of 2 GiB or more: small WebSocket messages go through Python"
     path = library_path()
     if path is None:
         return None, ("fastrelay library not built (pip install needs a C compiler: "

@@ -9,11 +9,11 @@ connections: what a destination does not take at once is kept apart) and ``send`
 measured too and lost: moving large frame payloads socket -> pipe -> socket halved the 1 MiB echo
 throughput, and small messages cost two syscalls per direction either way.
 
-The GIL: the relay holds it only while it handles ready sockets, and the trio thread has nothing
-to do for a relayed connection. But while trio is busy with Python work (many HTTP requests at
-once) the relay waits for the GIL at each of its syscalls, and round trips grow from tens of
-microseconds to milliseconds (measured in the README); a relay process would not share the GIL,
-at the cost of a second interpreter (~10 MiB).
+The GIL: the relay holds it only while it handles ready sockets in Python, and the trio thread has
+nothing to do for a relayed connection. While trio is busy with Python work (many HTTP requests at
+once) the Python loop waits for the GIL at each of its syscalls, and round trips grow from tens of
+microseconds to milliseconds; the C fast path (below) waits and passes frames on without the GIL
+(both measured in ``integration/bench/README.md``).
 
 Per connection (:class:`Link`), both directions are read frame by frame, cheaply:
 

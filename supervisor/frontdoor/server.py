@@ -200,6 +200,7 @@ class FrontDoor:
             "listen": [_format_address(*address) for address in self.addresses],
             "connections": self.connections,
             "websockets": self.relay.connections if self.relay else 0,
+            "websocket_relay": self.relay.mode if self.relay else None,
             "browser_sessions": self.sessions.total(self.clock()),
             "cold_starts_in_flight": len(self.cold.in_flight),
             "algorithms": sorted(self.auth.tokens.keys.accepted),
