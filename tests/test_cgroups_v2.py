@@ -33,7 +33,6 @@ from cgroup_conformance import (
     needs_unified,
     read_line,
     unique,
-    wait_for,
 )
 from conftest import CGROUP_MOUNT
 
