@@ -90,6 +90,16 @@ class Ends:
     def count_down(self, n: int) -> None:
         self.down += n
 
+    def carry_in(self, nursery: trio.Nursery, relay: Relay, **kwargs: Any) -> list[str]:
+        """:meth:`carry` as a task of ``nursery``; the list gets why the connection ended."""
+        result: list[str] = []
+
+        async def run() -> None:
+            result.append(await self.carry(relay, **kwargs))
+
+        nursery.start_soon(run)
+        return result
+
     async def carry(self, relay: Relay, **kwargs: Any) -> str:
         try:
             return await relay.carry(self.fds[0].fileno(), self.fds[1].fileno(), on_input=self.on_input,
@@ -135,12 +145,7 @@ def ends() -> Iterator[Ends]:
 
 async def test_bytes_flow_both_ways_and_half_closes_end_it(relay: Relay, ends: Ends) -> None:
     async with trio.open_nursery() as nursery:
-        result: list[str] = []
-
-        async def run() -> None:
-            result.append(await ends.carry(relay, pending=(client_frames(TextMessage("early")), b"")))
-
-        nursery.start_soon(run)
+        result = ends.carry_in(nursery, relay, pending=(client_frames(TextMessage("early")), b""))
         big = os.urandom(3 * 2**20)
         early = await in_thread(lambda: read_exactly(ends.ide, len(client_frames(TextMessage("early")))))
         assert early[:2] == b"\x81\x85"
@@ -187,13 +192,8 @@ async def test_input_reaches_trio_at_once_then_at_most_once_per_interval_and_kee
 
 
 async def test_expiry_sends_close_frames_between_the_ides_frames(relay: Relay, ends: Ends) -> None:
-    result: list[str] = []
     async with trio.open_nursery() as nursery:
-
-        async def run() -> None:
-            result.append(await ends.carry(relay, expires=time.monotonic() + 0.4))
-
-        nursery.start_soon(run)
+        result = ends.carry_in(nursery, relay, expires=time.monotonic() + 0.4)
         message = server_frame(b"m" * 1000)
         await in_thread(lambda: ends.ide.sendall(message[:500]))  # the IDE is inside a frame at expiry
         assert await in_thread(lambda: read_exactly(ends.browser, 500)) == message[:500]
@@ -232,12 +232,7 @@ async def test_cancelling_the_carrier_cuts_the_connection(relay: Relay, ends: En
 
 async def test_a_broken_side_ends_both(relay: Relay, ends: Ends) -> None:
     async with trio.open_nursery() as nursery:
-        result: list[str] = []
-
-        async def run() -> None:
-            result.append(await ends.carry(relay))
-
-        nursery.start_soon(run)
+        result = ends.carry_in(nursery, relay)
         ends.browser.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         ends.browser.close()  # a reset
         assert await in_thread(lambda: read_to_eof(ends.ide)) == b""
@@ -250,12 +245,7 @@ async def test_stopping_the_relay_ends_its_connections() -> None:
     ends = Ends()
     try:
         async with trio.open_nursery() as nursery:
-            result: list[str] = []
-
-            async def run() -> None:
-                result.append(await ends.carry(relay))
-
-            nursery.start_soon(run)
+            result = ends.carry_in(nursery, relay)
             while relay.connections == 0:
                 await trio.sleep(0.01)
             relay.stop()
@@ -298,12 +288,7 @@ async def test_a_hung_up_socket_waiting_for_the_other_side_does_not_spin(relay: 
     """The browser sent its last bytes and closed, the IDE closed its side and is slow to read:
     the relay waits (no busy loop on the hang-up) and delivers everything once the IDE reads."""
     async with trio.open_nursery() as nursery:
-        result: list[str] = []
-
-        async def run() -> None:
-            result.append(await ends.carry(relay, linger=30))
-
-        nursery.start_soon(run)
+        result = ends.carry_in(nursery, relay, linger=30)
         ends.ide.shutdown(socket.SHUT_WR)  # the IDE's EOF: the relay half-closes the browser's side
         assert await in_thread(lambda: read_to_eof(ends.browser)) == b""
         # More than the IDE's socket holds (the relay keeps the rest), little enough that the
@@ -333,18 +318,22 @@ async def test_the_fast_path_carries_plain_frames_and_hands_python_the_rest(ends
         pytest.skip("no C compiler: the relay's C fast path was not built")
     seen_by_python: list[int] = []
     pass_on, forward = Relay._pass_on, Relay._forward
-    monkeypatch.setattr(Relay, "_pass_on", staticmethod(lambda d: seen_by_python.append(1) or pass_on(d)))
-    monkeypatch.setattr(Relay, "_forward", staticmethod(lambda d, n: seen_by_python.append(1) or forward(d, n)))
+
+    def counted_pass_on(direction: Any) -> bool:
+        seen_by_python.append(1)
+        return pass_on(direction)
+
+    def counted_forward(direction: Any, n: int) -> bool:
+        seen_by_python.append(1)
+        return forward(direction, n)
+
+    monkeypatch.setattr(Relay, "_pass_on", staticmethod(counted_pass_on))
+    monkeypatch.setattr(Relay, "_forward", staticmethod(counted_forward))
     relay = Relay(buffer_size=64 * 1024, report_every=0.5, fast_path=True)
     relay.start()
     try:
         async with trio.open_nursery() as nursery:
-            result: list[str] = []
-
-            async def run() -> None:
-                result.append(await ends.carry(relay))
-
-            nursery.start_soon(run)
+            result = ends.carry_in(nursery, relay)
             typed = client_frames(TextMessage('42/services,["keystroke","a"]'))
             answer = server_frame(b'43/services,["ok"]', 0x1)
 
