@@ -16,6 +16,8 @@ from typing import Any, AsyncIterator, Callable, Iterator, TypeVar
 
 import pytest
 import trio
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from wsproto.connection import Connection, ConnectionType
 from wsproto.events import BytesMessage, Ping, TextMessage
 
@@ -372,3 +374,84 @@ async def test_the_fast_path_carries_plain_frames_and_hands_python_the_rest(ends
         assert ends.down == 207 * len(answer) + len(big)
     finally:
         relay.stop()
+
+
+def raw_frame(payload: bytes, *, opcode: int, masked: bool, rsv: int = 0) -> bytes:
+    """One frame as it may come over the wire, well-formed or not (reserved bits, odd opcodes)."""
+    n = len(payload)
+    first = 0x80 | rsv << 4 | opcode
+    mask_bit = 0x80 if masked else 0
+    if n < 126:
+        head = bytes((first, mask_bit | n))
+    elif n < 65536:
+        head = struct.pack("!BBH", first, mask_bit | 126, n)
+    else:
+        head = struct.pack("!BBQ", first, mask_bit | 127, n)
+    return head + (b"\x01\x02\x03\x04" if masked else b"") + payload
+
+
+#: Frames as (payload or the size of a large one, opcode, masked, reserved bits): small to print.
+frames_strategy = st.lists(
+    st.tuples(
+        st.one_of(st.binary(max_size=130), st.integers(65_530, 70_000)),
+        st.sampled_from([0x0, 0x1, 0x2, 0x3, 0x8, 0x9, 0xA, 0xB]),
+        st.booleans(),
+        st.sampled_from([0, 0, 0, 4]),
+    ),
+    min_size=1, max_size=12,
+)
+
+
+def wire(frames: list[tuple[bytes | int, int, bool, int]]) -> bytes:
+    return b"".join(raw_frame(p if isinstance(p, bytes) else b"p" * p, opcode=op, masked=m, rsv=rsv) for p, op, m, rsv in frames)
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "python"])
+@settings(database=None, deadline=None, max_examples=40, suppress_health_check=[HealthCheck.too_slow])
+@given(up=frames_strategy, down=frames_strategy, cuts=st.lists(st.integers(1, 80_000), max_size=8),
+       report_every=st.sampled_from([0.0, 0.05, 10.0]))
+def test_any_frames_in_any_chunking_arrive_byte_for_byte(fast: bool, up: list[tuple[bytes | int, int, bool, int]],
+                                                         down: list[tuple[bytes | int, int, bool, int]], cuts: list[int],
+                                                         report_every: float) -> None:
+    """Whatever the browser and the IDE send - frames of every size class, control frames,
+    reserved bits, unknown opcodes, masked or not - cut anywhere, both loops pass it on unchanged
+    and count it, and the connection ends when both sides have closed."""
+    if fast and not fast_path_built():
+        pytest.skip("no C compiler: the relay's C fast path was not built")
+    browser_bytes, ide_bytes = wire(up), wire(down)
+
+    def pieces(blob: bytes) -> list[bytes]:
+        at = sorted({c % max(1, len(blob)) for c in cuts} | {0, len(blob)})
+        return [blob[a:b] for a, b in zip(at, at[1:])]
+
+    async def scenario() -> None:
+        relay = Relay(buffer_size=64 * 1024, report_every=report_every, fast_path=fast)
+        relay.start()
+        ends = Ends()
+        try:
+            async with trio.open_nursery() as nursery:
+                result = ends.carry_in(nursery, relay)
+
+                def send(sock: socket.socket, blob: bytes) -> None:
+                    for piece in pieces(blob):
+                        sock.sendall(piece)
+                    sock.shutdown(socket.SHUT_WR)
+
+                got: dict[str, bytes] = {}
+
+                async def side(name: str, sock: socket.socket, peer: socket.socket, blob: bytes) -> None:
+                    async with trio.open_nursery() as inner:
+                        inner.start_soon(in_thread, partial(send, sock, blob))
+                        got[name] = await in_thread(partial(read_to_eof, peer))
+
+                async with trio.open_nursery() as both:
+                    both.start_soon(side, "ide", ends.browser, ends.ide, browser_bytes)
+                    both.start_soon(side, "browser", ends.ide, ends.browser, ide_bytes)
+                assert got == {"ide": browser_bytes, "browser": ide_bytes}
+            assert result == ["closed"]
+            assert (ends.up, ends.down) == (len(browser_bytes), len(ide_bytes))
+        finally:
+            ends.close()
+            relay.stop()
+
+    trio.run(scenario)

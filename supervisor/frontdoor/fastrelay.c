@@ -191,7 +191,7 @@ static int64_t now_ms(void) {
 
 /* Wait at most `timeout_ms` (-1: no limit) for events Python must see, passing plain reads on
  * meanwhile. Returns how many were written to `out` (0: the time ran out), or -errno. An event
- * that left bytes in the buffer is the last one returned: Python takes them before the next read. */
+ * that left bytes in the buffer comes alone: Python takes them before anything reads again. */
 int fr_wait(struct fr_relay *r, int timeout_ms, struct fr_event *out, int max) {
     int64_t deadline = timeout_ms >= 0 ? now_ms() + timeout_ms : -1;
     int count = 0, polled = 0;
@@ -204,9 +204,16 @@ int fr_wait(struct fr_relay *r, int timeout_ms, struct fr_event *out, int max) {
             ev->events = e->events;
             ev->status = FR_EVENT;
             ev->nread = ev->nsent = ev->error = 0;
-            if (fd >= 0 && fd < r->nfds && r->by_fd[fd].enabled && e->events == EPOLLIN
-                && pass_on(r, fd, &r->by_fd[fd], ev))
-                continue;
+            if (fd >= 0 && fd < r->nfds && r->by_fd[fd].enabled && e->events == EPOLLIN) {
+                if (count) {
+                    /* A read may leave bytes in the buffer for Python, which would handle the
+                     * events before it first - and they read into the same buffer. */
+                    r->batch_next--;
+                    return count;
+                }
+                if (pass_on(r, fd, &r->by_fd[fd], ev))
+                    continue;
+            }
             count++;
             if (ev->status != FR_EVENT)
                 return count;

@@ -107,7 +107,7 @@ class FastPath:
 
     def wait(self, timeout: float) -> list[Event]:
         """The next events for Python, at most ``timeout`` seconds from now (negative: no limit);
-        empty when the time ran out. An event with bytes in the buffer comes last."""
+        empty when the time ran out. An event with bytes in the buffer comes alone."""
         assert self._handle is not None
         ms = -1 if timeout < 0 else int(timeout * 1000 + 0.999)  # rounded up, as select.epoll does
         n = self._lib.fr_wait(self._handle, ms, self._events, _BATCH)
