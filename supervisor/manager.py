@@ -486,7 +486,7 @@ class SessionManager:
                 await self._execute(rt, follow_up)
         elif isinstance(action, Terminate):
             if self.driver.exists(user) and self.driver.is_frozen(user):
-                self.driver.thaw(user)  # frozen by the idle ladder: SIGTERM must reach it
+                await self._off_loop(self.driver.thaw, user)  # frozen by the idle ladder: SIGTERM must reach it
             if rt.session.pid is not None:
                 self._signal_pid(rt.session.pid, signal.SIGTERM)
                 self.nursery.start_soon(self._kill_after_grace, rt, rt.session.pid, action.grace)
@@ -505,12 +505,19 @@ class SessionManager:
                 rt.retry_scope.cancel()
                 rt.retry_scope = None
         elif isinstance(action, Freeze):
-            self.driver.freeze(user)
+            await self._off_loop(self.driver.freeze, user)
             log.info("user=%s frozen", user)
         elif isinstance(action, Thaw):
             if self.driver.exists(user):
-                self.driver.thaw(user)
+                await self._off_loop(self.driver.thaw, user)
                 log.info("user=%s thawed", user)
+
+    @staticmethod
+    async def _off_loop(wait_for_kernel: Callable[[str], None], user: str) -> None:
+        """Freeze or thaw in a worker thread: the driver polls until the kernel reports the new
+        state, which takes up to its ``wait_timeout`` when a task of ``user`` is in uninterruptible
+        sleep (e.g. on NFS) - every other user's work must go on meanwhile."""
+        await trio.to_thread.run_sync(wait_for_kernel, user)
 
     async def _spawn(self, rt: UserRuntime) -> list[Action]:
         """Start the tree; on failure return the state machine's follow-up actions."""

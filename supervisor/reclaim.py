@@ -163,7 +163,7 @@ class IdleService:
             return
         async with rt.lock:
             if state.stage not in (Stage.ACTIVE, Stage.STOPPED) and rt.session.state is State.RUNNING:
-                self._apply(rt, state, Step(user, state.stage, Stage.ACTIVE, "woken by a request"))
+                await trio.to_thread.run_sync(self._apply, rt, state, Step(user, state.stage, Stage.ACTIVE, "woken by a request"))
 
     # ---- the loop --------------------------------------------------------------------------
 
@@ -200,7 +200,7 @@ class IdleService:
                 continue
             async with rt.lock:
                 if rt.session.state is State.RUNNING and rt.session.pid == state.pid:
-                    self._apply(rt, state, step)
+                    await trio.to_thread.run_sync(self._apply, rt, state, step)
         await self._relieve_pressure(now)
 
     def _ladder(self, tier: str) -> Ladder:
@@ -252,7 +252,9 @@ class IdleService:
     # ---- acting ----------------------------------------------------------------------------
 
     def _apply(self, rt: UserRuntime, state: IdleState, step: Step) -> None:
-        """Carry out one move (caller holds ``rt.lock``); failures are logged, never raised."""
+        """Carry out one move (caller holds ``rt.lock``); failures are logged, never raised. Runs in
+        a worker thread: freezing waits for the kernel, up to the driver's ``wait_timeout`` when a
+        task is in uninterruptible sleep, and no other user may wait for that."""
         user = rt.session.user
         driver = self.manager.driver
         started = time.perf_counter()
