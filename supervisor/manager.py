@@ -344,7 +344,7 @@ class SessionManager:
         for rt in live:
             if rt.session.state in LIVE:
                 log.error("user=%s did not stop within the shutdown deadline; killing its tree", rt.session.user)
-                self._kill_now(rt)
+                await self._kill_now(rt)
 
     async def _stop_one(self, rt: UserRuntime, grace: float) -> None:
         async with rt.lock:
@@ -431,9 +431,9 @@ class SessionManager:
         for user in self.driver.users():
             if user not in self.runtimes or self.runtimes[user].session.state not in LIVE:
                 log.warning("user=%s cgroup with no live process on record: killing the orphaned tree", user)
-                self.driver.kill(user)
+                await self._off_loop(self.driver.kill, user)
                 await self._wait_empty(user)
-                self._remove_cgroup(user)
+                await self._remove_cgroup(user)
 
     async def _handle_locked(self, rt: UserRuntime, event: Callable[[float], list[Action]]) -> None:
         async with rt.lock:
@@ -492,10 +492,10 @@ class SessionManager:
                 self.nursery.start_soon(self._kill_after_grace, rt, rt.session.pid, action.grace)
         elif isinstance(action, KillTree):
             if self.driver.exists(user):
-                self.driver.kill(user)
+                await self._off_loop(self.driver.kill, user)
                 await self._wait_empty(user)
         elif isinstance(action, Cleanup):
-            self._remove_cgroup(user)
+            await self._remove_cgroup(user)
             self._remove_socket(rt)
         elif isinstance(action, ScheduleRetry):
             rt.retry_scope = trio.CancelScope()
@@ -514,9 +514,10 @@ class SessionManager:
 
     @staticmethod
     async def _off_loop(wait_for_kernel: Callable[[str], None], user: str) -> None:
-        """Freeze or thaw in a worker thread: the driver polls until the kernel reports the new
-        state, which takes up to its ``wait_timeout`` when a task of ``user`` is in uninterruptible
-        sleep (e.g. on NFS) - every other user's work must go on meanwhile."""
+        """A driver call that waits for the kernel, in a worker thread: freezing, thawing, killing
+        a tree and removing its groups poll until the kernel is done, which takes up to the
+        driver's ``wait_timeout`` (v1 kill: rounds of it) when a task of ``user`` is in
+        uninterruptible sleep (e.g. on NFS) - every other user's work must go on meanwhile."""
         await trio.to_thread.run_sync(wait_for_kernel, user)
 
     async def _spawn(self, rt: UserRuntime) -> list[Action]:
@@ -659,7 +660,7 @@ class SessionManager:
         await trio.sleep(grace)
         if rt.session.pid == pid and rt.session.state is State.STOPPING:
             log.warning("user=%s did not exit %gs after SIGTERM; killing the tree", rt.session.user, grace)
-            self._kill_now(rt)
+            await self._kill_now(rt)
 
     async def _retry_after(self, rt: UserRuntime, delay: float, scope: trio.CancelScope) -> None:
         with scope:
@@ -678,8 +679,10 @@ class SessionManager:
             return
         log.error("user=%s processes still in the cgroup %gs after kill: %s", user, timeout, self.driver.pids(user))
 
-    def _kill_now(self, rt: UserRuntime) -> None:
-        user = rt.session.user
+    async def _kill_now(self, rt: UserRuntime) -> None:
+        await self._off_loop(self._kill_tree, rt.session.user)
+
+    def _kill_tree(self, user: str) -> None:
         try:
             if self.driver.exists(user):
                 if self.driver.is_frozen(user):
@@ -695,9 +698,9 @@ class SessionManager:
         except ProcessLookupError:
             pass
 
-    def _remove_cgroup(self, user: str) -> None:
+    async def _remove_cgroup(self, user: str) -> None:
         try:
-            self.driver.remove(user)
+            await self._off_loop(self.driver.remove, user)
         except CgroupError as exc:
             log.error("user=%s cannot remove its cgroup: %s", user, exc)
 

@@ -1,8 +1,8 @@
-"""Freezing and thawing wait for the kernel (the driver polls until the new state is reported,
-up to its ``wait_timeout`` when a task sleeps uninterruptibly, e.g. on NFS). That wait happens in a
-worker thread: the daemon's trio loop - every other user's starts, stops, proxying and probes -
-keeps running meanwhile. The slow kernel is played by a driver double here; the freezer itself is
-tested for real in the cgroup and idle-ladder tests."""
+"""Freezing, thawing, killing a tree and removing its groups wait for the kernel (the driver polls
+until it is done, up to its ``wait_timeout`` when a task sleeps uninterruptibly, e.g. on NFS). That
+wait happens in a worker thread: the daemon's trio loop - every other user's starts, stops,
+proxying and probes - keeps running meanwhile. The slow kernel is played by a driver double here;
+the driver itself is tested for real in the cgroup, daemon and idle-ladder tests."""
 
 from __future__ import annotations
 
@@ -18,13 +18,13 @@ from supervisor.cgroups.base import CgroupDriver
 from supervisor.idle import Stage
 from supervisor.manager import SessionManager
 from supervisor.reclaim import IdleService
-from supervisor.sessions import State
+from supervisor.sessions import Cleanup, KillTree, State
 
 SLOW = 0.6  # how long the "kernel" takes to report frozen / thawed
 
 
-class SlowFreezer:
-    """Just what freezing and thawing call, each taking SLOW seconds and blocking its thread."""
+class SlowKernel:
+    """Just what these paths call of a driver; each wait takes SLOW seconds and blocks its thread."""
 
     version = 1
 
@@ -53,9 +53,18 @@ class SlowFreezer:
     def thaw_processes(self, user: str) -> None:
         pass
 
+    def kill(self, user: str) -> None:
+        self._wait("kill", user)
 
-def manager_with(tmp_path: Path, driver: SlowFreezer) -> SessionManager:
-    config = config_module.from_dict({"daemon": {"state_dir": str(tmp_path / "state")},
+    def remove(self, user: str) -> None:
+        self._wait("remove", user)
+
+    def pids(self, user: str) -> list[int]:
+        return []
+
+
+def manager_with(tmp_path: Path, driver: SlowKernel) -> SessionManager:
+    config = config_module.from_dict({"daemon": {"state_dir": str(tmp_path / "state"), "run_dir": str(tmp_path / "run")},
                                       "registry": {"path": str(tmp_path / "registry.db")}})
     (tmp_path / "state" / "users").mkdir(parents=True)
     manager = SessionManager(config, cast(CgroupDriver, driver))
@@ -87,7 +96,7 @@ async def longest_stall_while(work: Callable[[], Awaitable[Any]]) -> float:
 
 
 async def test_an_operator_pause_and_resume_do_not_stall_the_daemon(tmp_path: Path) -> None:
-    driver = SlowFreezer()
+    driver = SlowKernel()
     manager = manager_with(tmp_path, driver)
     assert await longest_stall_while(lambda: manager.pause("alice")) < SLOW / 2
     assert manager.runtimes["alice"].session.state is State.PAUSED
@@ -97,7 +106,7 @@ async def test_an_operator_pause_and_resume_do_not_stall_the_daemon(tmp_path: Pa
 
 
 async def test_the_idle_ladder_freezes_and_wakes_without_stalling_the_daemon(tmp_path: Path) -> None:
-    driver = SlowFreezer()
+    driver = SlowKernel()
     manager = manager_with(tmp_path, driver)
     idle = IdleService(manager, tick=3600)
     idle._reconcile(manager.clock())
@@ -112,3 +121,12 @@ async def test_the_idle_ladder_freezes_and_wakes_without_stalling_the_daemon(tmp
     assert await longest_stall_while(lambda: idle.wake("alice")) < SLOW / 2
     assert state.stage is Stage.ACTIVE
     assert [(what, main) for what, _, main in driver.calls] == [("freeze", False), ("thaw", False)]
+
+
+async def test_killing_a_tree_and_removing_its_groups_do_not_stall_the_daemon(tmp_path: Path) -> None:
+    driver = SlowKernel()
+    manager = manager_with(tmp_path, driver)
+    rt = manager.runtimes["alice"]
+    assert await longest_stall_while(lambda: manager._execute(rt, KillTree())) < SLOW / 2
+    assert await longest_stall_while(lambda: manager._execute(rt, Cleanup())) < SLOW / 2
+    assert [(what, main) for what, _, main in driver.calls] == [("kill", False), ("remove", False)]
