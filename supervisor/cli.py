@@ -125,12 +125,13 @@ def print_pod(pod: dict[str, Any]) -> None:
 
 
 def print_pods(pods: list[dict[str, Any]]) -> None:
-    rows = [("POD", "USERS", "SESSIONS", "FREE", "RESERVED", "ROOM", "CPU-FREE", "MEM-FREE", "DRAINING", "HEARTBEAT", "VERSION")]
+    rows = [("POD", "USERS", "SESSIONS", "FREE", "RESERVED", "ROOM", "CPU-FREE", "MEM-FREE", "DRAINING", "HEARTBEAT", "VERSION", "ADDRESS")]
     for p in pods:
         rows.append((
             p["pod_id"], f"{p['active_users']}/{p['capacity']}", str(p["sessions"]), str(p["free_slots"]),
             str(p["reserved"]), str(p["room"]), f"{p['cpu_headroom_millicores']}m", _size(p["memory_headroom_bytes"]),
             "yes" if p["draining"] else "no", f"{p['heartbeat_age_s']:.1f}s ago", p["daemon_version"] or "-",
+            p.get("address") or "-",
         ))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for row in rows:

@@ -99,6 +99,16 @@ def _optional_listen(value: Any) -> str:
     return "" if _str(value) == "" else _listen(value)
 
 
+def _optional_address(value: Any) -> str:
+    text = _str(value)
+    if text == "":
+        return ""
+    host, _, port = _listen(text).rpartition(":")
+    if not host.strip("[]") or int(port) == 0:
+        raise ValueError("expected HOST:PORT that other machines can reach, e.g. 10.4.2.17:8080 or ws-pod-3.workspaces.svc:8080")
+    return text
+
+
 _JWT_ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA", "HS256", "HS384", "HS512")
 
 
@@ -126,6 +136,13 @@ class PodConfig:
     id: str = setting("", "Pod id in the registry; empty means the host name.", _str)
     capacity: int = setting(100, "Most users this pod runs at once.", _int(1, 100_000))
     memory: int = setting(0, "The pod's memory for pressure decisions (0 = the machine's).", parse_size)
+    address: str = setting(
+        "",
+        "HOST:PORT at which routers reach this pod's front door, published in the registry. Empty: the front door's own "
+        "address, a wildcard host (0.0.0.0, ::) replaced by this host's name resolved (the pod IP in Kubernetes) or else "
+        "its default route's source address; empty in the registry when the front door is off.",
+        _optional_address,
+    )
 
 
 @dataclass(frozen=True)

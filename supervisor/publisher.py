@@ -22,8 +22,10 @@ reservations; a detaching daemon leaves them for its successor, and a crashed on
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
+import socket
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -131,6 +133,44 @@ def _v1_cpu(group: Path) -> int:
 # ---- status ----------------------------------------------------------------------------------------
 
 
+def advertised_address(configured: str, bound: list[tuple[str, int]], host_ip: Callable[[], str | None]) -> str:
+    """What routers are told to reach the front door at: ``configured`` if set; else the front
+    door's first bound address, a wildcard host (0.0.0.0, ::) replaced by ``host_ip()``; "" when
+    that gives nothing (front door off, no usable address)."""
+    if configured:
+        return configured
+    if not bound:
+        return ""
+    host, port = bound[0]
+    if ipaddress.ip_address(host).is_unspecified:
+        found = host_ip()
+        if not found:
+            return ""
+        host = found
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def host_ip() -> str | None:
+    """This host's address as other machines see it: its name resolved (the pod IP in Kubernetes),
+    else the source address of its default route; None if both are loopback or unavailable.
+    Blocking (name resolution): call it in a worker thread."""
+    try:
+        ip = socket.gethostbyname(socket.gethostname())
+        if not ipaddress.ip_address(ip).is_loopback:
+            return ip
+    except OSError:
+        pass
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.connect(("192.0.2.1", 9))  # TEST-NET-1: nothing is sent, the kernel only picks a route
+            ip = probe.getsockname()[0]
+            if not ipaddress.ip_address(ip).is_loopback:
+                return str(ip)
+    except OSError:
+        pass
+    return None
+
+
 @dataclass
 class RegistryStatus:
     """How the registry has been answering this pod (shown in /readyz and `workspacectl pod`)."""
@@ -205,6 +245,8 @@ class Publisher:
         #: Hook: the number of open browser sessions. Defaults to the sessions reported through
         #: :meth:`session_opened`; the front door may replace it with its own count.
         self.sessions_count: Callable[[], int] = lambda: len(self._sessions)
+        #: How routers reach this pod's front door (see :func:`advertised_address`).
+        self.address = config.pod.address
 
     def _describe_backend(self) -> str:
         r = self.config.registry
@@ -254,6 +296,7 @@ class Publisher:
             draining=pod.draining,
             cgroup_version=m.driver.version,
             daemon_version=__version__,
+            address=self.address,
         )
         users = sorted(user for user, s in pod.users.items() if s.state in OCCUPYING)
         return _Snapshot(record=record, users=users, sessions=dict(self._pending))

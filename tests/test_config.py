@@ -81,6 +81,9 @@ def test_custom_tier_gets_defaults_and_can_be_overridden_by_env() -> None:
     [
         ({"pod": {"capacity": "lots"}}, {}, ["pod.capacity", "'lots'", "whole number"]),
         ({"pod": {"capacity": 0}}, {}, ["pod.capacity", "from 1"]),
+        ({"pod": {"address": "10.0.0.5"}}, {}, ["pod.address", "HOST:PORT"]),
+        ({"pod": {"address": ":8080"}}, {}, ["pod.address", "other machines can reach"]),
+        ({}, {"WSUP_POD_ADDRESS": "10.0.0.5:0"}, ["pod.address", "10.4.2.17:8080"]),
         ({"tiers": {"free": {"memory": "512 potatoes"}}}, {}, ["tiers.free.memory", "512Mi"]),
         ({"tiers": {"free": {"cpu": "-1"}}}, {}, ["tiers.free.cpu", "200m"]),
         ({"restart": {"backoff_max": "soon"}}, {}, ["restart.backoff_max", "90s"]),

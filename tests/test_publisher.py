@@ -4,11 +4,13 @@ process)."""
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import signal
 import sqlite3
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, cast
 
@@ -18,7 +20,7 @@ import trio
 from supervisor import config as config_module
 from supervisor.cgroups import CgroupDriver
 from supervisor.manager import SessionManager
-from supervisor.publisher import PodResources, Publisher, detect_pod_resources
+from supervisor.publisher import PodResources, Publisher, advertised_address, detect_pod_resources, host_ip
 from supervisor.registry import SessionRecord, SqliteRegistry, place
 from supervisor.sessions import State, UserSession
 from tests.conftest import is_root, pure_cgroup_v2, v1_controllers_mounted
@@ -100,6 +102,30 @@ def _manager(tmp_path: Path, registry_path: Path, heartbeat: str = "1s", lease: 
 
 def _session(sid: str, user: str = "alice") -> SessionRecord:
     return SessionRecord(session_id=sid, user=user, pod_id="pod-a", workspace=f"/workspace/shard-1/{user}", since=1.0)
+
+
+@pytest.mark.parametrize("configured, bound, found, expected", [
+    ("ws-3.pods.svc:8080", [("0.0.0.0", 8080)], "10.0.0.5", "ws-3.pods.svc:8080"),  # the operator's word wins
+    ("", [("10.1.2.3", 8080)], None, "10.1.2.3:8080"),  # a concrete listen address, as is
+    ("", [("0.0.0.0", 8080)], "10.0.0.5", "10.0.0.5:8080"),  # every interface: this host's address
+    ("", [("::", 8443)], "fd00::5", "[fd00::5]:8443"),
+    ("", [("0.0.0.0", 8080)], None, ""),  # no usable address: empty (the daemon warns)
+    ("", [], "10.0.0.5", ""),  # front door off
+])
+def test_the_address_routers_are_given(configured: str, bound: list[tuple[str, int]], found: str | None, expected: str) -> None:
+    asked: list[bool] = []
+
+    def lookup() -> str | None:
+        asked.append(True)
+        return found
+
+    assert advertised_address(configured, bound, lookup) == expected
+    assert asked == ([True] if not configured and bound and bound[0][0] in ("0.0.0.0", "::") else [])
+
+
+def test_this_hosts_address_is_never_loopback() -> None:
+    ip = host_ip()
+    assert ip is None or not ipaddress.ip_address(ip).is_loopback
 
 
 async def test_heartbeat_publishes_the_pod_and_claims_its_users_reservations(tmp_path: Path) -> None:
@@ -217,6 +243,16 @@ def test_a_real_daemon_publishes_its_occupancy(daemon: Daemon) -> None:
     assert [(p["pod_id"], p["active_users"], p["room"]) for p in pods] == [("test-pod", 1, 9)]
     text = daemon.ctl("pods").stdout
     assert text.splitlines()[0].split()[:3] == ["POD", "USERS", "SESSIONS"] and "1/10" in text
+    assert pod.address == "" and text.splitlines()[1].split()[-1] == "-"  # front door off, no [pod] address
+
+
+@needs_kernel
+def test_the_configured_address_is_published() -> None:
+    with contextmanager(started)(pod__address="ws-3.pods.svc:8080") as daemon:
+        pod = poll(lambda: _record(daemon), 5, "the first heartbeat")
+        assert pod.address == "ws-3.pods.svc:8080"
+        assert daemon.ctl_json("pods")["pods"][0]["address"] == "ws-3.pods.svc:8080"
+        assert "ws-3.pods.svc:8080" in daemon.ctl("pods").stdout
 
 
 @needs_kernel

@@ -61,7 +61,7 @@ from supervisor.frontdoor.relay import Relay
 from supervisor.manager import SessionManager
 from supervisor.metrics import AUTH_REJECTIONS, PROXY_ACTIVE, PROXY_CONNECTIONS
 from supervisor.paths import user_paths
-from supervisor.publisher import Publisher
+from supervisor.publisher import Publisher, advertised_address, host_ip
 from supervisor.registry.records import SessionRecord
 from supervisor.sessions import State
 
@@ -719,6 +719,14 @@ async def run_frontdoor(
         handle.front = front
         async with trio.open_nursery() as nursery:
             await nursery.start(front.serve)
+            if publisher is not None and not publisher.address:
+                bound = [(str(host), int(port)) for host, port in front.addresses]
+                # In a worker thread: a wildcard listen address means resolving this host's name.
+                publisher.address = await trio.to_thread.run_sync(advertised_address, "", bound, host_ip)
+                if publisher.address:
+                    log.info("registry: routers reach this pod's front door at %s ([pod] address overrides)", publisher.address)
+                else:
+                    log.warning("registry: no address found for routers to reach this pod's front door: set [pod] address")
             manager.info_providers["frontdoor"] = front.status
             manager.user_info_providers.append(front.user_status)
             task_status.started(handle)
