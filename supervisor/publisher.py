@@ -130,7 +130,7 @@ def _v1_cpu(group: Path) -> int:
     return 2**63 - 1 if quota <= 0 or period <= 0 else int(quota * 1000 / period)
 
 
-# ---- status ----------------------------------------------------------------------------------------
+# ---- where routers send browsers -------------------------------------------------------------------
 
 
 def advertised_address(configured: str, bound: list[tuple[str, int]], host_ip: Callable[[], str | None]) -> str:
@@ -169,6 +169,9 @@ def host_ip() -> str | None:
     except OSError:
         pass
     return None
+
+
+# ---- status ----------------------------------------------------------------------------------------
 
 
 @dataclass
