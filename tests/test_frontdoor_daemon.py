@@ -207,7 +207,8 @@ def test_websocket_upgrade_is_spliced_both_ways(fd: FrontDoorDaemon) -> None:
     ws = fd.ws("/ws?EIO=4&transport=websocket", headers={"Cookie": cookies_of(browser)})
     assert ws.status == 101 and "theia-connection-token" in (ws.header("set-cookie") or "")
     assert fd.metric("workspace_supervisor_proxy_active_connections", kind="websocket") >= 1
-    assert fd.daemon.ctl_json("pods")["pods"][0]["address"] == f"127.0.0.1:{fd.port}"  # where routers send browsers
+    poll(lambda: fd.daemon.ctl_json("pods")["pods"][0]["address"] == f"127.0.0.1:{fd.port}", 5,
+         "the front door's address in the registry (where routers send browsers)")
     relay = fd.daemon.ctl_json("pod")["pod"]["frontdoor"]["websocket_relay"]
     assert relay.startswith("C fast path" if fastrelay.library_path() else "pure-Python relay"), relay
     for payload in (b"x", os.urandom(125), os.urandom(65_536), os.urandom(2**20)):

@@ -720,16 +720,23 @@ async def run_frontdoor(
         async with trio.open_nursery() as nursery:
             await nursery.start(front.serve)
             if publisher is not None and not publisher.address:
-                bound = [(str(host), int(port)) for host, port in front.addresses]
-                # In a worker thread: a wildcard listen address means resolving this host's name.
-                publisher.address = await trio.to_thread.run_sync(advertised_address, "", bound, host_ip)
-                if publisher.address:
-                    log.info("registry: routers reach this pod's front door at %s ([pod] address overrides)", publisher.address)
-                else:
-                    log.warning("registry: no address found for routers to reach this pod's front door: set [pod] address")
+                nursery.start_soon(_advertise, publisher, [(str(host), int(port)) for host, port in front.addresses])
             manager.info_providers["frontdoor"] = front.status
             manager.user_info_providers.append(front.user_status)
             task_status.started(handle)
+
+
+async def _advertise(publisher: Publisher, bound: list[tuple[str, int]]) -> None:
+    """Tell routers where the front door is. In the background and a worker thread: a wildcard
+    listen address means resolving this host's name, which a slow resolver must not hold up the
+    daemon's start for (the registry gets the address with the next heartbeat)."""
+    address = await trio.to_thread.run_sync(advertised_address, "", bound, host_ip, abandon_on_cancel=True)
+    if address:
+        publisher.address = address
+        publisher.wake()
+        log.info("registry: routers reach this pod's front door at %s ([pod] address overrides)", address)
+    else:
+        log.warning("registry: no address found for routers to reach this pod's front door: set [pod] address")
 
 
 def _publish_sessions(config: Config, publisher: Publisher) -> Callable[[str, str, bool], None]:
