@@ -102,6 +102,28 @@ class Ends:
         nursery.start_soon(run)
         return result
 
+    async def exchange(self, relay: Relay, to_ide: list[bytes], to_browser: list[bytes], **kwargs: Any) -> tuple[bytes, bytes, str]:
+        """Carry the connection while the browser sends the pieces ``to_ide`` and the IDE the
+        pieces ``to_browser``, both at once, each then closing its side; what the IDE and the
+        browser received, and why the connection ended."""
+        got: dict[str, bytes] = {}
+
+        def send(sock: socket.socket, pieces: list[bytes]) -> None:
+            for piece in pieces:
+                sock.sendall(piece)
+            sock.shutdown(socket.SHUT_WR)
+
+        async def side(name: str, sock: socket.socket, peer: socket.socket, pieces: list[bytes]) -> None:
+            async with trio.open_nursery() as inner:
+                inner.start_soon(in_thread, partial(send, sock, pieces))
+                got[name] = await in_thread(partial(read_to_eof, peer))
+
+        async with trio.open_nursery() as nursery:
+            result = self.carry_in(nursery, relay, **kwargs)
+            nursery.start_soon(side, "ide", self.browser, self.ide, to_ide)
+            nursery.start_soon(side, "browser", self.ide, self.browser, to_browser)
+        return got["ide"], got["browser"], result[0]
+
     async def carry(self, relay: Relay, **kwargs: Any) -> str:
         try:
             return await relay.carry(self.fds[0].fileno(), self.fds[1].fileno(), on_input=self.on_input,
@@ -429,29 +451,57 @@ def test_any_frames_in_any_chunking_arrive_byte_for_byte(fast: bool, up: list[tu
         relay.start()
         ends = Ends()
         try:
-            async with trio.open_nursery() as nursery:
-                result = ends.carry_in(nursery, relay)
-
-                def send(sock: socket.socket, blob: bytes) -> None:
-                    for piece in pieces(blob):
-                        sock.sendall(piece)
-                    sock.shutdown(socket.SHUT_WR)
-
-                got: dict[str, bytes] = {}
-
-                async def side(name: str, sock: socket.socket, peer: socket.socket, blob: bytes) -> None:
-                    async with trio.open_nursery() as inner:
-                        inner.start_soon(in_thread, partial(send, sock, blob))
-                        got[name] = await in_thread(partial(read_to_eof, peer))
-
-                async with trio.open_nursery() as both:
-                    both.start_soon(side, "ide", ends.browser, ends.ide, browser_bytes)
-                    both.start_soon(side, "browser", ends.ide, ends.browser, ide_bytes)
-                assert got == {"ide": browser_bytes, "browser": ide_bytes}
-            assert result == ["closed"]
+            got = await ends.exchange(relay, pieces(browser_bytes), pieces(ide_bytes))
+            assert got == (browser_bytes, ide_bytes, "closed")
             assert (ends.up, ends.down) == (len(browser_bytes), len(ide_bytes))
         finally:
             ends.close()
+            relay.stop()
+
+    trio.run(scenario)
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "python"])
+@settings(database=None, deadline=None, max_examples=15, suppress_health_check=[HealthCheck.too_slow])
+@given(waves=st.lists(st.lists(st.tuples(frames_strategy, frames_strategy, st.integers(0, 200), st.integers(0, 200)),
+                              min_size=1, max_size=4), min_size=2, max_size=3),
+       shifts=st.lists(st.integers(0, 5), min_size=3, max_size=3))
+def test_many_connections_at_once_and_one_after_another_never_mix_their_bytes(
+    fast: bool, waves: list[list[tuple[list[tuple[bytes | int, int, bool, int]], list[tuple[bytes | int, int, bool, int]], int, int]]],
+    shifts: list[int],
+) -> None:
+    """Waves of connections through one relay, each wave's connections at once, each starting with
+    bytes the front door had already read (cut anywhere, so often mid-frame): every IDE gets exactly
+    its own browser's bytes and every browser its own IDE's - also when a connection's file
+    descriptors are reused by the next wave's (the fast path keys its table by descriptor)."""
+    if fast and not fast_path_built():
+        pytest.skip("no C compiler: the relay's C fast path was not built")
+
+    async def one(relay: Relay, up: bytes, down: bytes, read_up: int, read_down: int) -> None:
+        ends = Ends()
+        try:
+            got = await ends.exchange(relay, [up[read_up:]], [down[read_down:]], pending=(up[:read_up], down[:read_down]))
+            assert got == (up, down, "closed")
+        finally:
+            ends.close()
+
+    async def scenario() -> None:
+        relay = Relay(buffer_size=64 * 1024, report_every=0.05, fast_path=fast)
+        relay.start()
+        try:
+            for wave, shift in zip(waves, shifts):
+                # Descriptors held across the wave: the next connections get other numbers, and a
+                # number a closed connection had may now be any socket of any connection.
+                held = [os.open(os.devnull, os.O_RDONLY) for _ in range(shift)]
+                try:
+                    async with trio.open_nursery() as nursery:
+                        for up, down, read_up, read_down in wave:
+                            nursery.start_soon(one, relay, wire(up), wire(down), read_up, read_down)
+                finally:
+                    for fd in held:
+                        os.close(fd)
+            assert relay.connections == 0
+        finally:
             relay.stop()
 
     trio.run(scenario)
