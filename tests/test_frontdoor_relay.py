@@ -22,7 +22,7 @@ from wsproto.connection import Connection, ConnectionType
 from wsproto.events import BytesMessage, Ping, TextMessage
 
 from supervisor.frontdoor import fastrelay
-from supervisor.frontdoor.relay import CLOSE_GOING_AWAY, CLOSE_POLICY, FrameBoundaries, Relay, close_frame
+from supervisor.frontdoor.relay import CLOSE_GOING_AWAY, CLOSE_POLICY, FrameBoundaries, Relay, _Direction, close_frame
 
 T = TypeVar("T")
 
@@ -341,7 +341,7 @@ async def test_the_fast_path_carries_plain_frames_and_hands_python_the_rest(ends
     if not fast_path_built():
         pytest.skip("no C compiler: the relay's C fast path was not built")
     seen_by_python: list[int] = []
-    pass_on, forward = Relay._pass_on, Relay._forward
+    pass_on, forward = Relay._pass_on, _Direction.forward
 
     def counted_pass_on(direction: Any) -> bool:
         seen_by_python.append(1)
@@ -352,7 +352,7 @@ async def test_the_fast_path_carries_plain_frames_and_hands_python_the_rest(ends
         return forward(direction, n)
 
     monkeypatch.setattr(Relay, "_pass_on", staticmethod(counted_pass_on))
-    monkeypatch.setattr(Relay, "_forward", staticmethod(counted_forward))
+    monkeypatch.setattr(_Direction, "forward", counted_forward)
     relay = Relay(buffer_size=64 * 1024, report_every=0.5, fast_path=True)
     relay.start()
     try:

@@ -186,13 +186,24 @@ class _Direction:
             return False
         if self.discard:
             return True
-        chunk = view[:n]
+        passed = self.forward(n)
+        if self.error is not None:
+            raise self.error
+        return passed
+
+    def forward(self, n: int) -> bool:
+        """Pass on the ``n`` bytes just read into the buffer: True if ``dst`` took them all; what
+        it did not take becomes ``pending``; a broken socket goes to ``error`` (False)."""
+        chunk = self.view[:n]
         self.inspect(chunk)
         self.moved += n
         try:
             sent = self.dst.send(chunk)
         except BlockingIOError:
             sent = 0
+        except OSError as exc:
+            self.error = exc
+            return False
         if sent < n:
             self.pending = bytes(chunk[sent:])
             return False
@@ -391,7 +402,7 @@ class Relay:
                 if status == fastrelay.EVENT:
                     done = mask == _IN and not link.expiring and self._pass_on(direction)
                 elif status == fastrelay.READ:  # not whole plain frames: judged and passed on here
-                    done = self._forward(direction, nread)
+                    done = direction.forward(nread)
                 elif status == fastrelay.PARTIAL:  # whole frames, counted; dst took nsent bytes
                     direction.pending = bytes(view[nsent:nread])
                     done = False
@@ -444,25 +455,7 @@ class Relay:
             return False
         if not n:
             return False  # EOF (which the next read reports again)
-        return Relay._forward(direction, n)
-
-    @staticmethod
-    def _forward(direction: _Direction, n: int) -> bool:
-        """Pass on the ``n`` bytes just read into the buffer (see :meth:`_pass_on`)."""
-        chunk = direction.view[:n]
-        direction.inspect(chunk)
-        direction.moved += n
-        try:
-            sent = direction.dst.send(chunk)
-        except BlockingIOError:
-            sent = 0
-        except OSError as exc:
-            direction.error = exc
-            return False
-        if sent < n:
-            direction.pending = bytes(chunk[sent:])
-            return False
-        return True
+        return direction.forward(n)
 
     def _at(self, when: float, link: Link | None) -> None:
         """Look at ``link`` again at ``when`` (its deadline, expiry or next activity report), or
