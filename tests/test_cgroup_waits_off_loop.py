@@ -65,8 +65,10 @@ class SlowKernel:
 
 def manager_with(tmp_path: Path, driver: SlowKernel) -> SessionManager:
     config = config_module.from_dict({"daemon": {"state_dir": str(tmp_path / "state"), "run_dir": str(tmp_path / "run")},
+                                      "workspace": {"root": str(tmp_path / "workspace")},
                                       "registry": {"path": str(tmp_path / "registry.db")}})
     (tmp_path / "state" / "users").mkdir(parents=True)
+    (tmp_path / "workspace").mkdir()
     manager = SessionManager(config, cast(CgroupDriver, driver))
     rt = manager._new_runtime("alice", "free")
     rt.session.state, rt.session.pid = State.RUNNING, 4242
