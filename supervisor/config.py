@@ -109,6 +109,42 @@ def _optional_address(value: Any) -> str:
     return text
 
 
+def normal_origin(text: str) -> str | None:
+    """``scheme://host[:port]`` of an http(s) origin, lower-case and without the scheme's default
+    port (as browsers send ``Origin``); None for anything else (a path, user info, ``null``)."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(text.strip())
+        port = parts.port
+    except ValueError:
+        return None
+    host = parts.hostname
+    if parts.scheme not in ("http", "https") or not host or parts.path or parts.query or parts.fragment or "@" in parts.netloc:
+        return None
+    host = f"[{host}]" if ":" in host else host
+    return f"{parts.scheme}://{host}" + (f":{port}" if port not in (None, {"http": 80, "https": 443}[parts.scheme]) else "")
+
+
+def _origins(value: Any) -> list[str]:
+    origins = []
+    for text in _str_list(value):
+        origin = normal_origin(text)
+        if origin is None:
+            raise ValueError(f"{text!r} is not an origin; expected scheme://host[:port], e.g. https://ide.example.com")
+        origins.append(origin)
+    return origins
+
+
+def _user_host(value: Any) -> str:
+    import re
+
+    text = _str(value).strip().lower()
+    if text and (text.count("{user}") != 1 or not re.fullmatch(r"[a-z0-9.-]+", text.replace("{user}", "u"))):
+        raise ValueError("expected a host name with {user} once, e.g. {user}.ide.example.com (no scheme, port or path)")
+    return text
+
+
 _JWT_ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA", "HS256", "HS384", "HS512")
 
 
@@ -323,6 +359,14 @@ class HttpConfig:
     relay_fast_path: bool = setting(
         True, "Let the relay thread's C fast path (built at install when a C compiler is present) pass on WebSocket frames that need "
         "no decision without entering Python; false relays everything through Python. The log says which runs.", _bool
+    )
+    public_origins: list[str] = setting(
+        [], "Origins (scheme://host[:port]) whose pages may use the session cookie for WebSockets and for requests that carry "
+        "an Origin header; empty: only the request's own, https://<Host> (http://<Host> when [auth] cookie_secure = false).", _origins
+    )
+    user_host: str = setting(
+        "", "One origin per user: the host each user's IDE is served at, e.g. {user}.ide.example.com; a request whose Host "
+        "is not its user's is refused (403 wrong_host). Empty: every user on the front door's host(s).", _user_host
     )
 
 

@@ -140,12 +140,18 @@ class WebSocket:
 
 def ws_connect(host: str, port: int, target: str = "/ws", headers: dict[str, str] | None = None,
                timeout: float = 10.0) -> WebSocket:
-    """Send a WebSocket handshake; return the answer's status and head (and the open socket on 101)."""
+    """Send a WebSocket handshake; return the answer's status and head (and the open socket on 101).
+
+    Like a browser's, it carries ``Origin`` - the page's own, ``http://HOST:PORT`` - unless
+    ``headers`` name one (an empty value: none at all)."""
     sock = socket.create_connection((host, port), timeout=timeout)
     key = base64.b64encode(os.urandom(16)).decode()
     lines = [f"GET {target} HTTP/1.1", f"Host: {host}:{port}", "Upgrade: websocket", "Connection: Upgrade",
              f"Sec-WebSocket-Key: {key}", "Sec-WebSocket-Version: 13"]
-    lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
+    headers = dict(headers or {})
+    if not any(k.lower() == "origin" for k in headers):
+        headers["Origin"] = f"http://{host}:{port}"
+    lines += [f"{k}: {v}" for k, v in headers.items() if v or k.lower() != "origin"]
     data = bytearray()
     try:
         sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())

@@ -25,6 +25,7 @@ from supervisor import config as config_module
 from supervisor.config import AuthConfig
 from supervisor.errors import ConfigError
 from supervisor.frontdoor.auth import (
+    REMEMBER,
     Authenticator,
     AuthError,
     CookieSigner,
@@ -337,7 +338,7 @@ def test_cookie_round_trip_and_attributes() -> None:
     attributes = [a.strip() for a in rest.split(";")[1:]]
     assert {"Path=/", "HttpOnly", "SameSite=Strict", "Secure"} <= set(attributes)
     max_age = int(next(a for a in attributes if a.startswith("Max-Age=")).split("=")[1])
-    assert 595 <= max_age <= 600
+    assert 595 + REMEMBER <= max_age <= 600 + REMEMBER  # kept past exp: whose data this browser holds
     decoded = signer.decode(value)
     assert (decoded.user, decoded.tier, decoded.sid, int(decoded.expires)) == ("alice", "pro", "tab-1", int(identity.expires))
     lax = CookieSigner(SECRET, auth_config(cookie_secure=False))
@@ -357,6 +358,18 @@ def test_cookie_tampering_expiry_and_foreign_secrets() -> None:
     with pytest.raises(AuthError) as caught:
         signer.decode(signer.encode(Identity("alice", "free", "s", time.time() - 1)))
     assert caught.value.reason == "session_expired"
+
+
+def test_an_expired_cookie_still_names_whose_session_the_browser_held(tmp_path: Path) -> None:
+    config = auth_config(hs256_secret_file=_secret_file(tmp_path))
+    auth = Authenticator(TokenVerifier(config), CookieSigner(SECRET, config))
+    expired = auth.cookies.encode(Identity("alice", "free", "s", time.time() - 3600))
+    assert auth.cookies.decode(expired, allow_expired=True).user == "alice"
+    live = auth.cookies.encode(Identity("bob", "free", "s", time.time() + 60))
+    foreign = CookieSigner(b"x" * 40, config).encode(Identity("mallory", "free", "s", time.time() + 60))
+    headers = [(b"cookie", f"wsup_session={expired}; wsup_session={live}; wsup_session={foreign}".encode())]
+    assert auth.cookie_users(credentials(headers, b"/", "wsup_session")) == {"alice", "bob"}  # never an unsigned one
+    assert auth.cookie_users(credentials([], b"/", "wsup_session")) == set()
 
 
 def test_cookie_secret_is_created_once_private(tmp_path: Path) -> None:

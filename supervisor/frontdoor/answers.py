@@ -79,11 +79,22 @@ def starting_page(retry_after: float) -> Answer:
     )
 
 
-def redirect(location: bytes, set_cookie: bytes) -> Answer:
-    """303 to ``location`` (the same URL without its token), setting the session cookie."""
+def same_origin_path(target: bytes) -> bytes:
+    """``target`` as a Location that stays on this origin: a path (an absolute-form target keeps
+    only its path), one leading ``/`` (``//host`` would name another host), every backslash and
+    every byte a browser would strip or re-read (controls, space, non-ASCII) percent-encoded."""
+    if not target.startswith(b"/"):
+        scheme, sep, rest = target.partition(b"://")
+        target = b"/" + rest.partition(b"/")[2] if sep and scheme.isalpha() else b"/"
+    encoded = b"".join(b"%%%02X" % byte if byte <= 0x20 or byte >= 0x7F or byte == 0x5C else bytes((byte,)) for byte in target)
+    return b"/" + encoded.lstrip(b"/")
+
+
+def redirect(location: bytes, set_cookie: bytes, *, headers: tuple[tuple[bytes, bytes], ...] = ()) -> Answer:
+    """303 to ``location`` (made a path on this origin), setting the session cookie."""
     return Answer(
         303, b"", b"text/plain; charset=utf-8",
-        ((b"location", location), (b"set-cookie", set_cookie), (b"referrer-policy", b"no-referrer")),
+        ((b"location", same_origin_path(location)), (b"set-cookie", set_cookie), (b"referrer-policy", b"no-referrer"), *headers),
         "login",
     )
 

@@ -14,7 +14,9 @@ session cookie the front door signs itself:
 - **Cookie** ``<name>=1.<payload>.<mac>``: ``payload`` is base64url JSON ``{"u": user, "t": tier,
   "s": sid, "e": exp}`` - no secret and never the token itself - and ``mac`` is HMAC-SHA256 over
   it with a per-daemon key (``[auth] cookie_secret_file``, by default ``<state_dir>/cookie.key``,
-  created once so that cookies survive a daemon upgrade). It expires with the token.
+  created once so that cookies survive a daemon upgrade). It is refused once the token's ``exp``
+  has passed, but the browser keeps it for :data:`REMEMBER` longer: it then still says whose
+  session (cached bundles, storage) this browser holds, for the next sign-in to compare.
 
 Every refusal is an :class:`AuthError` carrying a stable ``reason`` (the JSON body's ``reason``
 and the ``workspace_supervisor_auth_rejections`` label). Neither the token nor the cookie ever
@@ -76,6 +78,8 @@ _COOKIE_CONTEXT = b"wsup-session-v1."
 _RSA_FAMILY = frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512"})
 _EC_BY_CURVE = {"secp256r1": "ES256", "secp384r1": "ES384", "secp521r1": "ES512"}
 _TOKEN_CACHE_SIZE = 4096
+#: How long after its token's ``exp`` a browser keeps the (by then refused) session cookie.
+REMEMBER = 30 * 86400
 
 
 class AuthError(SupervisorError):
@@ -404,8 +408,9 @@ class CookieSigner:
         payload = _b64(body.encode())
         return f"{COOKIE_VERSION}.{payload}.{self._mac(payload)}"
 
-    def decode(self, value: str) -> Identity:
-        """The identity in a cookie value; raises AuthError(bad_cookie | session_expired)."""
+    def decode(self, value: str, *, allow_expired: bool = False) -> Identity:
+        """The identity in a cookie value; raises AuthError(bad_cookie | session_expired)
+        (not session_expired with ``allow_expired``: whose session a browser last held)."""
         version, _, rest = value.partition(".")
         payload, _, mac = rest.partition(".")
         if version != COOKIE_VERSION or not payload or not mac or len(value) > 4096:
@@ -417,13 +422,14 @@ class CookieSigner:
             identity = Identity(user=validate_user_id(data["u"]), tier=str(data["t"]), sid=str(data["s"]), expires=float(data["e"]))
         except (ValueError, KeyError, TypeError, binascii.Error, SupervisorError):
             raise AuthError("the session cookie is damaged", reason="bad_cookie") from None
-        if identity.expires <= self.clock():
+        if identity.expires <= self.clock() and not allow_expired:
             raise AuthError("the session has expired", reason="session_expired")
         return identity
 
     def set_cookie(self, identity: Identity) -> bytes:
-        """A ``Set-Cookie`` value carrying ``identity`` until its token expires."""
-        max_age = max(0, int(identity.expires - self.clock()))
+        """A ``Set-Cookie`` value carrying ``identity`` (accepted until its token expires, kept
+        by the browser :data:`REMEMBER` longer)."""
+        max_age = max(0, int(identity.expires - self.clock())) + REMEMBER
         parts = [f"{self.name}={self.encode(identity)}", "Path=/", f"Max-Age={max_age}", "HttpOnly", f"SameSite={self.samesite}"]
         if self.secure:
             parts.append("Secure")
@@ -554,3 +560,13 @@ class Authenticator:
                 )
             return self.cookies.decode(creds.cookies[0]), "cookie"
         raise AuthError("no token: sign in through the login page", reason="missing_token")
+
+    def cookie_users(self, creds: Credentials) -> set[str]:
+        """Every user whose session cookie (ours, expired or not) this browser holds."""
+        users = set()
+        for value in creds.cookies:
+            try:
+                users.add(self.cookies.decode(value, allow_expired=True).user)
+            except AuthError:
+                pass
+        return users

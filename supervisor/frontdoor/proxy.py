@@ -39,6 +39,9 @@ HOP_BY_HOP = frozenset({
     b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"transfer-encoding",
     b"upgrade", b"proxy-authorization", b"proxy-authenticate",
 })
+#: Response headers an IDE never passes to the browser: widening a service worker's scope, wiping
+#: the origin's data (the front door's own sign-in sends that).
+IDE_MAY_NOT_SEND = frozenset({b"service-worker-allowed", b"clear-site-data"})
 Headers = list[tuple[bytes, bytes]]
 HeaderSeq = Sequence[tuple[bytes, bytes]]
 Event = Union[h11.Request, h11.InformationalResponse, h11.Response, h11.Data, h11.EndOfMessage, h11.ConnectionClosed]
@@ -168,6 +171,8 @@ def client_response_headers(headers: HeaderSeq, *, cookie_name: str, switching: 
             continue
         if name == b"set-cookie" and value.lstrip().startswith(prefix):
             continue  # an IDE never sets or clears the front door's cookie
+        if name in IDE_MAY_NOT_SEND:
+            continue
         out.append((name, value))
     if switching:
         out += [(b"connection", b"upgrade"), (b"upgrade", upgrade or b"websocket")]

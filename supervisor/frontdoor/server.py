@@ -58,6 +58,18 @@ from supervisor.frontdoor.proxy import (
     upstream_request_headers,
 )
 from supervisor.frontdoor.relay import Relay
+from supervisor.frontdoor.signin import (
+    CLEAR_SITE_DATA,
+    MAX_FORM_BYTES,
+    SIGN_IN_PATH,
+    BrowserPolicy,
+    confirm_page,
+    read_form,
+    refused_before_auth,
+    sign_in_step,
+    token_not_navigation,
+    token_use,
+)
 from supervisor.manager import SessionManager
 from supervisor.metrics import AUTH_REJECTIONS, PROXY_ACTIVE, PROXY_CONNECTIONS
 from supervisor.paths import user_paths
@@ -188,6 +200,7 @@ class FrontDoor:
         self.addresses: list[tuple[str, int]] = []
         self._starting: dict[str, _ColdStart] = {}
         self.relay: Relay | None = None  # while serving
+        self.browsers = BrowserPolicy.from_config(config.http, config.auth)
 
     @property
     def cookie_name(self) -> str:
@@ -486,36 +499,118 @@ class _Connection:
     async def _exchange(self, request: h11.Request) -> bool:
         """Handle one request; True if the connection may carry another."""
         front = self.front
+        if (handled := await self._sign_in_endpoints(request)) is not None:
+            return handled
         creds = credentials(request.headers, request.target, front.cookie_name)
         try:
             identity, source = front.auth.authenticate(creds)
         except AuthError as exc:
             return await self._refuse(request, creds.target, unauthorized(exc.reason, exc.message, exc.hint))
-        tier = front.config.tiers.get(identity.tier)
-        if tier is None:
-            return await self._refuse(request, creds.target, json_answer(
-                403, "unknown_tier", f"tier {identity.tier[:64]!r} is not offered on this pod",
-                "ask for a token with one of the tiers in the pod's configuration",
-            ), identity)
-        now = front.clock()
-        if not front.sessions.admits(identity.user, identity.sid, tier.sessions, now):
-            return await self._refuse(request, creds.target, json_answer(
-                409, "too_many_sessions",
-                f"user {identity.user} already has {tier.sessions} open session(s), the most the {identity.tier} tier allows",
-                f"close the workspace in another browser window (a closed one is released after {front.http.session_linger:g}s)",
-            ), identity)
-        if source == "query" and request.method in (b"GET", b"HEAD") and upgrade_of(request) is None:
-            # A page load: move the token out of the address bar. (A WebSocket cannot follow a
-            # redirect, so an upgrade with ?token= is served with the token removed instead.)
-            if front.sessions.touch(identity.user, identity.sid, now):
-                front._session_event(identity.user, identity.sid, True)
-            log.info("user=%s sid=%s signed in from %s: session cookie set", identity.user, identity.sid[:16], self.peer)
-            return await self._answer(request, redirect(creds.target, front.auth.cookies.set_cookie(identity)))
+        refusal = self._browser_refusal(request, identity, source) or self._admission_refusal(identity)
+        if refusal is not None:
+            return await self._refuse(request, creds.target, refusal, identity)
+        if source == "query":
+            use = token_use(request.method, request.headers, upgrade_of(request) is not None)
+            if use == "refuse":
+                return await self._refuse(request, creds.target, token_not_navigation(), identity)
+            if use == "sign_in":
+                # A page load: move the token out of the address bar. (A WebSocket cannot follow a
+                # redirect, so a non-browser's upgrade with ?token= is served with the token removed.)
+                held = front.auth.cookie_users(creds)
+                step = sign_in_step(identity.user, held)
+                if step == "confirm":
+                    log.info("user=%s sign-in link opened in a browser holding another user's session: asked to confirm", identity.user)
+                    page = confirm_page(", ".join(sorted(held - {identity.user})), identity.user, creds.query_tokens[0], creds.target)
+                    return await self._answer(request, page)
+                return await self._signed_in(request, identity, creds.target, clear=step == "fresh")
         front.open_session(identity)
         try:
             return await self._route(request, identity, source, creds.target)
         finally:
             front.close_session(identity)
+
+    # ---- sign-in (see .signin) ------------------------------------------------------------------
+
+    def _browser_refusal(self, request: h11.Request, identity: Identity, source: str) -> Answer | None:
+        """``[http] user_host`` for every request; the origin of every cookie-authenticated one."""
+        browsers = self.front.browsers
+        refusal = browsers.host_refusal(request.headers, identity.user)
+        if refusal is None and source == "cookie":
+            refusal = browsers.cookie_refusal(request.headers, upgrade_of(request) is not None)
+        return refusal
+
+    def _admission_refusal(self, identity: Identity) -> Answer | None:
+        """403 for a tier this pod does not offer, 409 for a browser session beyond the tier's."""
+        front = self.front
+        tier = front.config.tiers.get(identity.tier)
+        if tier is None:
+            return json_answer(
+                403, "unknown_tier", f"tier {identity.tier[:64]!r} is not offered on this pod",
+                "ask for a token with one of the tiers in the pod's configuration",
+            )
+        if not front.sessions.admits(identity.user, identity.sid, tier.sessions, front.clock()):
+            return json_answer(
+                409, "too_many_sessions",
+                f"user {identity.user} already has {tier.sessions} open session(s), the most the {identity.tier} tier allows",
+                f"close the workspace in another browser window (a closed one is released after {front.http.session_linger:g}s)",
+            )
+        return None
+
+    async def _signed_in(self, request: h11.Request, identity: Identity, target: bytes, *, clear: bool) -> bool:
+        """303 to ``target`` setting the session cookie (and clearing the origin's cache and storage)."""
+        front = self.front
+        if front.sessions.touch(identity.user, identity.sid, front.clock()):
+            front._session_event(identity.user, identity.sid, True)
+        log.info("user=%s sid=%s signed in from %s: session cookie set%s", identity.user, identity.sid[:16], self.peer,
+                 ", site data cleared" if clear else "")
+        headers = (CLEAR_SITE_DATA,) if clear else ()
+        return await self._answer(request, redirect(target, front.auth.cookies.set_cookie(identity), headers=headers))
+
+    async def _sign_in_endpoints(self, request: h11.Request) -> bool | None:
+        """Answer a service worker's script fetch (refused) and a posted sign-in confirmation;
+        None for every other request."""
+        refusal = refused_before_auth(request.headers)
+        path = request.target.partition(b"?")[0]
+        if refusal is None and (request.method != b"POST" or path != SIGN_IN_PATH):
+            return None
+        if refusal is None:
+            refusal = self.front.browsers.confirm_refusal(request.headers)
+        if refusal is not None:
+            return await self._refuse(request, path, refusal)
+        body = await self._small_body(MAX_FORM_BYTES)
+        form = read_form(body) if body is not None else None
+        if form is None:
+            return await self._refuse(request, path, json_answer(400, "bad_sign_in", "the sign-in form is malformed", "open the sign-in link again"))
+        token, after = form
+        try:
+            identity = self.front.auth.tokens.verify(token)
+        except AuthError as exc:
+            return await self._refuse(request, path, unauthorized(exc.reason, exc.message, exc.hint))
+        refusal = self.front.browsers.host_refusal(request.headers, identity.user) or self._admission_refusal(identity)
+        if refusal is not None:
+            return await self._refuse(request, path, refusal, identity)
+        log.info("user=%s switched to in a browser that held another user's session (confirmed)", identity.user)
+        return await self._signed_in(request, identity, after, clear=True)
+
+    async def _small_body(self, limit: int) -> bytes | None:
+        """The request's whole body if it is at most ``limit`` bytes and arrives within
+        ``header_timeout``; None otherwise."""
+        body = bytearray()
+        with trio.move_on_after(self.http.header_timeout):
+            while True:
+                try:
+                    event = await self.client.next_event()
+                except h11.RemoteProtocolError:
+                    return None
+                if isinstance(event, h11.Data):
+                    body += event.data
+                    if len(body) > limit:
+                        return None
+                elif isinstance(event, h11.EndOfMessage):
+                    return bytes(body)
+                elif event is not h11.PAUSED:
+                    return None
+        return None
 
     async def _route(self, request: h11.Request, identity: Identity, source: str, target: bytes) -> bool:
         front = self.front
