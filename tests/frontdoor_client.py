@@ -142,16 +142,18 @@ def ws_connect(host: str, port: int, target: str = "/ws", headers: dict[str, str
                timeout: float = 10.0) -> WebSocket:
     """Send a WebSocket handshake; return the answer's status and head (and the open socket on 101).
 
-    Like a browser's, it carries ``Origin`` - the page's own, ``http://HOST:PORT`` - unless
+    Like a browser's, it carries ``Origin`` - the page's own, ``http://`` and the Host - unless
     ``headers`` name one (an empty value: none at all)."""
     sock = socket.create_connection((host, port), timeout=timeout)
     key = base64.b64encode(os.urandom(16)).decode()
-    lines = [f"GET {target} HTTP/1.1", f"Host: {host}:{port}", "Upgrade: websocket", "Connection: Upgrade",
-             f"Sec-WebSocket-Key: {key}", "Sec-WebSocket-Version: 13"]
     headers = dict(headers or {})
-    if not any(k.lower() == "origin" for k in headers):
-        headers["Origin"] = f"http://{host}:{port}"
-    lines += [f"{k}: {v}" for k, v in headers.items() if v or k.lower() != "origin"]
+    named = {k.lower(): v for k, v in headers.items()}
+    host_header = named.get("host", f"{host}:{port}")
+    lines = [f"GET {target} HTTP/1.1", f"Host: {host_header}", "Upgrade: websocket", "Connection: Upgrade",
+             f"Sec-WebSocket-Key: {key}", "Sec-WebSocket-Version: 13"]
+    if "origin" not in named:
+        headers["Origin"] = f"http://{host_header}"
+    lines += [f"{k}: {v}" for k, v in headers.items() if k.lower() != "host" and (v or k.lower() != "origin")]
     data = bytearray()
     try:
         sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())

@@ -92,8 +92,9 @@ class FrontDoorDaemon:
         return client
 
     def ws(self, target: str, headers: dict[str, str] | None = None) -> WebSocket:
-        """A WebSocket handshake through the front door (closed at cleanup even if a test fails)."""
-        ws = ws_connect("127.0.0.1", self.port, target, headers=headers)
+        """A WebSocket handshake through the front door (closed at cleanup even if a test fails), from
+        the page's own origin: https, as ``[auth] cookie_secure`` (the default) says the site is served."""
+        ws = ws_connect("127.0.0.1", self.port, target, headers={"Origin": f"https://127.0.0.1:{self.port}", **(headers or {})})
         self.sockets.append(ws)
         return ws
 

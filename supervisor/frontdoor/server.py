@@ -573,11 +573,12 @@ class _Connection:
         path = request.target.partition(b"?")[0]
         if refusal is None and (request.method != b"POST" or path != SIGN_IN_PATH):
             return None
-        if refusal is None:
-            refusal = self.front.browsers.confirm_refusal(request.headers)
         if refusal is not None:
             return await self._refuse(request, path, refusal)
-        body = await self._small_body(MAX_FORM_BYTES)
+        body = await self._small_body(MAX_FORM_BYTES)  # read first: the connection stays usable after a refusal
+        refusal = self.front.browsers.confirm_refusal(request.headers)
+        if refusal is not None:
+            return await self._refuse(request, path, refusal)
         form = read_form(body) if body is not None else None
         if form is None:
             return await self._refuse(request, path, json_answer(400, "bad_sign_in", "the sign-in form is malformed", "open the sign-in link again"))
