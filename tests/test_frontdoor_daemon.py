@@ -20,6 +20,7 @@ import socket
 import tempfile
 import threading
 import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Any, Iterator
@@ -263,6 +264,39 @@ def test_refusals_carry_a_reason_and_are_counted(fd: FrontDoorDaemon) -> None:
     for reason, count in before.items():
         assert rejected(reason) == count + 1, reason
     assert fd.daemon.ctl("status", "fd-erin").returncode == 3, "a refused request started an IDE"
+
+
+def test_another_users_link_never_switches_a_browser_silently_and_forced_sign_ins_are_counted(fd: FrontDoorDaemon) -> None:
+    navigate = {"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "navigate", "Sec-Fetch-Dest": "document"}
+    own = f"https://127.0.0.1:{fd.port}"  # [auth] cookie_secure = true: the site is https
+
+    def rejected(reason: str) -> float:
+        return fd.metric("workspace_supervisor_auth_rejections_total", reason=reason)
+
+    before = {r: rejected(r) for r in ("token_not_navigation", "bad_origin", "service_worker_refused")}
+    browser = fd.client()
+    first = browser.get("/?token=" + token("fd-hank"), headers=navigate)
+    assert first.status == 303 and first.header("clear-site-data") == '"cache", "storage"'
+    assert browser.get("/").body.startswith(b"stub-ide user=fd-hank ")
+    # An iframe (or image, or fetch) with a token never signs in.
+    framed = browser.get("/?token=" + token("fd-ivy"), headers={**navigate, "Sec-Fetch-Dest": "iframe"})
+    assert (framed.status, framed.json()["reason"]) == (403, "token_not_navigation")
+    # Ivy's link opened in Hank's browser: asked, not switched.
+    page = browser.get("/?token=" + token("fd-ivy"), headers=navigate)
+    assert page.status == 200 and b"fd-hank" in page.body and page.header("set-cookie") is None
+    assert browser.get("/").body.startswith(b"stub-ide user=fd-hank ")
+    form = dict(re.findall(r'name="(\w+)" value="([^"]*)"', page.body.decode()))
+    post = {"Content-Type": "application/x-www-form-urlencoded", "Origin": own, "Sec-Fetch-Site": "same-origin"}
+    switched = browser.request("POST", "/.wsup/sign-in", body=urllib.parse.urlencode(form).encode(), headers=post)
+    assert switched.status == 303 and switched.header("clear-site-data") == '"cache", "storage"'
+    assert browser.get("/").body.startswith(b"stub-ide user=fd-ivy ")
+    # Another site's page using the cookie for a WebSocket; a service worker's script.
+    ws = fd.ws("/ws", headers={"Cookie": cookies_of(browser), "Origin": "https://evil.example"})
+    assert ws.status == 403
+    assert browser.get("/sw.js", headers={"Service-Worker": "script"}).status == 403
+    for reason, count in before.items():
+        assert rejected(reason) == count + 1, reason
+    assert fd.daemon.ctl("status", "fd-ivy").returncode == 0
 
 
 def test_a_second_browser_session_beyond_the_tier_is_409(fd: FrontDoorDaemon) -> None:

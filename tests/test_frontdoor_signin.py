@@ -167,7 +167,7 @@ def test_the_confirmation_page_posts_the_token_in_its_body_and_cannot_be_framed(
     assert "alice" in body and "bob" in body
     head = dict(page.head())
     assert b"frame-ancestors 'none'" in head[b"content-security-policy"] and head[b"x-frame-options"] == b"DENY"
-    assert head[b"cache-control"] == b"no-store" and head[b"referrer-policy"] == b"no-referrer"
+    assert head[b"cache-control"] == b"no-store" and head[b"referrer-policy"] == b"strict-origin"
 
 
 def test_the_posted_form_is_read_strictly() -> None:

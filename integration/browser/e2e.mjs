@@ -11,6 +11,9 @@
 // step go to ARTIFACTS/<user>-<n>-<step>.png. RESULT gets, per user, timings, what the explorer
 // listed, the editor text, both cookies of the context and any page errors; the Python test
 // (test_browser_e2e.py) judges them and checks the files on disk.
+// Then the second user's sign-in link is opened in the first user's browser (RESULT.switch): what
+// the page showed, the cookies before and after, a localStorage marker the first user's page left,
+// the confirmation's answer headers, and whether the second user's workbench came up.
 import fs from 'node:fs';
 import path from 'node:path';
 import { chromium } from 'playwright-core';
@@ -72,6 +75,48 @@ function whoamiDone(file) {
   } catch {
     return false;
   }
+}
+
+async function switchUser(run, from, to) {
+  // The first user's browser opens the second user's link, as a victim opening a link sent to them.
+  const { context, page } = run;
+  const out = { ok: false };
+  const session = async () => (await context.cookies()).find((c) => c.name === 'wsup_session')?.value ?? null;
+  try {
+    await page.evaluate(() => localStorage.setItem('e2e-switch-marker', 'left by the first user'));
+    out.session_before = await session();
+    const answer = await page.goto(`${plan.base}/?token=${to.token}`, { waitUntil: 'domcontentloaded', timeout: TIMEOUT });
+    out.interstitial_status = answer ? answer.status() : null;
+    out.interstitial_text = (await page.locator('body').innerText({ timeout: 15000 })).slice(0, 1000);
+    out.session_while_asked = await session();
+    out.screenshot_asked = await shot(page, from, '5-switch-asked');
+    const [confirmation] = await Promise.all([
+      page.waitForResponse((r) => r.url().endsWith('/.wsup/sign-in') && r.request().method() === 'POST', { timeout: TIMEOUT }),
+      page.locator('#continue').click(),
+    ]);
+    out.confirm_status = confirmation.status();
+    out.confirm_headers = await confirmation.allHeaders();
+    delete out.confirm_headers['set-cookie'];
+    const fileNode = page.locator('.theia-TreeNode', { hasText: to.file }).first();
+    await page.waitForSelector('#theia-app-shell', { timeout: TIMEOUT });
+    const explorerTab = page.locator('#shell-tab-explorer-view-container');
+    await explorerTab.waitFor({ state: 'visible', timeout: TIMEOUT });
+    if (!(await page.locator('#explorer-view-container').isVisible())) await explorerTab.click();
+    await fileNode.waitFor({ state: 'visible', timeout: TIMEOUT });
+    out.url_after = page.url().replace(to.token, '<token>');
+    out.explorer = (await page.locator('.theia-TreeNode').allInnerTexts()).map((t) => t.trim()).filter(Boolean);
+    out.marker_after = await page.evaluate(() => localStorage.getItem('e2e-switch-marker'));
+    out.session_after = await session();
+    out.screenshot_switched = await shot(page, from, '6-switched');
+    out.ok = true;
+    log(`${from.name}'s browser: asked, confirmed, now in ${to.name}'s workbench`);
+  } catch (err) {
+    out.error = String(err && err.stack || err).slice(0, 2000);
+    log(`switch: FAILED: ${err.message}`);
+    await shot(page, from, 'switch-failure');
+    try { out.body_text = (await page.locator('body').innerText({ timeout: 5000 })).slice(0, 2000); } catch { /* gone */ }
+  }
+  return out;
 }
 
 async function runUser(browser, user) {
@@ -183,6 +228,10 @@ try {
     if (r.out.ok) r.out.screenshots.push(await shot(r.page, plan.users[i], '4-final'));
   }
   result.ok = result.users.every((u) => u.ok);
+  if (result.ok && plan.users.length >= 2) {
+    result.switch = await switchUser(runs[0], plan.users[0], plan.users[1]);
+    result.ok = result.switch.ok;
+  }
 } catch (err) {
   result.error = String(err && err.stack || err).slice(0, 2000);
   log(`FAILED: ${err.message}`);

@@ -8,6 +8,9 @@ and seeded with a file of their own. Then ``e2e.mjs`` drives Debian's ``/usr/bin
 playwright-core, one browser context (cookie jar) per user, concurrently: each signs in with its own
 token (``/?token=`` on the first load), sees the workbench with its own file (and not the other's),
 opens it in the editor, opens a terminal and runs ``id -u > whoami.txt; pwd >> whoami.txt``.
+Then bob's sign-in link is opened in alice's browser: the front door asks first (alice's session
+cookie unchanged), and only the confirmation (a same-origin POST) switches it, with
+``Clear-Site-Data`` (a localStorage marker alice's page left is gone) to bob's workbench.
 Screenshots: ``artifacts/browser-e2e/``.
 
 Checked from here afterwards: the file written by each terminal is owned by the user's uid and says
@@ -173,6 +176,12 @@ def setup(theia_prefix: Path) -> Iterator[Setup]:
         shutil.rmtree(keys, ignore_errors=True)
 
 
+def session_user(cookie: str) -> str:
+    """The user a session cookie names (its payload; the signature is the front door's business)."""
+    payload = cookie.split(".")[1]
+    return str(json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))["u"])
+
+
 def drive_browsers(s: Setup, work: Path) -> dict[str, Any]:
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     for old in ARTIFACTS.glob("*.png"):
@@ -207,6 +216,7 @@ def drive_browsers(s: Setup, work: Path) -> dict[str, Any]:
     assert driver.returncode == 0 and result["ok"], (
         f"browser run failed (exit {driver.returncode}): {result.get('error')}\n"
         + "\n".join(f"{u['name']}: {u.get('error')}\n{u.get('body_text', '')[:500]}" for u in result["users"] if not u.get("ok"))
+        + (f"\nswitch: {result['switch'].get('error')}\n{result['switch'].get('body_text', '')[:500]}" if result.get("switch") else "")
         + f"\n--- daemon log tail ---\n{s.daemon.log_text()[-4000:]}"
     )
     return result
@@ -309,6 +319,7 @@ def test_two_users_in_real_browsers_each_reach_only_their_own_theia(setup: Setup
 
     # --- tampered and forged session cookies: 401 from the front door, no IDE reached ---------------
     version, payload, signature = sessions[alice].split(".")
+    assert session_user(sessions[alice]) == alice
     flipped = signature[:-2] + ("A" if signature[-2] != "A" else "B") + signature[-1]
     claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
     assert claims["u"] == alice
@@ -322,6 +333,17 @@ def test_two_users_in_real_browsers_each_reach_only_their_own_theia(setup: Setup
         assert answer.status == 401, (bad, answer.status)
         assert answer.json()["reason"] == "bad_cookie", answer.body
         assert not any(v.startswith("theia-connection-token=") for v in answer.all("set-cookie")), answer.headers
+
+    # --- bob's sign-in link opened in alice's browser: asked, never switched silently -----------------
+    switch = result["switch"]
+    assert switch["interstitial_status"] == 200, switch
+    assert f"signed in as {alice}" in switch["interstitial_text"] and bob in switch["interstitial_text"], switch["interstitial_text"]
+    assert switch["session_before"] == sessions[alice] and switch["session_while_asked"] == sessions[alice]  # still alice's
+    assert switch["confirm_status"] == 303 and switch["confirm_headers"].get("clear-site-data") == '"cache", "storage"', switch
+    assert switch["marker_after"] is None, "alice's page's localStorage survived the switch"
+    assert session_user(switch["session_after"]) == bob
+    assert switch["url_after"].partition("#")[0] == f"http://127.0.0.1:{s.port}/"  # Theia adds #<workspace>
+    assert any(f"{bob}-notes.txt" in entry for entry in switch["explorer"]) and not any(alice in e for e in switch["explorer"]), switch
 
     log = s.daemon.log_text()
     assert not any(t in log for t in s.tokens.values()), "a token reached the daemon's log"

@@ -182,6 +182,6 @@ def confirm_page(current: str, new: str, token: str, after: bytes) -> Answer:
     headers = (
         (b"content-security-policy", b"default-src 'none'; style-src 'unsafe-inline'; form-action 'self'; frame-ancestors 'none'"),
         (b"x-frame-options", b"DENY"),
-        (b"referrer-policy", b"no-referrer"),
+        (b"referrer-policy", b"strict-origin"),  # not no-referrer: the form's POST would carry Origin: null
     )
     return Answer(200, body.encode(), b"text/html; charset=utf-8", headers, "confirm_switch")
