@@ -7,8 +7,10 @@ For every request on every connection (h11 parses them; bodies are streamed by :
    pod does not know: 403 ``unknown_tier``.
 2. **How many** (:mod:`.admission`): a new browser session (``sid``) beyond the tier's
    ``sessions`` live ones: 409 ``too_many_sessions``.
-3. **First page load** (``GET``/``HEAD`` with ``?token=``): 303 to the same URL without the token,
-   setting the session cookie, so the token leaves the address bar and the history.
+3. **First page load** (``GET``/``HEAD`` with ``?token=``, a top-level navigation): 303 to the same
+   path without the token, setting the session cookie, so the token leaves the address bar and the
+   history - or, in a browser holding another user's session, a page asking first
+   (:mod:`.signin`: who may sign in, from which origins the cookie is accepted, for which host).
 4. **Where**: the authenticated user's own IDE - never anything named by the URL. If it is not
    running, a cold start: ``manager.start`` and the request is held until RUNNING (at most
    ``start_timeout``; then a self-reloading "starting" page, 503). More cold starts in flight than
