@@ -571,12 +571,12 @@ class _Connection:
     async def _sign_in_endpoints(self, request: h11.Request) -> bool | None:
         """Answer a service worker's script fetch (refused) and a posted sign-in confirmation;
         None for every other request."""
-        refusal = refused_before_auth(request.headers)
         path = request.target.partition(b"?")[0]
-        if refusal is None and (request.method != b"POST" or path != SIGN_IN_PATH):
-            return None
+        refusal = refused_before_auth(request.headers)
         if refusal is not None:
             return await self._refuse(request, path, refusal)
+        if request.method != b"POST" or path != SIGN_IN_PATH:
+            return None
         body = await self._small_body(MAX_FORM_BYTES)  # read first: the connection stays usable after a refusal
         refusal = self.front.browsers.confirm_refusal(request.headers)
         if refusal is not None:
@@ -592,7 +592,7 @@ class _Connection:
         refusal = self.front.browsers.host_refusal(request.headers, identity.user) or self._admission_refusal(identity)
         if refusal is not None:
             return await self._refuse(request, path, refusal, identity)
-        log.info("user=%s switched to in a browser that held another user's session (confirmed)", identity.user)
+        log.info("user=%s: the switch from another user's session was confirmed in the browser", identity.user)
         return await self._signed_in(request, identity, after, clear=True)
 
     async def _small_body(self, limit: int) -> bytes | None:
@@ -611,7 +611,7 @@ class _Connection:
                         return None
                 elif isinstance(event, h11.EndOfMessage):
                     return bytes(body)
-                elif event is not h11.PAUSED:
+                else:
                     return None
         return None
 
