@@ -16,7 +16,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
@@ -121,7 +120,7 @@ class Tenant:
         return self.pod.daemon.user(self.name)
 
     @property
-    def home(self) -> Path:
+    def workspace(self) -> Path:
         return Path(self.status()["workspace"])
 
 
@@ -191,15 +190,19 @@ class Pod:
         return self.daemon.proc is not None and self.daemon.proc.poll() is None
 
     def revive(self) -> None:
-        """Start the daemon again if an earlier test took it down (that test has failed for it)."""
+        """Start the daemon again if an earlier test took it down (that test has failed for it),
+        first clearing what the attacker left at its old socket path (on main a directory there
+        makes every re-adoption crash again)."""
+        if self.alive() and self.daemon.ctl("pod").returncode != 0:
+            assert self.daemon.proc is not None
+            try:
+                self.daemon.proc.wait(10)  # on its way out
+            except subprocess.TimeoutExpired:
+                self.daemon.kill()
         if not self.alive():
+            shutil.rmtree(self.daemon.base / "run" / "users" / "attacker", ignore_errors=True)
             self.daemon.start()
             self._find_ports()
-
-    def exit_for_upgrade(self) -> None:
-        """SIGUSR2: the daemon exits leaving users running (:meth:`revive` starts the next one,
-        which re-adopts them)."""
-        self.daemon.kill(signal.SIGUSR2)
 
     def fresh_attacker(self) -> None:
         """The attacker back to a clean RUNNING tree (its old tree killed), whatever the last test left."""
@@ -213,9 +216,10 @@ class Pod:
         assert self.daemon.proc is not None
         self.daemon_pid = self.daemon.proc.pid
         if self.victim.status()["state"] != "RUNNING":
-            self.daemon.ctl("start", "victim")
+            started = self.daemon.ctl("start", "victim")
+            assert started.returncode == 0, f"{started.stdout}{started.stderr}{self.daemon.log_text()[-3000:]}"
         self.victim_pid = int(self.victim.status()["pid"])
-        self.victim_files = tree_digest(self.victim.home)
+        self.victim_files = tree_digest(self.victim.workspace)
 
     def cleanup(self) -> None:
         try:
@@ -239,7 +243,7 @@ class Pod:
         assert (info["state"], info["pid"]) == ("RUNNING", self.victim_pid), info
         status, _, body = self.victim.request("GET", "/", source=VICTIM_SOURCE, timeout=10)
         assert status == 200 and body.decode().startswith(f"shell-ide user=victim uid={info['uid']} pid={self.victim_pid}\n"), (status, body)
-        assert tree_digest(self.victim.home) == self.victim_files, "the victim's files changed"
+        assert tree_digest(self.victim.workspace) == self.victim_files, "the victim's files changed"
 
     def victim_rtt(self, n: int = 30) -> float:
         """Median seconds of ``GET /`` through the front door, each on a fresh connection."""
@@ -252,7 +256,7 @@ class Pod:
         return statistics.median(took)
 
     def wait_ready_file(self, tenant: Tenant, name: str, timeout: float = 20.0) -> str:
-        path = tenant.home / name
+        path = tenant.workspace / name
         poll(lambda: path.exists() and path.stat().st_size > 0, timeout, f"{name} from the attacker's script")
         return path.read_text()
 

@@ -25,11 +25,9 @@ Attacks added here that the issue's list forgot:
 
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -39,7 +37,7 @@ import psutil
 import pytest
 
 from tests.conftest import is_root, pure_cgroup_v2, v1_controllers_mounted
-from tests.harness import poll
+from tests.harness import SYSTEM_PYTHON, poll
 from tests.hostile import Pod, Tenant, http_status, listening_paths
 
 pytestmark = pytest.mark.skipif(
@@ -88,7 +86,7 @@ def test_own_socket_swapped_for_a_symlink_never_reaches_another_socket(world: Po
             reached_own = status == 200 and body.startswith(b"shell-ide user=attacker ")
             refused = status == 502 and b"ide_unavailable" in body
             assert reached_own or refused, f"via {what}: {status} {body[:200]!r}"
-        status, _, body = a.request("POST", "/exec", f"cat {world.victim.home}/canary.txt; id".encode())
+        status, _, body = a.request("POST", "/exec", f"cat {world.victim.workspace}/canary.txt; id".encode())
         assert world.secret.encode() not in body and b"uid=0(" not in body, f"via {what}: {status} {body[:200]!r}"
     world.assert_untouched()
 
@@ -126,7 +124,7 @@ def open_one(i):
     held[i] = (s, 0)
 for i in range(N):
     open_one(i)
-open(os.environ["HOME"] + "/.probe-hold", "w").write(str(len(held)))
+open("./.probe-hold", "w").write(str(len(held)))
 while True:  # idle ones stay silent; odd ones send a head one line at a time, never ending it
     for i, (s, sent) in list(held.items()):
         try:
@@ -175,7 +173,7 @@ def connect():
         pass
 for _ in range(500):
     connect()
-open(os.environ["HOME"] + "/.flood", "w").write(str(len(conns)))
+open("./.flood", "w").write(str(len(conns)))
 while True:
     for s in list(conns):
         try:
@@ -209,7 +207,7 @@ for i in range(200):
             s.close()
     except OSError:
         pass
-open(os.environ["HOME"] + "/.flood", "w").write(str(len(socks)))
+open("./.flood", "w").write(str(len(socks)))
 while True:  # send 64 KiB frames on every WebSocket, never read the echoes
     for s in list(socks):
         pending = socks[s] or FRAME
@@ -248,7 +246,7 @@ for _ in range(16):
     threading.Thread(target=storm, daemon=True).start()
 while sent[0] < 200:
     time.sleep(0.05)
-open(os.environ["HOME"] + "/.flood", "w").write(str(sent[0]))
+open("./.flood", "w").write(str(sent[0]))
 while True:
     time.sleep(1)
 """
@@ -303,7 +301,6 @@ open(sys.argv[1] + ".ready", "w").close()
 while True:
     time.sleep(1)
 """
-PR_SET_CHILD_SUBREAPER = 36
 
 
 def _fork_at_pid(target: int, argv: list[str], uid: int, gid: int) -> subprocess.Popen[bytes] | None:
@@ -323,41 +320,33 @@ def _fork_at_pid(target: int, argv: list[str], uid: int, gid: int) -> subprocess
     return None
 
 
-def test_a_reused_pid_of_the_attackers_ide_is_never_signalled(world: Pod, tmp_path: Path) -> None:
-    """The attacker's IDE exits while no daemon runs (an upgrade); its pid is reused by a victim's
-    process before the next daemon re-adopts: that process must never be signalled or adopted."""
+def test_a_reused_pid_of_the_attackers_ide_is_never_signalled(world: Pod) -> None:
+    """The attacker kills its own IDE; its pid is taken at once by a victim's process (pid reuse,
+    forced with ns_last_pid); the operator then signals and stops the attacker: nothing may reach
+    the process that now holds the old pid."""
     if not os.access("/proc/sys/kernel/ns_last_pid", os.W_OK):
         pytest.skip("needs a writable /proc/sys/kernel/ns_last_pid to reuse a pid on purpose")
-    libc = ctypes.CDLL(None, use_errno=True)
     old = attacker_pid(world)
     victim_uid = int(world.victim.status()["uid"])
-    os.chmod(tmp_path, 0o777)
-    got = tmp_path / "signals"
-    libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)  # so this test reaps the orphaned IDE and frees its pid
-    canary = None
+    spot = world.shared / "canary"
+    spot.mkdir(mode=0o777, exist_ok=True)
+    os.chmod(spot, 0o777)
+    got = spot / "signals"
+    world.attacker.detach(f"kill -9 {old}")
+    world.state_settled(world.attacker, old)
+    poll(lambda: not psutil.pid_exists(old), 10, "the attacker's old IDE reaped")
+    canary = _fork_at_pid(old, [SYSTEM_PYTHON, "-I", "-S", "-c", CANARY, str(got)], victim_uid, victim_uid)
+    if canary is None:
+        pytest.skip(f"could not get pid {old} again (other processes keep taking it)")
     try:
-        world.exit_for_upgrade()
-        os.kill(old, signal.SIGKILL)  # what the attacker's own `kill -9 $PPID` would do; no daemon to see it
-        poll(lambda: os.waitpid(old, os.WNOHANG)[0] == old, 10, "the attacker's old IDE reaped")
-        canary = _fork_at_pid(old, [sys.executable, "-I", "-S", "-c", CANARY, str(got)], victim_uid, victim_uid)
-        if canary is None:
-            pytest.skip(f"could not get pid {old} again (other processes keep taking it)")
         poll(lambda: Path(str(got) + ".ready").exists(), 10, "the canary's signal handlers")
-        world.revive()
-        world.daemon_pid = world.daemon.proc.pid  # type: ignore[union-attr] # restarted on purpose
-        info = world.attacker.status()
-        assert info["pid"] != old, f"the new daemon adopted pid {old}, now another user's process: {info}"
         for verb in (["signal", "HUP", "attacker"], ["signal", "USR1", "attacker"], ["stop", "attacker"]):
             world.daemon.ctl(*verb)
         assert canary.poll() is None, "the victim's process at the reused pid was killed"
         assert not got.exists() or got.read_text() == "", f"the reused pid got signals: {got.read_text()}"
     finally:
-        libc.prctl(PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
-        if canary is not None:
-            canary.kill()
-            canary.wait()
-        world.revive()
-    world.daemon_pid = world.daemon.proc.pid  # type: ignore[union-attr]
+        canary.kill()
+        canary.wait()
     world.assert_untouched()
 
 
@@ -384,10 +373,10 @@ def _watch_key(path: Path) -> tuple[int, int]:
 
 
 def test_symlinks_swapped_into_the_workspace_never_make_the_watcher_leave_it(world: Pod) -> None:
-    victim_ws = world.victim.home
+    victim_ws = world.victim.workspace
     forbidden = {str(p): _watch_key(p) for p in (Path("/"), Path("/etc"), victim_ws / "node_modules", world.daemon.base)}
     targets = " ".join(forbidden)
-    script = f"""cd "$HOME"; mkdir -p sub/deeper
+    script = f"""mkdir -p sub/deeper
     for round in 1 2 3 4 5 6 7 8 9 10; do
       for t in {targets}; do
         n=d$round$(echo $t | tr / _)
@@ -436,7 +425,7 @@ def test_a_huge_command_line_does_not_cost_the_daemon(world: Pod) -> None:
 
 def test_an_ide_that_ignores_sigterm_with_setsid_children_is_stopped_within_the_grace(world: Pod) -> None:
     uid = int(world.attacker.status()["uid"])
-    rc, out = world.attacker.sh("""touch "$HOME/.ignore-sigterm"
+    rc, out = world.attacker.sh("""touch .ignore-sigterm
     for i in 1 2 3; do setsid sh -c "trap '' TERM HUP INT; while :; do sleep 1; done" >/dev/null 2>&1 & done
     echo ok""")
     assert rc == 0, out
@@ -448,7 +437,7 @@ def test_an_ide_that_ignores_sigterm_with_setsid_children_is_stopped_within_the_
     assert took < 3 + 5, f"stop took {took:.1f}s with a 3s grace"
     left = [p.pid for p in psutil.process_iter(["uids"]) if p.info["uids"] and p.info["uids"].real == uid]
     assert not left, f"the attacker's processes outlived its stop: {left}"
-    (world.attacker.home / ".ignore-sigterm").unlink()
+    (world.attacker.workspace / ".ignore-sigterm").unlink()
     world.assert_untouched()
 
 
@@ -489,7 +478,7 @@ import os, time
 for _ in range(900):
     if os.fork() == 0:
         os._exit(0)
-open(os.environ["HOME"] + "/.zombies", "w").write("900")
+open("./.zombies", "w").write("900")
 time.sleep(600)'""")
     world.attacker.sh("""for i in 1 2 3; do setsid sh -c 'sleep 600 & sleep 600' >/dev/null 2>&1 & done; echo ok""")
     world.wait_ready_file(world.attacker, ".zombies")
@@ -516,7 +505,7 @@ time.sleep(600)'""")
 
 def test_a_full_disk_leaves_the_attacker_in_a_clear_state(world: Pod) -> None:
     pid = attacker_pid(world)
-    rc, out = world.attacker.sh('dd if=/dev/zero of="$HOME/fill" bs=1M 2>&1; df -k "$HOME" | tail -1')
+    rc, out = world.attacker.sh('dd if=/dev/zero of=fill bs=1M 2>&1; df -k . | tail -1')
     assert "No space left" in out, out
     try:
         world.attacker.detach(f"kill -9 {pid}")  # a restart needs the state file and the log, on the full disk
@@ -527,7 +516,7 @@ def test_a_full_disk_leaves_the_attacker_in_a_clear_state(world: Pod) -> None:
             assert status == 200 and body.startswith(b"shell-ide user=attacker "), (status, body)
         world.assert_untouched()
     finally:
-        (world.attacker.home / "fill").unlink(missing_ok=True)
+        (world.attacker.workspace / "fill").unlink(missing_ok=True)
 
 
 # ---- attacks the issue's list forgot -------------------------------------------------------------------
@@ -542,7 +531,7 @@ print("ptrace", r, ctypes.get_errno())
 
 
 def test_the_victims_files_and_process_cannot_be_reached_through_proc_ptrace_or_its_socket(world: Pod) -> None:
-    v, home = world.victim_pid, world.victim.home
+    v, home = world.victim_pid, world.victim.workspace
     sock = listening_paths(v)[0]
     rc, out = world.attacker.sh(f"""
     cat {home}/canary.txt /proc/{v}/root{home}/canary.txt /proc/{v}/cwd/canary.txt /proc/{v}/environ 2>&1
