@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
+from supervisor import logfiles
 from supervisor.errors import LaunchError
 
 PR_SET_NO_NEW_PRIVS = 38
@@ -94,7 +95,7 @@ def _child_setup(procs_fds: list[int], uid: int, gid: int) -> None:  # pragma: n
 def open_log(path: Path) -> int:
     """Open (create) a user's IDE log for appending; root-owned, 0640."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o640)
+    return logfiles.open_regular(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
 
 
 def spawn(spec: LaunchSpec) -> int:
