@@ -316,7 +316,7 @@ class IdleService:
         if pid is None:
             return
         if catches_signal(pid, GC_SIGNAL):
-            os.kill(pid, GC_SIGNAL)
+            rt.signal(GC_SIGNAL)  # through the pidfd: the pid may be reused by now
         else:  # its default action would kill the IDE
             log.warning("user=%s the IDE (pid %d) does not catch SIGUSR2: no garbage collection "
                         "(run it with --expose-gc --require gc-preload.js)", rt.session.user, pid)

@@ -175,10 +175,6 @@ class UserSession:
         self.reason = f"not ready within {timeout:g}s"
         return [KillTree()]
 
-    def on_spawn_failed(self, now: float, message: str) -> list[Action]:
-        """The process could not even be started (exec failed, cgroup error)."""
-        return self._fast_failure(now, ExitInfo(), message)
-
     def on_effect_failed(self, now: float, what: str) -> list[Action]:
         """Carrying out something for this user failed (``what``: the effect and its error), so the
         daemon can no longer vouch for the tree: kill it. A user meant to run retries as after a
