@@ -367,7 +367,8 @@ class IdleService:
         state = self._track(user, rt, self.clock())
         if state is None:
             return {"user": user, "state": rt.session.state.value, "idle_stage": None,
-                    "explanation": f"not tracked: the IDE is {rt.session.state.value}", "history": []}
+                    "explanation": f"not tracked: the IDE is {rt.session.state.value}"
+                                   + (f" ({rt.session.reason})" if rt.session.reason else ""), "history": []}
         now = self.clock()
         ladder = self._ladder(rt.session.tier)
         following = next((s for s in Stage if s > state.stage), None)

@@ -97,7 +97,10 @@ def test_socket_path_replaced_by_a_directory_ends_the_user_fatal_not_the_daemon(
     assert "start failed" in info["reason"] and "Is a directory" in info["reason"], info
     assert info["pid"] is None
     assert_untouched(daemon, bob)
-    assert "start failed: [Errno 21] Is a directory" in daemon.log_text()
+    log = daemon.log_text()
+    assert log.count("user=alice start failed: [Errno 21] Is a directory") >= 2 and "Traceback" not in log
+    assert "Is a directory" in daemon.ctl("status", "alice").stdout
+    assert "Is a directory" in daemon.ctl("why", "alice").stdout
     sock.rmdir()  # once the path is sane again, a start works
     start(daemon, "alice")
 
@@ -118,6 +121,7 @@ def test_state_file_that_cannot_be_written_keeps_the_user_and_is_retried(daemon:
     os.mkfifo(users / ".alice.json.tmp")  # an open for writing would block
     alice = start(daemon, "alice")
     assert "Is a directory" in alice["state_file_error"], alice
+    assert "cannot save" in daemon.ctl("status", "alice").stdout
     assert "alice" in daemon.ctl_json("pod")["pod"]["state_files_unsaved"]
     assert_untouched(daemon, bob)
     (users / "alice.json").rmdir()
