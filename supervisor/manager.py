@@ -104,6 +104,13 @@ def limits_for(tier: TierConfig, *, starting: bool = False) -> Limits:
     )
 
 
+def _pidfd_open(pid: int) -> int | None:
+    try:
+        return os.pidfd_open(pid)
+    except ProcessLookupError:
+        return None
+
+
 def exit_info(status: int | None, oom: bool) -> ExitInfo:
     if status is None:
         return ExitInfo(oom=oom)
@@ -446,18 +453,18 @@ class SessionManager:
             if session.state is State.BACKOFF:
                 self._task(rt, "retry", self._handle_locked, rt, session.on_retry_due)
             return
-        alive = (
-            record.pid is not None
-            and launch.process_start_time(record.pid) == record.pid_start
-            and self.driver.exists(record.user)
-        )
-        if not alive or record.pid is None:
+        # The pidfd first, then the start time: if they match, the pidfd is the recorded process
+        # (one that took its pid number since would have started later).
+        pid = record.pid
+        pidfd = _pidfd_open(pid) if pid is not None else None
+        if pid is None or pidfd is None or launch.process_start_time(pid) != record.pid_start or not self.driver.exists(record.user):
+            if pidfd is not None:
+                os.close(pidfd)
             log.warning("user=%s was %s but its process is gone", record.user, record.state)
             session.state = State.STARTING if session.state is State.STARTING else State.RUNNING
             self._task(rt, "handle its exit", self._handle_locked, rt, lambda now: rt.session.on_exit(now, ExitInfo()))
             return
-        pidfd = os.pidfd_open(record.pid)
-        session.pid, rt.pidfd = record.pid, pidfd
+        session.pid, rt.pidfd = pid, pidfd
         self._task(rt, "watch its exit", self._watch_exit, rt, record.pid, pidfd)
         rt.pid_start = record.pid_start
         rt.oom_baseline = self.driver.usage(record.user).oom_kills
