@@ -383,7 +383,7 @@ class SessionManager:
         for rt in live:
             if rt.session.state in LIVE:
                 log.error("user=%s did not stop within the shutdown deadline; killing its tree", rt.session.user)
-                await self._kill_now(rt)
+                await self._contained(rt, "kill the tree", self._kill_now, rt)
 
     async def _stop_one(self, rt: UserRuntime, grace: float) -> None:
         async with rt.lock:
@@ -437,7 +437,10 @@ class SessionManager:
         for user in self.driver.users():
             if user not in self.runtimes or self.runtimes[user].session.state not in LIVE:
                 log.warning("user=%s cgroup with no live process on record: killing the orphaned tree", user)
-                await self._off_loop(self._kill_tree, user)
+                try:  # nobody's state to put it in: logged
+                    await self._off_loop(self._kill_tree, user)
+                except (CgroupError, OSError) as exc:
+                    log.error("user=%s cannot kill the orphaned tree: %s", user, exc)
                 await self._wait_empty(user)
                 await self._remove_cgroup(user)
 
@@ -781,13 +784,10 @@ class SessionManager:
         await self._off_loop(self._kill_tree, rt.session.user)
 
     def _kill_tree(self, user: str) -> None:
-        try:
-            if self.driver.exists(user):
-                if self.driver.is_frozen(user):
-                    self.driver.thaw(user)
-                self.driver.kill(user)
-        except (CgroupError, OSError) as exc:
-            log.error("user=%s cannot kill the tree: %s", user, exc)
+        if self.driver.exists(user):
+            if self.driver.is_frozen(user):
+                self.driver.thaw(user)
+            self.driver.kill(user)
 
     async def _remove_cgroup(self, user: str) -> None:
         try:

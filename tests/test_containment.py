@@ -99,6 +99,8 @@ def test_socket_path_replaced_by_a_directory_ends_the_user_fatal_not_the_daemon(
     assert_untouched(daemon, bob)
     log = daemon.log_text()
     assert log.count("user=alice start failed: [Errno 21] Is a directory") >= 2 and "Traceback" not in log
+    # FATAL's clean-up trips over the same directory: logged, not handled again (no loop)
+    assert log.count("user=alice clean up failed too, handling that failure") == 1
     assert "Is a directory" in daemon.ctl("status", "alice").stdout
     assert "Is a directory" in daemon.ctl("why", "alice").stdout
     sock.rmdir()  # once the path is sane again, a start works
