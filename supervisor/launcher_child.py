@@ -39,7 +39,8 @@ MAX_MESSAGE = 1 << 20
 #: Open files an IDE may have (soft = hard; at most the daemon's own hard limit, so no privilege is
 #: needed): Theia with its terminals, watchers and language servers stays far below.
 IDE_NOFILE = 65536
-#: Every limit the IDE gets as the daemon started with, except these (see README "IDE process").
+#: Every limit the IDE gets as the daemon started with, except these (README: "When a user breaks
+#: what they own").
 #: No core dumps: a dump of the IDE lands as root somewhere the user does not control, and fills it.
 RLIMIT_OVERRIDES = {resource.RLIMIT_CORE: (0, 0)}
 #: The daemon's own limits when it started (in the launcher: when it started, from the daemon).
