@@ -41,7 +41,8 @@ MAX_MESSAGE = 1 << 20
 IDE_NOFILE = 65536
 #: Every limit the IDE gets as the daemon started with, except these (README: "When a user breaks
 #: what they own").
-#: No core dumps: a dump of the IDE lands as root somewhere the user does not control, and fills it.
+#: No core dumps: kernel.core_pattern is the host's (often a pipe to a host service), and a dump of
+#: a large IDE fills a disk the user does not own.
 RLIMIT_OVERRIDES = {resource.RLIMIT_CORE: (0, 0)}
 #: The daemon's own limits when it started (in the launcher: when it started, from the daemon).
 STARTED_RLIMITS = {
