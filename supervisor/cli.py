@@ -109,7 +109,7 @@ def print_status(users: list[dict[str, Any]]) -> None:
             u["user"], u["state"], str(u["pid"] or "-"), u["tier"],
             f"{_size(u['memory_bytes'])}/{_size(u['memory_limit_bytes'])}",
             f"{u['cpu_limit_millicores']}m" if u["cpu_limit_millicores"] else "-",
-            _duration(u["uptime_s"]), str(u["restarts"]), u.get("reason") or "",
+            _duration(u["uptime_s"]), str(u["restarts"]), "; ".join(filter(None, (u.get("reason"), u.get("state_file_error")))),
         ))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     for row in rows:

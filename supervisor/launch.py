@@ -3,8 +3,9 @@
 :func:`build_spec` is pure (template expansion, environment); :func:`spawn` forks. In the child,
 between fork and exec, the process first writes ``0`` into every ``cgroup.procs`` of the user's
 group (file descriptors opened by the parent), so it is inside the user's cgroup before it runs a
-single instruction of user code and no fork can escape. Then it drops supplementary groups,
-gid and uid, and sets ``no_new_privs``; only then does it exec the IDE.
+single instruction of user code and no fork can escape. Then it sets the IDE's resource limits,
+drops supplementary groups, gid and uid, joins a fresh session keyring and sets ``no_new_privs``
+(the limits and the keyring: :mod:`supervisor.launcher_child`); only then does it exec the IDE.
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
+from supervisor import logfiles
 from supervisor.errors import LaunchError
+from supervisor.launcher_child import join_fresh_session_keyring, set_ide_rlimits
 
 PR_SET_NO_NEW_PRIVS = 38
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -84,9 +87,11 @@ def _child_setup(procs_fds: list[int], uid: int, gid: int) -> None:  # pragma: n
     """Runs in the forked child before exec. Keep it to raw system calls."""
     for fd in procs_fds:
         os.write(fd, b"0")
+    set_ide_rlimits()
     os.setgroups([])
     os.setresgid(gid, gid, gid)
     os.setresuid(uid, uid, uid)
+    join_fresh_session_keyring(_libc)
     if _prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS)")
 
@@ -94,7 +99,7 @@ def _child_setup(procs_fds: list[int], uid: int, gid: int) -> None:  # pragma: n
 def open_log(path: Path) -> int:
     """Open (create) a user's IDE log for appending; root-owned, 0640."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o640)
+    return logfiles.open_regular(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
 
 
 def spawn(spec: LaunchSpec) -> int:

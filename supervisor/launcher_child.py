@@ -10,16 +10,22 @@ descriptor it inherited. It:
 2. waits for one launch message: a :mod:`marshal`-ed ``(argv, env, cwd, uid, gid)`` (bytes, list of
    ``KEY=VALUE`` bytes, bytes, int, int) with the log file descriptor attached (``SCM_RIGHTS``).
    By then the daemon has renamed the spare group to the user's and written its limits;
-3. points stdout and stderr at the log, changes directory, sets umask 077, drops supplementary
-   groups, gid and uid, and execs the IDE - it becomes the IDE, same pid. The socket is
+3. points stdout and stderr at the log, changes directory, sets umask 077, sets the IDE's resource
+   limits, drops supplementary groups, gid and uid, joins a fresh session keyring, and execs the
+   IDE - it becomes the IDE, same pid. The socket is
    close-on-exec, so the daemon sees end-of-file on success and ``E<message>`` on failure.
 
 End-of-file instead of a launch message (the daemon went away or discards it) makes it exit.
+
+The hygiene both launch paths share (:func:`set_ide_rlimits`, :func:`join_fresh_session_keyring`)
+lives here, where the stdlib-only launcher can use it; :mod:`supervisor.launch` imports it.
 """
 
 import ctypes
+import errno
 import marshal
 import os
+import resource
 import signal
 import sys
 from _socket import AF_UNIX, SCM_RIGHTS, SOCK_SEQPACKET, SOL_SOCKET, CMSG_SPACE, socket
@@ -27,6 +33,54 @@ from _socket import AF_UNIX, SCM_RIGHTS, SOCK_SEQPACKET, SOL_SOCKET, CMSG_SPACE,
 PR_SET_NO_NEW_PRIVS = 38
 MSG_CMSG_CLOEXEC = 0x40000000
 MAX_MESSAGE = 1 << 20
+
+# ---- IDE hygiene (both launch paths) -------------------------------------------------------------
+
+#: Open files an IDE may have (soft = hard; at most the daemon's own hard limit, so no privilege is
+#: needed): Theia with its terminals, watchers and language servers stays far below.
+IDE_NOFILE = 65536
+#: Every limit the IDE gets as the daemon started with, except these (README: "When a user breaks
+#: what they own").
+#: No core dumps: kernel.core_pattern is the host's (often a pipe to a host service), and a dump of
+#: a large IDE fills a disk the user does not own.
+RLIMIT_OVERRIDES = {resource.RLIMIT_CORE: (0, 0)}
+#: The daemon's own limits when it started (in the launcher: when it started, from the daemon).
+STARTED_RLIMITS = {
+    getattr(resource, name): resource.getrlimit(getattr(resource, name))
+    for name in dir(resource) if name.startswith("RLIMIT_")
+}
+KEYCTL_JOIN_SESSION_KEYRING = 1
+SYS_KEYCTL = {"x86_64": 250, "aarch64": 219, "riscv64": 219, "ppc64le": 271, "s390x": 280, "i686": 288, "armv7l": 311}
+
+
+def ide_rlimits(started: dict) -> dict:
+    """The IDE's limits: ``started`` (the daemon's at start-up) with the overrides and NOFILE."""
+    limits = {**started, **RLIMIT_OVERRIDES}
+    _soft, hard = started[resource.RLIMIT_NOFILE]
+    nofile = IDE_NOFILE if hard == resource.RLIM_INFINITY else min(IDE_NOFILE, hard)
+    limits[resource.RLIMIT_NOFILE] = (nofile, nofile)
+    return limits
+
+
+def set_ide_rlimits() -> None:
+    """Set the IDE's resource limits (before the uid drop: as root, within the daemon's hard limits)."""
+    for limit, value in ide_rlimits(STARTED_RLIMITS).items():
+        resource.setrlimit(limit, value)
+
+
+def join_fresh_session_keyring(libc: "ctypes.CDLL") -> None:
+    """Leave the daemon's session keyring for a new anonymous one (after the uid drop, so that the
+    user owns it): a process possesses its session keyring, so an inherited one would hand the
+    IDE every key of the daemon's session. Where keyrings are not available at all (seccomp, no
+    kernel support) there is nothing to leave."""
+    machine = os.uname().machine
+    number = SYS_KEYCTL.get(machine)
+    if number is None:
+        raise OSError(f"keyctl: unknown system call number on {machine}")
+    if libc.syscall(ctypes.c_long(number), ctypes.c_long(KEYCTL_JOIN_SESSION_KEYRING), ctypes.c_void_p(None)) < 0:
+        err = ctypes.get_errno()
+        if err not in (errno.ENOSYS, errno.EPERM):
+            raise OSError(err, "keyctl(KEYCTL_JOIN_SESSION_KEYRING)")
 
 
 def fail(sock: "socket", what: str, exc: BaseException) -> None:
@@ -71,9 +125,11 @@ def become(spec: tuple, log_fd: int) -> None:
     os.close(log_fd)
     os.chdir(cwd)
     os.umask(0o077)
+    set_ide_rlimits()
     os.setgroups([])
     os.setresgid(gid, gid, gid)
     os.setresuid(uid, uid, uid)
+    join_fresh_session_keyring(ctypes.CDLL(None, use_errno=True))
     environ = dict(item.split(b"=", 1) for item in env)
     execvpe(argv, environ)
 

@@ -3,7 +3,15 @@
 One :class:`SessionManager` per daemon. Every event for a user (operator verb, process exit,
 readiness, retry timer) is handled under that user's lock: the pure state machine decides, then
 the actions run in order. Exits are noticed through a pidfd per main process (and SIGCHLD, which
-also reaps orphans when the daemon is PID 1); nothing polls for them.
+also reaps orphans when the daemon is PID 1); nothing polls for them. Signals for the main process
+go through that pidfd too, never by pid number (a reaped pid may be another user's process).
+
+Containment: whatever a user does to what they own can make an effect fail. Every per-user effect
+- the actions, re-adoption, exit handling, readiness, retries, a tier change, sampling, log
+rotation, saving state - runs through one boundary (:meth:`SessionManager._handle` for actions,
+:meth:`SessionManager._contained` for the tasks and steps around them) that turns any error but
+cancellation into that user's state (``UserSession.on_effect_failed``: BACKOFF, then FATAL, with
+the reason), logs it once and never lets it reach the daemon's nursery.
 """
 
 from __future__ import annotations
@@ -15,12 +23,13 @@ import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 import trio
 
 from supervisor import launch, logfiles, metrics, sockwatch
 from supervisor.cgroups import CgroupDriver, Limits, SpareGroups
+from supervisor.cgroups.base import Usage
 from supervisor.config import Config, TierConfig
 from supervisor.errors import CgroupError, InvalidTransition, SupervisorError, UnknownUser, UnsafePath
 from supervisor.launchpool import LauncherPool
@@ -46,6 +55,11 @@ from supervisor.statefile import StateStore, UserRecord
 
 log = logging.getLogger(__name__)
 SOCKET_NAME = "ide.sock"
+#: How each action is named in a failure's reason (and the effect label of the failures metric).
+EFFECTS: dict[type, str] = {
+    Spawn: "start", Terminate: "stop (SIGTERM)", KillTree: "kill the tree", Cleanup: "clean up",
+    ScheduleRetry: "schedule a retry", CancelRetry: "cancel the retry", Freeze: "freeze", Thaw: "thaw",
+}
 
 
 class Reaper:
@@ -88,6 +102,13 @@ def limits_for(tier: TierConfig, *, starting: bool = False) -> Limits:
         memory_high_bytes=int(tier.memory * tier.memory_high) if tier.memory_high < 1 else None,
         pids=tier.pids,
     )
+
+
+def _pidfd_open(pid: int) -> int | None:
+    try:
+        return os.pidfd_open(pid)
+    except ProcessLookupError:
+        return None
 
 
 def exit_info(status: int | None, oom: bool) -> ExitInfo:
@@ -141,10 +162,23 @@ class UserRuntime:
     started_wall: float | None = None
     running_since_wall: float | None = None
     retry_scope: trio.CancelScope | None = None
+    #: The main process's pidfd while it is ``session.pid`` (owned and closed by its exit watcher).
+    pidfd: int | None = None
 
     @property
     def socket_path(self) -> Path:
         return self.socket_dir / SOCKET_NAME
+
+    def signal(self, signum: int) -> bool:
+        """Send ``signum`` to the main process through its pidfd; False when there is none (any
+        more). Never by pid number: once reaped, that pid may be another user's process."""
+        if self.pidfd is None or self.session.pid is None:
+            return False
+        try:
+            signal.pidfd_send_signal(self.pidfd, signum)
+        except ProcessLookupError:
+            return False
+        return True
 
 
 class SessionManager:
@@ -230,6 +264,8 @@ class SessionManager:
         """Refresh usage of every live user; notice OOM kills of non-main processes; rotate logs."""
         read = failed = 0
         for rt in list(self.runtimes.values()):
+            if rt.session.user in self.store.failing:
+                self._contain_now(rt, "save its state", self._save, rt)  # the retry of a failed save
             if rt.session.state not in LIVE:
                 continue
             try:
@@ -239,12 +275,16 @@ class SessionManager:
                 self.cgroup_error, failed = str(exc), failed + 1
                 continue
             read += 1
-            rt.memory_bytes = usage.memory_bytes
-            self._account_cpu(rt, usage.cpu_usage_us)
-            self._count_ooms(rt, usage.oom_kills)
-            logfiles.rotate_if_needed(rt.log_path, self.config.daemon.log_max_bytes, self.config.daemon.log_backups)
+            self._contain_now(rt, "account usage", self._account, rt, usage)
+            self._contain_now(rt, "rotate its log", logfiles.rotate_if_needed, rt.log_path,
+                              self.config.daemon.log_max_bytes, self.config.daemon.log_backups)
         if read and not failed:
             self.cgroup_error = None
+
+    def _account(self, rt: UserRuntime, usage: Usage) -> None:
+        rt.memory_bytes = usage.memory_bytes
+        self._account_cpu(rt, usage.cpu_usage_us)
+        self._count_ooms(rt, usage.oom_kills)
 
     def _count_ooms(self, rt: UserRuntime, cgroup_oom_kills: int) -> None:
         """Count the OOM kills of the tree not counted yet (the sampler and exit handling share it)."""
@@ -291,7 +331,7 @@ class SessionManager:
             rt = self._new_runtime(user, tier_name)
         async with rt.lock:
             if tier_name != rt.session.tier:
-                self._change_tier(rt, tier_name, tier_config)
+                await self._contained_locked(rt, "change its tier", self._change_tier, rt, tier_name, tier_config)
             actions = rt.session.on_start(self.clock())
             if any(isinstance(a, Spawn) for a in actions):
                 metrics.COLD_STARTS.labels(tier=tier_name).inc()
@@ -327,9 +367,8 @@ class SessionManager:
     def send_signal(self, user: str, signum: int) -> dict[str, Any]:
         rt = self.runtime(user)
         pid = rt.session.pid
-        if pid is None or rt.session.state not in LIVE:
+        if pid is None or rt.session.state not in LIVE or not rt.signal(signum):
             raise InvalidTransition(f"user {user} has no running process (state {rt.session.state.value})")
-        os.kill(pid, signum)
         log.info("user=%s sent signal %s to pid %d", user, signal.Signals(signum).name, pid)
         return self.describe(rt)
 
@@ -340,11 +379,11 @@ class SessionManager:
         with trio.move_on_after(deadline):
             async with trio.open_nursery() as nursery:
                 for rt in live:
-                    nursery.start_soon(self._stop_one, rt, grace)
+                    nursery.start_soon(self._contained, rt, "stop", self._stop_one, rt, grace)
         for rt in live:
             if rt.session.state in LIVE:
                 log.error("user=%s did not stop within the shutdown deadline; killing its tree", rt.session.user)
-                await self._kill_now(rt)
+                await self._contained(rt, "kill the tree", self._kill_now, rt)
 
     async def _stop_one(self, rt: UserRuntime, grace: float) -> None:
         async with rt.lock:
@@ -394,46 +433,52 @@ class SessionManager:
             if record.tier not in self.config.tiers:
                 log.warning("user=%s state file names unknown tier %r; using 'free'", record.user, record.tier)
             rt = self._new_runtime_from(record)
-            session = rt.session
-            session.state = State(record.state)
-            session.since = now
-            if record.running_since_wall is not None:
-                session.running_since = now - (wall - record.running_since_wall)
-                rt.running_since_wall = record.running_since_wall
-            rt.started_wall = record.started_wall
-            if session.state not in LIVE:
-                if session.state is State.BACKOFF:
-                    self.nursery.start_soon(self._handle_locked, rt, session.on_retry_due)
-                continue
-            alive = (
-                record.pid is not None
-                and launch.process_start_time(record.pid) == record.pid_start
-                and self.driver.exists(record.user)
-            )
-            if not alive or record.pid is None:
-                log.warning("user=%s was %s but its process is gone", record.user, record.state)
-                session.state = State.STARTING if session.state is State.STARTING else State.RUNNING
-                self.nursery.start_soon(self._handle_locked, rt, lambda now: rt.session.on_exit(now, ExitInfo()))
-                continue
-            pidfd = os.pidfd_open(record.pid)
-            session.pid = record.pid
-            rt.pid_start = record.pid_start
-            rt.oom_baseline = self.driver.usage(record.user).oom_kills
-            if self.driver.is_frozen(record.user):
-                session.state = State.PAUSED
-            self.nursery.start_soon(self._watch_exit, rt, record.pid, pidfd)
-            if session.state is State.STARTING:
-                self.nursery.start_soon(self._await_ready, rt, record.pid)
-            elif session.state is State.STOPPING:
-                session.state = State.RUNNING  # stop it again from the top: SIGTERM, grace, kill
-                self.nursery.start_soon(self._stop_one, rt, self.config.ide.stop_grace)
-            log.info("user=%s re-adopted pid %d in state %s", record.user, record.pid, session.state.value)
+            self._contain_now(rt, "re-adopt", self._adopt, rt, record, now, wall)
         for user in self.driver.users():
             if user not in self.runtimes or self.runtimes[user].session.state not in LIVE:
                 log.warning("user=%s cgroup with no live process on record: killing the orphaned tree", user)
-                await self._off_loop(self.driver.kill, user)
+                try:  # nobody's state to put it in: logged
+                    await self._off_loop(self._kill_tree, user)
+                except (CgroupError, OSError) as exc:
+                    log.error("user=%s cannot kill the orphaned tree: %s", user, exc)
                 await self._wait_empty(user)
                 await self._remove_cgroup(user)
+
+    def _adopt(self, rt: UserRuntime, record: UserRecord, now: float, wall: float) -> None:
+        session = rt.session
+        session.state = State(record.state)
+        session.since = now
+        if record.running_since_wall is not None:
+            session.running_since = now - (wall - record.running_since_wall)
+            rt.running_since_wall = record.running_since_wall
+        rt.started_wall = record.started_wall
+        if session.state not in LIVE:
+            if session.state is State.BACKOFF:
+                self._task(rt, "retry", self._handle_locked, rt, session.on_retry_due)
+            return
+        # The pidfd first, then the start time: if they match, the pidfd is the recorded process
+        # (one that took its pid number since would have started later).
+        pid = record.pid
+        pidfd = _pidfd_open(pid) if pid is not None else None
+        if pid is None or pidfd is None or launch.process_start_time(pid) != record.pid_start or not self.driver.exists(record.user):
+            if pidfd is not None:
+                os.close(pidfd)
+            log.warning("user=%s was %s but its process is gone", record.user, record.state)
+            session.state = State.STARTING if session.state is State.STARTING else State.RUNNING
+            self._task(rt, "handle its exit", self._handle_locked, rt, lambda now: rt.session.on_exit(now, ExitInfo()))
+            return
+        session.pid, rt.pidfd = pid, pidfd
+        self._task(rt, "watch its exit", self._watch_exit, rt, record.pid, pidfd)
+        rt.pid_start = record.pid_start
+        rt.oom_baseline = self.driver.usage(record.user).oom_kills
+        if self.driver.is_frozen(record.user):
+            session.state = State.PAUSED
+        if session.state is State.STARTING:
+            self._task(rt, "wait for readiness", self._await_ready, rt, record.pid)
+        elif session.state is State.STOPPING:
+            session.state = State.RUNNING  # stop it again from the top: SIGTERM, grace, kill
+            self._task(rt, "stop", self._stop_one, rt, self.config.ide.stop_grace)
+        log.info("user=%s re-adopted pid %d in state %s", record.user, record.pid, session.state.value)
 
     async def _handle_locked(self, rt: UserRuntime, event: Callable[[float], list[Action]]) -> None:
         async with rt.lock:
@@ -458,12 +503,71 @@ class SessionManager:
     # ---- carrying out actions --------------------------------------------------------------
 
     async def _handle(self, rt: UserRuntime, actions: list[Action]) -> None:
-        """Carry out ``actions`` (caller holds ``rt.lock``), then persist and notify waiters."""
+        """Carry out ``actions`` (caller holds ``rt.lock``), then persist and notify waiters. The
+        first action that raises ends the list and becomes the user's state (:meth:`_fail`)."""
         for action in actions:
-            await self._execute(rt, action)
+            try:
+                await self._execute(rt, action)
+            except Exception as exc:  # noqa: BLE001 - the containment boundary
+                await self._fail(rt, EFFECTS[type(action)], exc)
+                return
+        self._settle(rt)
+
+    def _settle(self, rt: UserRuntime) -> None:
         self._count_restarts(rt)
         self._save(rt)
         self._notify()
+
+    # ---- the containment boundary ------------------------------------------------------------
+
+    async def _fail(self, rt: UserRuntime, what: str, exc: Exception) -> None:
+        """The one place where an effect that failed for a user becomes its state (caller holds
+        ``rt.lock``): logged once, counted, then ``on_effect_failed``'s actions, each tried once -
+        a failure while handling a failure is logged, never handled again (no loop)."""
+        user = rt.session.user
+        expected = isinstance(exc, (OSError, SupervisorError))
+        reason = f"{what} failed: {exc if expected else f'{type(exc).__name__}: {exc}'}"
+        log.error("user=%s %s", user, reason, exc_info=None if expected else exc)
+        metrics.EFFECT_FAILURES.labels(effect=what).inc()
+        if isinstance(exc, CgroupError):
+            self.cgroup_error = str(exc)
+        for action in rt.session.on_effect_failed(self.clock(), reason):
+            try:
+                await self._execute(rt, action)
+            except Exception as again:  # noqa: BLE001
+                log.error("user=%s %s failed too, handling that failure: %s", user, EFFECTS[type(action)], again)
+        self._settle(rt)
+
+    def _task(self, rt: UserRuntime, what: str, effect: Callable[..., Awaitable[None]], *args: Any) -> None:
+        """Run a per-user task in the manager's nursery, its errors contained (:meth:`_contained`)."""
+        self.nursery.start_soon(self._contained, rt, what, effect, *args)
+
+    async def _contained(self, rt: UserRuntime, what: str, effect: Callable[..., Awaitable[None]], *args: Any) -> None:
+        try:
+            await effect(*args)
+        except Exception as exc:  # noqa: BLE001 - the containment boundary
+            await self._fail_locked(rt, what, exc)
+
+    async def _contained_locked(self, rt: UserRuntime, what: str, effect: Callable[..., None], *args: Any) -> None:
+        """Run a synchronous per-user step while holding ``rt.lock``, its errors contained."""
+        try:
+            effect(*args)
+        except Exception as exc:  # noqa: BLE001 - the containment boundary
+            await self._fail(rt, what, exc)
+
+    def _contain_now(self, rt: UserRuntime, what: str, effect: Callable[..., object], *args: Any) -> None:
+        """Run a synchronous per-user step outside the lock; a failure is handled in a task."""
+        try:
+            effect(*args)
+        except Exception as exc:  # noqa: BLE001 - the containment boundary
+            self.nursery.start_soon(self._fail_locked, rt, what, exc)
+
+    async def _fail_locked(self, rt: UserRuntime, what: str, exc: Exception) -> None:
+        try:
+            async with rt.lock:
+                await self._fail(rt, what, exc)
+        except Exception:  # noqa: BLE001 - the last guard: nothing reaches the daemon's nursery
+            log.exception("user=%s handling a failure of %s failed", rt.session.user, what)
 
     @staticmethod
     def _count_restarts(rt: UserRuntime) -> None:
@@ -482,14 +586,13 @@ class SessionManager:
     async def _execute(self, rt: UserRuntime, action: Action) -> None:
         user = rt.session.user
         if isinstance(action, Spawn):
-            for follow_up in await self._spawn(rt):
-                await self._execute(rt, follow_up)
+            await self._spawn(rt)
         elif isinstance(action, Terminate):
             if self.driver.exists(user) and self.driver.is_frozen(user):
                 await self._off_loop(self.driver.thaw, user)  # frozen by the idle ladder: SIGTERM must reach it
             if rt.session.pid is not None:
-                self._signal_pid(rt.session.pid, signal.SIGTERM)
-                self.nursery.start_soon(self._kill_after_grace, rt, rt.session.pid, action.grace)
+                rt.signal(signal.SIGTERM)
+                self._task(rt, "kill after the grace", self._kill_after_grace, rt, rt.session.pid, action.grace)
         elif isinstance(action, KillTree):
             if self.driver.exists(user):
                 await self._off_loop(self.driver.kill, user)
@@ -499,7 +602,7 @@ class SessionManager:
             self._remove_socket(rt)
         elif isinstance(action, ScheduleRetry):
             rt.retry_scope = trio.CancelScope()
-            self.nursery.start_soon(self._retry_after, rt, action.delay, rt.retry_scope)
+            self._task(rt, "retry", self._retry_after, rt, action.delay, rt.retry_scope)
         elif isinstance(action, CancelRetry):
             if rt.retry_scope is not None:
                 rt.retry_scope.cancel()
@@ -520,35 +623,31 @@ class SessionManager:
         uninterruptible sleep (e.g. on NFS) - every other user's work must go on meanwhile."""
         await trio.to_thread.run_sync(wait_for_kernel, user)
 
-    async def _spawn(self, rt: UserRuntime) -> list[Action]:
-        """Start the tree; on failure return the state machine's follow-up actions."""
+    async def _spawn(self, rt: UserRuntime) -> None:
+        """Start the tree (a failure is the boundary's: :meth:`_handle`)."""
         session = rt.session
         user = session.user
-        try:
-            tier = self.config.tier(session.tier)
-            ensure_user_dirs(rt.paths, self.config.workspace.root, rt.uid, rt.gid)
-            ensure_private_dir(rt.socket_dir, rt.uid, rt.gid)
-            self._remove_socket_file(rt)
-            limits = limits_for(tier, starting=True)
-            spec = launch.build_spec(
-                user=user, uid=rt.uid, gid=rt.gid,
-                command=self.config.ide.command, extra_env=self.config.ide.env, shell=self.config.ide.shell,
-                workspace=rt.paths.workspace, home=rt.paths.home, socket_path=rt.socket_path,
-                procs_files=self.driver.procs_files(user), log_path=rt.log_path,
-            )
-            # A ready launcher whose spare group becomes the user's; else join the group before exec.
-            pid = await self.pool.launch(spec, limits) if self.pool is not None else None
-            if pid is None:
-                self.driver.create(user, limits)
-                pid = launch.spawn(spec)
-            self.cgroup_error = None
-        except SupervisorError as exc:
-            log.error("user=%s cannot start: %s", user, exc)
-            if isinstance(exc, CgroupError):
-                self.cgroup_error = str(exc)
-            return session.on_spawn_failed(self.clock(), str(exc))
-        pidfd = os.pidfd_open(pid)
+        tier = self.config.tier(session.tier)
+        ensure_user_dirs(rt.paths, self.config.workspace.root, rt.uid, rt.gid)
+        ensure_private_dir(rt.socket_dir, rt.uid, rt.gid)
+        self._remove_socket_file(rt)
+        limits = limits_for(tier, starting=True)
+        spec = launch.build_spec(
+            user=user, uid=rt.uid, gid=rt.gid,
+            command=self.config.ide.command, extra_env=self.config.ide.env, shell=self.config.ide.shell,
+            workspace=rt.paths.workspace, home=rt.paths.home, socket_path=rt.socket_path,
+            procs_files=self.driver.procs_files(user), log_path=rt.log_path,
+        )
+        # A ready launcher whose spare group becomes the user's; else join the group before exec.
+        pid = await self.pool.launch(spec, limits) if self.pool is not None else None
+        if pid is None:
+            self.driver.create(user, limits)
+            pid = launch.spawn(spec)
+        self.cgroup_error = None
+        pidfd = os.pidfd_open(pid)  # our unreaped child: it cannot be gone yet
         session.on_spawned(pid)
+        rt.pidfd = pidfd
+        self._task(rt, "watch its exit", self._watch_exit, rt, pid, pidfd)
         try:  # a fresh group, or one emptied by KillTree: the new tree has had no time to OOM
             usage = self.driver.usage(user)
             rt.oom_baseline, rt.oom_kills = usage.oom_kills, 0
@@ -559,14 +658,15 @@ class SessionManager:
         rt.started_wall = time.time()
         rt.running_since_wall = None
         log.info("user=%s spawned pid %d (tier %s, uid %d): %s", user, pid, session.tier, rt.uid, session.reason)
-        self.nursery.start_soon(self._watch_exit, rt, pid, pidfd)
-        self.nursery.start_soon(self._await_ready, rt, pid)
-        return []
+        self._task(rt, "wait for readiness", self._await_ready, rt, pid)
 
     async def _watch_exit(self, rt: UserRuntime, pid: int, pidfd: int) -> None:
+        """Wait for the main process to end; then no signal can reach it (or its pid's next owner)."""
         try:
             await trio.lowlevel.wait_readable(pidfd)
         finally:
+            if rt.pidfd == pidfd:
+                rt.pidfd = None
             os.close(pidfd)
         status = self.reaper.pop(pid)
         # Killed by SIGKILL (or status unknown) while the kernel counted an OOM kill in this
@@ -616,7 +716,8 @@ class SessionManager:
             await trio.lowlevel.checkpoint()
             async with rt.lock:
                 if rt.session.pid == pid and rt.session.state in LIVE:
-                    self.driver.set_limits(rt.session.user, limits_for(self.config.tier(rt.session.tier)))
+                    await self._contained_locked(rt, "end the start-up CPU boost", self.driver.set_limits,
+                                                 rt.session.user, limits_for(self.config.tier(rt.session.tier)))
 
     async def _probe_until_ready(self, rt: UserRuntime, pid: int, watch: int | None) -> bool:
         """Probe ``GET /`` until it answers (True), or until this attempt is over or timed out (False).
@@ -683,25 +784,15 @@ class SessionManager:
         await self._off_loop(self._kill_tree, rt.session.user)
 
     def _kill_tree(self, user: str) -> None:
-        try:
-            if self.driver.exists(user):
-                if self.driver.is_frozen(user):
-                    self.driver.thaw(user)
-                self.driver.kill(user)
-        except CgroupError as exc:
-            log.error("user=%s cannot kill the tree: %s", user, exc)
-
-    @staticmethod
-    def _signal_pid(pid: int, signum: int) -> None:
-        try:
-            os.kill(pid, signum)
-        except ProcessLookupError:
-            pass
+        if self.driver.exists(user):
+            if self.driver.is_frozen(user):
+                self.driver.thaw(user)
+            self.driver.kill(user)
 
     async def _remove_cgroup(self, user: str) -> None:
         try:
             await self._off_loop(self.driver.remove, user)
-        except CgroupError as exc:
+        except (CgroupError, OSError) as exc:
             log.error("user=%s cannot remove its cgroup: %s", user, exc)
 
     def _remove_socket_file(self, rt: UserRuntime) -> None:
@@ -722,13 +813,15 @@ class SessionManager:
     def _save(self, rt: UserRuntime) -> None:
         s = rt.session
         if s.state is State.STOPPED:
-            self.store.delete(s.user)
-            return
-        self.store.save(UserRecord(
-            user=s.user, tier=s.tier, uid=rt.uid, gid=rt.gid, state=s.state.value, pid=s.pid,
-            pid_start=rt.pid_start if s.pid else None, restarts=s.restarts,
-            running_since_wall=rt.running_since_wall, started_wall=rt.started_wall, reason=s.reason,
-        ))
+            saved = self.store.delete(s.user)
+        else:
+            saved = self.store.save(UserRecord(
+                user=s.user, tier=s.tier, uid=rt.uid, gid=rt.gid, state=s.state.value, pid=s.pid,
+                pid_start=rt.pid_start if s.pid else None, restarts=s.restarts,
+                running_since_wall=rt.running_since_wall, started_wall=rt.started_wall, reason=s.reason,
+            ))
+        if not saved:  # kept in memory; retried on the next save and by the sampler
+            metrics.STATE_SAVE_FAILURES.inc()
 
     # ---- reading -------------------------------------------------------------------------------
 
@@ -754,6 +847,7 @@ class SessionManager:
             "last_exit": s.last_exit.describe() if s.last_exit else None,
             "oom_kills": rt.oom_kills,
             "log": str(rt.log_path),
+            "state_file_error": self.store.failing.get(s.user),
             **{k: v for provider in self.user_info_providers for k, v in provider(s.user).items()},
         }
 
@@ -776,6 +870,7 @@ class SessionManager:
             "oom_kills": self.oom_kills_total,
             "orphans_reaped": self.reaper.orphans_reaped,
             "launcher_pool": self.pool.info() if self.pool is not None else None,
+            "state_files_unsaved": dict(sorted(self.store.failing.items())),
             "uptime_s": round(time.time() - self.started_wall, 3),
             "pid": os.getpid(),
             **{name: provide() for name, provide in self.info_providers.items()},

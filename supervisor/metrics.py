@@ -57,6 +57,18 @@ CAPACITY = Gauge(f"{PREFIX}_capacity", "Most users this pod runs at once ([pod] 
 FREE_SLOTS = Gauge(f"{PREFIX}_free_slots", "Users this pod can still admit (0 while draining).", registry=REGISTRY)
 SESSIONS = Gauge(f"{PREFIX}_sessions", "Browser sessions open on this pod (as reported to the registry).", registry=REGISTRY)
 DRAINING = Gauge(f"{PREFIX}_draining", "1 while the pod is draining (admitting no new users), else 0.", registry=REGISTRY)
+EFFECT_FAILURES = Counter(
+    f"{PREFIX}_effect_failures",
+    "Effects carried out for a user that failed and put the user in BACKOFF/FATAL (the manager's containment "
+    "boundary), by effect (start, kill the tree, watch its exit, ...). See `workspacectl status` for whom and why.",
+    ["effect"], registry=REGISTRY,
+)
+STATE_SAVE_FAILURES = Counter(
+    f"{PREFIX}_state_save_failures",
+    "Writes of a user's state file that failed (disk full, I/O error); the last good file is kept and the write "
+    "retried. `workspacectl pod` lists the users whose file is behind (state_files_unsaved).",
+    registry=REGISTRY,
+)
 
 SPAWN_BUCKETS = (0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 45.0, 60.0, 90.0, 120.0, 180.0, 300.0)
 

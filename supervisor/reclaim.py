@@ -316,7 +316,7 @@ class IdleService:
         if pid is None:
             return
         if catches_signal(pid, GC_SIGNAL):
-            os.kill(pid, GC_SIGNAL)
+            rt.signal(GC_SIGNAL)  # through the pidfd: the pid may be reused by now
         else:  # its default action would kill the IDE
             log.warning("user=%s the IDE (pid %d) does not catch SIGUSR2: no garbage collection "
                         "(run it with --expose-gc --require gc-preload.js)", rt.session.user, pid)
@@ -367,7 +367,8 @@ class IdleService:
         state = self._track(user, rt, self.clock())
         if state is None:
             return {"user": user, "state": rt.session.state.value, "idle_stage": None,
-                    "explanation": f"not tracked: the IDE is {rt.session.state.value}", "history": []}
+                    "explanation": f"not tracked: the IDE is {rt.session.state.value}"
+                                   + (f" ({rt.session.reason})" if rt.session.reason else ""), "history": []}
         now = self.clock()
         ladder = self._ladder(rt.session.tier)
         following = next((s for s in Stage if s > state.stage), None)

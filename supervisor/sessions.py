@@ -8,6 +8,7 @@ trio adapter in :mod:`supervisor.manager` carries out). States:
                            \-> BACKOFF --retry due--> STARTING  (fast failure: 1s, 2s, 4s ... capped)
                            \-> FATAL  (after max_failures fast failures in a row; start clears it)
                            \-> EXITED (clean exit status 0 while RUNNING: not restarted)
+    any state --an effect failed--> BACKOFF/FATAL as after a fast failure (FATAL when stopping/down)
     any live state --stop--> STOPPING --exit--> STOPPED
 """
 
@@ -174,9 +175,16 @@ class UserSession:
         self.reason = f"not ready within {timeout:g}s"
         return [KillTree()]
 
-    def on_spawn_failed(self, now: float, message: str) -> list[Action]:
-        """The process could not even be started (exec failed, cgroup error)."""
-        return self._fast_failure(now, ExitInfo(), message)
+    def on_effect_failed(self, now: float, what: str) -> list[Action]:
+        """Carrying out something for this user failed (``what``: the effect and its error), so the
+        daemon can no longer vouch for the tree: kill it. A user meant to run retries as after a
+        fast failure (BACKOFF, then FATAL); one being stopped or already down becomes FATAL, and
+        the operator's start retries. ``last_exit`` is kept: no process exit was seen."""
+        self.pid = None
+        if self.state in (State.STARTING, State.RUNNING, State.PAUSED, State.BACKOFF):
+            return self._fast_failure(now, self.last_exit, what)
+        self._enter(State.FATAL, now, f"{what}; `workspacectl start {self.user}` retries")
+        return [CancelRetry(), KillTree(), Cleanup()]
 
     def on_exit(self, now: float, info: ExitInfo) -> list[Action]:
         """The main process is gone (noticed via pidfd/SIGCHLD)."""
@@ -200,7 +208,7 @@ class UserSession:
             return [KillTree()] + self._spawn(now, f"restarted at once: {info.describe()}")
         return self._fast_failure(now, info, info.describe())
 
-    def _fast_failure(self, now: float, info: ExitInfo, what: str) -> list[Action]:
+    def _fast_failure(self, now: float, info: ExitInfo | None, what: str) -> list[Action]:
         self.last_exit = info
         self.pid = None
         self.failures += 1

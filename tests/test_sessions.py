@@ -150,3 +150,56 @@ def test_pod_capacity_and_draining() -> None:
         pod.check_admission("c")
     assert pod.counts_by_state()["STARTING"] == 1
     assert pod.free_slots() == 1
+
+
+def test_effect_failure_of_a_running_user_backs_off_then_goes_fatal() -> None:
+    s = running()
+    s.on_exit(1, ExitInfo(code=3))  # a fast failure first: the effect failure must not hide it
+    s.on_retry_due(2)
+    s.on_spawned(101)
+    actions = s.on_effect_failed(3, "spawn: [Errno 21] Is a directory: 'ide.sock'")
+    assert actions == [KillTree(), ScheduleRetry(2)]
+    assert (s.state, s.pid, s.failures) == (State.BACKOFF, None, 2)
+    assert "Is a directory" in s.reason and "retry in 2s" in s.reason
+    assert s.last_exit == ExitInfo(code=3)  # no exit was seen: the last one stays
+    for now in (10, 20, 30):
+        s.on_retry_due(now)
+        actions = s.on_effect_failed(now + 1, "spawn: no space left")
+    assert s.state is State.FATAL and actions == [KillTree(), Cleanup()]
+    assert "5 fast failures" in s.reason and "no space left" in s.reason
+
+
+@pytest.mark.parametrize("state", [State.STARTING, State.PAUSED, State.BACKOFF])
+def test_effect_failure_of_a_user_meant_to_run_is_a_fast_failure(state: State) -> None:
+    s = running()
+    if state is State.PAUSED:
+        s.on_pause(1)
+    elif state is State.BACKOFF:
+        s.on_exit(1, ExitInfo(code=1))
+    elif state is State.STARTING:
+        s.on_exit(100, ExitInfo(code=1))  # healthy: restarted at once
+    failures = s.failures
+    actions = s.on_effect_failed(200, "freeze: EIO")
+    assert s.state is State.BACKOFF and s.failures == failures + 1 and s.pid is None
+    assert actions[0] == KillTree() and isinstance(actions[1], ScheduleRetry)
+
+
+@pytest.mark.parametrize("state", [State.STOPPING, State.STOPPED, State.EXITED, State.FATAL])
+def test_effect_failure_while_stopping_or_down_is_fatal(state: State) -> None:
+    s = running()
+    if state is State.STOPPING:
+        s.on_stop(1, 5)
+    elif state is State.STOPPED:
+        s.on_stop(1, 5)
+        s.on_exit(2, ExitInfo(code=0))
+    elif state is State.EXITED:
+        s.on_exit(100, ExitInfo(code=0))
+    else:
+        s.failures = POLICY.max_failures - 1
+        s.on_exit(1, ExitInfo(code=1))
+    assert s.state is state
+    actions = s.on_effect_failed(200, "cleanup: cannot remove the cgroup")
+    assert s.state is State.FATAL and s.pid is None
+    assert actions == [CancelRetry(), KillTree(), Cleanup()]
+    assert s.reason == "cleanup: cannot remove the cgroup; `workspacectl start alice` retries"
+    assert s.on_start(201) == [Spawn()]  # the operator's start clears it
