@@ -70,6 +70,10 @@ class Daemon:
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = self.base / "daemon.log"
 
+    def ide_socket(self, user: str) -> Path:
+        """The listening socket the daemon makes for ``user``'s IDE (root-only directory)."""
+        return self.base / "run" / "ide" / f"{user}.sock"
+
     def start(self, *, env: dict[str, str] | None = None, wrapper: list[str] | None = None) -> None:
         # The daemon refuses unknown WSUP_* variables; the test runner's own (e.g. WSUP_VM_TIER) stay here.
         inherited = {k: v for k, v in os.environ.items() if not k.startswith("WSUP_")}
