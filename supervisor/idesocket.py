@@ -20,7 +20,6 @@ import logging
 import os
 import socket
 import stat
-import struct
 from pathlib import Path
 
 from supervisor.errors import LaunchError
@@ -34,7 +33,6 @@ LISTEN_ENV = {"LISTEN_FDS": "1", "LISTEN_FDNAMES": "ide"}
 DIR_NAME = "ide"
 LEGACY_DIR_NAME = "users"  # <run_dir>/users/<user>/ide.sock: user-owned, before the daemon owned sockets
 BACKLOG = 512
-_UCRED = struct.Struct("3i")  # pid, uid, gid
 
 
 def socket_path(run_dir: Path, user: str) -> Path:
@@ -114,12 +112,6 @@ def remove_legacy(run_dir: Path) -> int:
     with contextlib.suppress(OSError):
         os.rmdir(Path(run_dir) / LEGACY_DIR_NAME)
     return removed
-
-
-def peer_credentials(sock: socket.socket) -> tuple[int, int]:
-    """``(uid, pid)`` of whoever last called ``listen()`` on the socket ``sock`` is connected to."""
-    pid, uid, _gid = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
-    return uid, pid
 
 
 def is_socket(path: Path) -> bool:

@@ -197,6 +197,13 @@ def lsp_progressing(home: Path, window: float) -> bool:
     return lsp_ticks(home) > before
 
 
+def on_fd3(listen_fd: int, argv: list[str]) -> list[str]:
+    """``argv`` run with ``listen_fd`` at fd 3, as the daemon hands an IDE its listening socket
+    (start it with ``pass_fds=(listen_fd,)`` and ``LISTEN_FDS=1`` in its environment)."""
+    move = "import os, sys; fd = int(sys.argv[1]); os.dup2(fd, 3); fd == 3 or os.close(fd); os.execvp(sys.argv[2], sys.argv[2:])"
+    return [SYSTEM_PYTHON, "-I", "-S", "-c", move, str(listen_fd), *argv]
+
+
 def http_get(socket_path: Path, target: str = "/", timeout: float = 5.0) -> str:
     import socket as socketlib
 
