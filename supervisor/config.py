@@ -306,7 +306,7 @@ class ControlConfig:
 @dataclass(frozen=True)
 class DaemonConfig:
     state_dir: Path = setting(Path("/var/lib/workspace-supervisor"), "Where the daemon keeps its state file.", _path)
-    run_dir: Path = setting(Path("/run/workspace-supervisor"), "Per-user socket directories live here.", _path)
+    run_dir: Path = setting(Path("/run/workspace-supervisor"), "Each IDE's listening socket lives here, made by the daemon: ide/<user>.sock (the directory root's, 0700; keep the path short, a socket path has at most 107 bytes).", _path)
     log_dir: Path = setting(Path("/var/log/workspace-supervisor"), "Per-user IDE logs.", _path)
     log_max_bytes: int = setting(10 * 2**20, "Rotate a user's log past this size.", parse_size)
     log_backups: int = setting(3, "Rotated logs kept per user.", _int(0, 100))

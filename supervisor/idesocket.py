@@ -48,14 +48,14 @@ def listen(run_dir: Path, user: str) -> socket.socket:
         dir_fd = open_daemon_dir(path.parent)
         try:
             _unlink(dir_fd, path.name)
-            sock.bind(str(path))  # the directory is root's: its fd and the path name the same one
+            sock.bind(str(path))  # only root can change the directory the fd checked
         finally:
             os.close(dir_fd)
         sock.listen(BACKLOG)
         return sock
     except BaseException as exc:
         sock.close()
-        if not isinstance(exc, OSError):
+        if not isinstance(exc, (OSError, ValueError)):  # ValueError: run_dir is not absolute
             raise
         raise LaunchError(
             f"cannot create the IDE socket {path}: {exc}",
