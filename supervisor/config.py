@@ -202,8 +202,9 @@ class IdeConfig:
             "/opt/theia/lib/backend/main.js", "{workspace}", "--hostname", "127.0.0.1",
             "--session-preference=security.workspace.trust.enabled=false", "--no-cluster",
         ],
-        "IDE argv; placeholders {user}, {workspace}, {home}, {socket}. It must serve HTTP on the Unix "
-        "socket {socket} (also passed as $WSUP_IDE_SOCKET, which the Theia preload listens on). "
+        "IDE argv; placeholders {user}, {workspace}, {home}. It must serve HTTP on the listening Unix "
+        "socket it receives as fd 3 (LISTEN_FDS=1, LISTEN_FDNAMES=ide; the Theia preload adopts it), "
+        "calling listen() on it itself. "
         "Node flags go on this command line, never in NODE_OPTIONS (it leaks into user terminals). "
         "Theia's --no-cluster runs its file watcher inside the backend instead of a second node "
         "process (~67 MiB RSS less per user; images/theia/README.md).",
@@ -305,7 +306,7 @@ class ControlConfig:
 @dataclass(frozen=True)
 class DaemonConfig:
     state_dir: Path = setting(Path("/var/lib/workspace-supervisor"), "Where the daemon keeps its state file.", _path)
-    run_dir: Path = setting(Path("/run/workspace-supervisor"), "Per-user socket directories live here.", _path)
+    run_dir: Path = setting(Path("/run/workspace-supervisor"), "Each IDE's listening socket lives here, made by the daemon: ide/<user>.sock (the directory root's, 0700; keep the path short, a socket path has at most 107 bytes).", _path)
     log_dir: Path = setting(Path("/var/log/workspace-supervisor"), "Per-user IDE logs.", _path)
     log_max_bytes: int = setting(10 * 2**20, "Rotate a user's log past this size.", parse_size)
     log_backups: int = setting(3, "Rotated logs kept per user.", _int(0, 100))
@@ -574,7 +575,14 @@ def _check_consistency(config: Config) -> None:
     if not config.workspace.root.is_absolute():
         raise ConfigError(f"workspace.root must be an absolute path, not {str(config.workspace.root)!r}")
     _check_auth(config.auth)
-    placeholders = {"{user}", "{workspace}", "{home}", "{socket}"}
+    placeholders = {"{user}", "{workspace}", "{home}"}
+    for arg in [*config.ide.command, *config.ide.env.values()]:
+        if "{socket}" in arg:
+            raise ConfigError(
+                "ide.command or ide.env uses {socket}, which is gone: the daemon now binds each IDE's socket "
+                "and hands it over as fd 3 (LISTEN_FDS=1); the IDE must serve on that descriptor",
+                hint="remove {socket} (and any WSUP_IDE_SOCKET) from [ide]; Theia's unix-socket-preload.js adopts fd 3",
+            )
     for arg in config.ide.command:
         for token in _placeholders(arg):
             if token not in placeholders:

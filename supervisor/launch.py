@@ -5,7 +5,8 @@ between fork and exec, the process first writes ``0`` into every ``cgroup.procs`
 group (file descriptors opened by the parent), so it is inside the user's cgroup before it runs a
 single instruction of user code and no fork can escape. Then it sets the IDE's resource limits,
 drops supplementary groups, gid and uid, joins a fresh session keyring and sets ``no_new_privs``
-(the limits and the keyring: :mod:`supervisor.launcher_child`); only then does it exec the IDE.
+(the limits and the keyring: :mod:`supervisor.launcher_child`); only then does it exec the IDE,
+with the listening socket the daemon made for it (:mod:`supervisor.idesocket`) at fd 3.
 """
 
 from __future__ import annotations
@@ -21,12 +22,13 @@ from typing import Mapping
 from supervisor import logfiles
 from supervisor.errors import LaunchError
 from supervisor.launcher_child import join_fresh_session_keyring, set_ide_rlimits
+from supervisor.idesocket import LISTEN_ENV, LISTEN_FD
 
 PR_SET_NO_NEW_PRIVS = 38
 _libc = ctypes.CDLL(None, use_errno=True)
 _prctl = _libc.prctl
 _prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
-_PLACEHOLDER = re.compile(r"\{(user|workspace|home|socket)\}")
+_PLACEHOLDER = re.compile(r"\{(user|workspace|home)\}")
 
 #: The environment an IDE gets besides HOME/USER/SHELL and the configured extras. Nothing of the
 #: daemon's own environment is passed on.
@@ -48,7 +50,7 @@ class LaunchSpec:
 
 
 def expand_argv(template: list[str], values: Mapping[str, str]) -> list[str]:
-    """Replace ``{user}``, ``{workspace}``, ``{home}``, ``{socket}`` in every argument."""
+    """Replace ``{user}``, ``{workspace}``, ``{home}`` in every argument."""
     return [_PLACEHOLDER.sub(lambda m: values[m.group(1)], arg) for arg in template]
 
 
@@ -62,11 +64,10 @@ def build_spec(
     shell: str,
     workspace: Path,
     home: Path,
-    socket_path: Path,
     procs_files: list[str],
     log_path: Path,
 ) -> LaunchSpec:
-    values = {"user": user, "workspace": str(workspace), "home": str(home), "socket": str(socket_path)}
+    values = {"user": user, "workspace": str(workspace), "home": str(home)}
     env = {
         "HOME": str(home),
         "USER": user,
@@ -74,7 +75,7 @@ def build_spec(
         "SHELL": shell,
         "PATH": BASE_PATH,
         "LANG": "C.UTF-8",
-        "WSUP_IDE_SOCKET": str(socket_path),
+        **LISTEN_ENV,
     }
     env.update({k: _PLACEHOLDER.sub(lambda m: values[m.group(1)], v) for k, v in extra_env.items()})
     return LaunchSpec(
@@ -102,10 +103,33 @@ def open_log(path: Path) -> int:
     return logfiles.open_regular(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
 
 
-def spawn(spec: LaunchSpec) -> int:
-    """Start the IDE and return its pid. The caller owns reaping (see :class:`Reaper`)."""
+def _hold_listen_fd_number() -> None:
+    """Keep fd 3 open in the daemon (/dev/null if nothing else holds it). Popen keeps fd 3 open
+    across its close_fds only when it is in pass_fds, and it must be open in the parent then;
+    the child replaces it with the IDE's socket after the fork. A trio daemon always has fd 3
+    open (its epoll); the /dev/null is kept for good if not."""
+    try:
+        os.fstat(LISTEN_FD)
+        return
+    except OSError:
+        pass
+    while (fd := os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)) < LISTEN_FD:
+        pass  # a closed stdio slot filled on the way
+    if fd > LISTEN_FD:
+        os.close(fd)  # another thread took fd 3 meanwhile: also fine
+
+
+def _in_child(procs_fds: list[int], uid: int, gid: int, listen_fd: int) -> None:  # pragma: no cover - runs in the child
+    _child_setup(procs_fds, uid, gid)
+    os.dup2(listen_fd, LISTEN_FD)  # inheritable, unlike the daemon's copy
+
+
+def spawn(spec: LaunchSpec, listen_fd: int) -> int:
+    """Start the IDE with ``listen_fd`` at fd 3 and return its pid. The caller owns reaping (see
+    :class:`Reaper`) and closes ``listen_fd``. No LISTEN_PID: the pid is not known before exec."""
     procs_fds: list[int] = []
     log_fd = -1
+    _hold_listen_fd_number()
     try:
         for path in spec.procs_files:
             procs_fds.append(os.open(path, os.O_WRONLY | os.O_CLOEXEC))
@@ -118,9 +142,10 @@ def spawn(spec: LaunchSpec) -> int:
             cwd=spec.cwd,
             env=spec.env,
             close_fds=True,
+            pass_fds=(LISTEN_FD,),
             start_new_session=True,
             umask=0o077,
-            preexec_fn=lambda: _child_setup(procs_fds, spec.uid, spec.gid),
+            preexec_fn=lambda: _in_child(procs_fds, spec.uid, spec.gid, listen_fd),
         )
     except (OSError, subprocess.SubprocessError) as exc:
         raise LaunchError(f"cannot start the IDE for {spec.user}: {spec.argv[0]}: {exc}") from exc

@@ -8,12 +8,14 @@ descriptor it inherited. It:
    paid here, off any user's start), sets ``no_new_privs`` and resets the signal dispositions
    Python changed (as ``subprocess`` does with ``restore_signals``), then sends ``R`` (ready);
 2. waits for one launch message: a :mod:`marshal`-ed ``(argv, env, cwd, uid, gid)`` (bytes, list of
-   ``KEY=VALUE`` bytes, bytes, int, int) with the log file descriptor attached (``SCM_RIGHTS``).
-   By then the daemon has renamed the spare group to the user's and written its limits;
-3. points stdout and stderr at the log, changes directory, sets umask 077, sets the IDE's resource
-   limits, drops supplementary groups, gid and uid, joins a fresh session keyring, and execs the
-   IDE - it becomes the IDE, same pid. The socket is
-   close-on-exec, so the daemon sees end-of-file on success and ``E<message>`` on failure.
+   ``KEY=VALUE`` bytes, bytes, int, int) with two file descriptors attached (``SCM_RIGHTS``): the
+   log, then the IDE's listening socket. By then the daemon has renamed the spare group to the
+   user's and written its limits;
+3. points stdout and stderr at the log, puts the listening socket at fd 3 (``LISTEN_FDS``; ``FD``
+   is never 3), changes directory, sets umask 077, sets the IDE's resource limits, drops
+   supplementary groups, gid and uid, joins a fresh session keyring, and execs the IDE - it
+   becomes the IDE, same pid. The socket to the daemon is close-on-exec, so the daemon sees
+   end-of-file on success and ``E<message>`` on failure.
 
 End-of-file instead of a launch message (the daemon went away or discards it) makes it exit.
 
@@ -33,6 +35,7 @@ from _socket import AF_UNIX, SCM_RIGHTS, SOCK_SEQPACKET, SOL_SOCKET, CMSG_SPACE,
 PR_SET_NO_NEW_PRIVS = 38
 MSG_CMSG_CLOEXEC = 0x40000000
 MAX_MESSAGE = 1 << 20
+LISTEN_FD = 3
 
 # ---- IDE hygiene (both launch paths) -------------------------------------------------------------
 
@@ -106,23 +109,29 @@ def prepare(sock: "socket", procs_files: list) -> None:
 
 
 def receive(sock: "socket") -> tuple:
-    data, ancdata, _flags, _addr = sock.recvmsg(MAX_MESSAGE, CMSG_SPACE(4), MSG_CMSG_CLOEXEC)
+    data, ancdata, _flags, _addr = sock.recvmsg(MAX_MESSAGE, CMSG_SPACE(8), MSG_CMSG_CLOEXEC)
     if not data:
         os._exit(0)  # the daemon closed its end: nothing to launch
-    log_fd = -1
+    fds = []
     for level, kind, payload in ancdata:
-        if level == SOL_SOCKET and kind == SCM_RIGHTS and len(payload) >= 4:
-            log_fd = int.from_bytes(payload[:4], sys.byteorder)
-    return marshal.loads(data), log_fd
+        if level == SOL_SOCKET and kind == SCM_RIGHTS:
+            fds += [int.from_bytes(payload[i:i + 4], sys.byteorder) for i in range(0, len(payload) - 3, 4)]
+    return marshal.loads(data), fds
 
 
-def become(spec: tuple, log_fd: int) -> None:
+def become(spec: tuple, fds: list) -> None:
     argv, env, cwd, uid, gid = spec
-    if log_fd < 0:
-        raise OSError("no log file descriptor came with the launch message")
+    if len(fds) != 2:
+        raise OSError(f"the launch message came with {len(fds)} file descriptors, not 2 (log, socket)")
+    log_fd, listen_fd = fds
     os.dup2(log_fd, 1)
     os.dup2(log_fd, 2)
     os.close(log_fd)
+    if listen_fd == LISTEN_FD:
+        os.set_inheritable(LISTEN_FD, True)  # it came close-on-exec (MSG_CMSG_CLOEXEC)
+    else:
+        os.dup2(listen_fd, LISTEN_FD)  # inheritable
+        os.close(listen_fd)
     os.chdir(cwd)
     os.umask(0o077)
     set_ide_rlimits()
@@ -155,6 +164,8 @@ def execvpe(argv: list, environ: dict) -> None:
 
 def main() -> None:
     fd = int(sys.argv[1])
+    if fd == LISTEN_FD:
+        os._exit(2)  # the IDE's socket goes there
     os.closerange(3, fd)  # whatever else the daemon had open without close-on-exec
     os.closerange(fd + 1, 1 << 20)
     sock = socket(AF_UNIX, SOCK_SEQPACKET, 0, fd)
@@ -165,11 +176,11 @@ def main() -> None:
         fail(sock, "launcher set-up", exc)
     sock.send(b"R")
     try:
-        spec, log_fd = receive(sock)
+        spec, fds = receive(sock)
     except BaseException as exc:  # noqa: BLE001
         fail(sock, "launch message", exc)
     try:
-        become(spec, log_fd)
+        become(spec, fds)
     except BaseException as exc:  # noqa: BLE001
         fail(sock, f"exec {spec[0][0]!r}", exc)
 

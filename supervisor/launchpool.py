@@ -42,7 +42,7 @@ from supervisor.errors import CgroupError, LaunchError
 log = logging.getLogger(__name__)
 
 CHILD = Path(__file__).with_name("launcher_child.py")
-LAUNCHER_FD = 3  # the launcher's end of its socket, in the launcher
+LAUNCHER_FD = 4  # the launcher's end of its socket, in the launcher (fd 3 is for the IDE's socket)
 
 
 class PoolDriver(SpareGroups, Protocol):
@@ -173,7 +173,7 @@ class LauncherPool:
         return None
 
     def _posix_spawn(self, fd: int, procs_files: list[str]) -> tuple[int, int]:
-        """Start a launcher with its socket as fd 3 and /dev/null as stdio.
+        """Start a launcher with its socket as fd 4 (LAUNCHER_FD) and /dev/null as stdio.
 
         posix_spawn (a vfork in glibc) blocks the event loop ~0.1 ms; subprocess.Popen costs more,
         and in a worker thread it holds the GIL for up to a switch interval (5 ms) at a time. The
@@ -195,9 +195,11 @@ class LauncherPool:
 
     # ---- launching -----------------------------------------------------------------------------
 
-    async def launch(self, spec: LaunchSpec, limits: Limits) -> int | None:
-        """Start ``spec``'s IDE from a ready launcher and return its pid; None (nothing changed, start
-        it the ordinary way) when no launcher is ready or its spare group cannot become the user's.
+    async def launch(self, spec: LaunchSpec, limits: Limits, listen_fd: int) -> int | None:
+        """Start ``spec``'s IDE from a ready launcher, with ``listen_fd`` at its fd 3 (and
+        ``LISTEN_PID``), and return its pid; None (nothing changed, start it the ordinary way) when
+        no launcher is ready or its spare group cannot become the user's. The caller closes
+        ``listen_fd``.
 
         Raises CgroupError when the limits cannot be written and LaunchError when the exec fails
         (the user's group then exists and holds at most the dying launcher: the caller's failure
@@ -211,12 +213,12 @@ class LauncherPool:
         self._in_flight.add(launcher.pid)  # before the refill wakes: it waits for this start
         self._wake.set()
         try:
-            return await self._launch(launcher, spec, limits)
+            return await self._launch(launcher, spec, limits, listen_fd)
         finally:
             if launcher.pid in self._pids:  # not handed over: nothing to wait for
                 self.settled(launcher.pid)
 
-    async def _launch(self, launcher: Launcher, spec: LaunchSpec, limits: Limits) -> int | None:
+    async def _launch(self, launcher: Launcher, spec: LaunchSpec, limits: Limits, listen_fd: int) -> int | None:
         try:
             self.driver.assign_spare(launcher.spare, spec.user)
         except CgroupError as exc:
@@ -227,7 +229,7 @@ class LauncherPool:
         # The launcher is in the user's group now: on any failure it must not run on.
         try:
             self.driver.set_limits(spec.user, limits)
-            self._send(launcher, spec)
+            self._send(launcher, spec, listen_fd)
         except CgroupError:
             self._discard(launcher, remove_spare=False)
             raise
@@ -256,15 +258,16 @@ class LauncherPool:
         return launcher.pid
 
     @staticmethod
-    def _send(launcher: Launcher, spec: LaunchSpec) -> None:
+    def _send(launcher: Launcher, spec: LaunchSpec, listen_fd: int) -> None:
+        env = {**spec.env, "LISTEN_PID": str(launcher.pid)}  # the launcher's pid becomes the IDE's
         message = marshal.dumps((
             [os.fsencode(a) for a in spec.argv],
-            [os.fsencode(f"{k}={v}") for k, v in spec.env.items()],
+            [os.fsencode(f"{k}={v}") for k, v in env.items()],
             os.fsencode(spec.cwd), spec.uid, spec.gid,
         ))
         log_fd = launch.open_log(spec.log_path)
         try:
-            launcher.sock.sendmsg([message], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [log_fd]))])
+            launcher.sock.sendmsg([message], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [log_fd, listen_fd]))])
         finally:
             os.close(log_fd)
 

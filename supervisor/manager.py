@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import math
 import os
 import signal
 import time
@@ -27,13 +28,13 @@ from typing import Any, Awaitable, Callable
 
 import trio
 
-from supervisor import launch, logfiles, metrics, sockwatch
+from supervisor import idesocket, launch, logfiles, metrics
 from supervisor.cgroups import CgroupDriver, Limits, SpareGroups
 from supervisor.cgroups.base import Usage
 from supervisor.config import Config, TierConfig
 from supervisor.errors import CgroupError, InvalidTransition, SupervisorError, UnknownUser, UnsafePath
 from supervisor.launchpool import LauncherPool
-from supervisor.paths import UserPaths, ensure_private_dir, ensure_user_dirs, resolve_uid, user_paths, validate_user_id
+from supervisor.paths import UserPaths, ensure_user_dirs, resolve_uid, user_paths, validate_user_id
 from supervisor.sessions import (
     LIVE,
     Action,
@@ -54,7 +55,6 @@ from supervisor.sessions import (
 from supervisor.statefile import StateStore, UserRecord
 
 log = logging.getLogger(__name__)
-SOCKET_NAME = "ide.sock"
 #: How each action is named in a failure's reason (and the effect label of the failures metric).
 EFFECTS: dict[type, str] = {
     Spawn: "start", Terminate: "stop (SIGTERM)", KillTree: "kill the tree", Cleanup: "clean up",
@@ -148,7 +148,7 @@ class UserRuntime:
     uid: int
     gid: int
     paths: UserPaths
-    socket_dir: Path
+    socket_path: Path  # the daemon's (supervisor.idesocket), in a directory only root can enter
     log_path: Path
     lock: trio.Lock = field(default_factory=trio.Lock)
     pid_start: int | None = None
@@ -164,10 +164,6 @@ class UserRuntime:
     retry_scope: trio.CancelScope | None = None
     #: The main process's pidfd while it is ``session.pid`` (owned and closed by its exit watcher).
     pidfd: int | None = None
-
-    @property
-    def socket_path(self) -> Path:
-        return self.socket_dir / SOCKET_NAME
 
     def signal(self, signum: int) -> bool:
         """Send ``signum`` to the main process through its pidfd; False when there is none (any
@@ -213,7 +209,6 @@ class SessionManager:
         self.user_info_providers: list[Callable[[str], dict[str, Any]]] = []
         self._changed = trio.Event()
         self._nursery: trio.Nursery | None = None
-        self.sockets: sockwatch.SocketDirWatcher | None = None  # wakes readiness probes (set by serve)
 
     # ---- service ---------------------------------------------------------------------------
 
@@ -231,11 +226,11 @@ class SessionManager:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             nursery.start_soon(self._sigchld_loop)
-            self.sockets = sockwatch.SocketDirWatcher()
-            await nursery.start(self.sockets.serve)
             if self.pool is not None:
                 await nursery.start(self.pool.serve)
+            idesocket.remove_legacy(self.config.daemon.run_dir)
             await self._adopt_all()
+            await self._restart_unreachable()
             nursery.start_soon(self._sample_loop)
             task_status.started(self)
 
@@ -411,7 +406,7 @@ class SessionManager:
             uid=uid,
             gid=uid,
             paths=paths,
-            socket_dir=self.config.daemon.run_dir / "users" / user,
+            socket_path=idesocket.socket_path(self.config.daemon.run_dir, user),
             log_path=self.config.daemon.log_dir / f"{user}.log",
         )
         self.runtimes[user] = rt
@@ -480,6 +475,15 @@ class SessionManager:
             self._task(rt, "stop", self._stop_one, rt, self.config.ide.stop_grace)
         log.info("user=%s re-adopted pid %d in state %s", record.user, record.pid, session.state.value)
 
+    async def _restart_unreachable(self) -> None:
+        """Restart (kill; the exit handling starts it again) every adopted IDE that does not hold
+        the daemon's socket - started by an older daemon, whose IDEs bound their own sockets in
+        directories their users could change (``idesocket.remove_legacy`` removed those)."""
+        for rt in list(self.runtimes.values()):
+            if rt.session.state in LIVE and rt.session.pid is not None and not idesocket.is_socket(rt.socket_path):
+                log.warning("user=%s adopted IDE has no socket at %s: restarting it", rt.session.user, rt.socket_path)
+                await self._kill_now(rt)
+
     async def _handle_locked(self, rt: UserRuntime, event: Callable[[float], list[Action]]) -> None:
         async with rt.lock:
             await self._handle(rt, event(self.clock()))
@@ -493,7 +497,7 @@ class SessionManager:
             gid=record.gid,
             restarts_counted=record.restarts,
             paths=user_paths(ws.root, ws.shards, record.user),
-            socket_dir=self.config.daemon.run_dir / "users" / record.user,
+            socket_path=idesocket.socket_path(self.config.daemon.run_dir, record.user),
             log_path=self.config.daemon.log_dir / f"{record.user}.log",
         )
         self.runtimes[record.user] = rt
@@ -629,20 +633,22 @@ class SessionManager:
         user = session.user
         tier = self.config.tier(session.tier)
         ensure_user_dirs(rt.paths, self.config.workspace.root, rt.uid, rt.gid)
-        ensure_private_dir(rt.socket_dir, rt.uid, rt.gid)
-        self._remove_socket_file(rt)
-        limits = limits_for(tier, starting=True)
-        spec = launch.build_spec(
-            user=user, uid=rt.uid, gid=rt.gid,
-            command=self.config.ide.command, extra_env=self.config.ide.env, shell=self.config.ide.shell,
-            workspace=rt.paths.workspace, home=rt.paths.home, socket_path=rt.socket_path,
-            procs_files=self.driver.procs_files(user), log_path=rt.log_path,
-        )
-        # A ready launcher whose spare group becomes the user's; else join the group before exec.
-        pid = await self.pool.launch(spec, limits) if self.pool is not None else None
-        if pid is None:
-            self.driver.create(user, limits)
-            pid = launch.spawn(spec)
+        listener = idesocket.listen(self.config.daemon.run_dir, user)  # a fresh one every spawn
+        try:
+            limits = limits_for(tier, starting=True)
+            spec = launch.build_spec(
+                user=user, uid=rt.uid, gid=rt.gid,
+                command=self.config.ide.command, extra_env=self.config.ide.env, shell=self.config.ide.shell,
+                workspace=rt.paths.workspace, home=rt.paths.home,
+                procs_files=self.driver.procs_files(user), log_path=rt.log_path,
+            )
+            # A ready launcher whose spare group becomes the user's; else join the group before exec.
+            pid = await self.pool.launch(spec, limits, listener.fileno()) if self.pool is not None else None
+            if pid is None:
+                self.driver.create(user, limits)
+                pid = launch.spawn(spec, listener.fileno())
+        finally:
+            listener.close()  # the IDE has its own copy now
         self.cgroup_error = None
         pidfd = os.pidfd_open(pid)  # our unreaped child: it cannot be gone yet
         session.on_spawned(pid)
@@ -687,14 +693,8 @@ class SessionManager:
             await self._handle(rt, rt.session.on_exit(self.clock(), info))
 
     async def _await_ready(self, rt: UserRuntime, pid: int) -> None:
-        watch = self.sockets.add(rt.socket_dir) if self.sockets is not None else None
         try:
-            ready = await self._probe_until_ready(rt, pid, watch)
-        finally:
-            if watch is not None and self.sockets is not None:
-                self.sockets.remove(watch)
-        try:
-            if ready:
+            if await self._probe_until_ready(rt, pid):
                 await self._on_ready(rt, pid)
         finally:
             if self.pool is not None:
@@ -719,43 +719,35 @@ class SessionManager:
                     await self._contained_locked(rt, "end the start-up CPU boost", self.driver.set_limits,
                                                  rt.session.user, limits_for(self.config.tier(rt.session.tier)))
 
-    async def _probe_until_ready(self, rt: UserRuntime, pid: int, watch: int | None) -> bool:
+    async def _probe_until_ready(self, rt: UserRuntime, pid: int) -> bool:
         """Probe ``GET /`` until it answers (True), or until this attempt is over or timed out (False).
 
-        Between probes it waits for the back-off delay or, sooner, for the socket directory's watch
-        (bind() creates the socket): then it probes 0.1 ms later, and while the connection is
-        refused (bound, not yet listening) every 0.2 ms a few times, then at the back-off."""
+        The daemon listened on the socket before the IDE ran, so the probe's connection waits in
+        the queue and is answered the moment the IDE accepts it: no polling, no wake-up delay. A
+        probe that fails (refused, or closed unanswered) is repeated after a short back-off; the
+        attempt ending (exit, stop) cancels the wait."""
         timeout = self.config.ide.ready_timeout
-        started = self.clock()
-        deadline = started + timeout
-        delay = 0.001
-        naps = 0
-        while True:
-            if rt.session.pid != pid or rt.session.state is not State.STARTING:
-                return False
-            if await probe_http(rt.socket_path):
-                return True
-            if self.clock() >= deadline:
-                async with rt.lock:
-                    if rt.session.pid == pid:
-                        log.error("user=%s not ready within %gs; killing this attempt", rt.session.user, timeout)
-                        await self._handle(rt, rt.session.on_ready_timeout(self.clock(), timeout))
-                return False
-            if watch is None or self.sockets is None:
-                await trio.sleep(delay)
-            elif rt.socket_path.exists():
-                # Bound, maybe not listening yet (the watch's wake-up may have preempted the IDE
-                # right after bind() on its CPU): let it run for a moment, then probe again.
-                await sockwatch.nap(0.0002 if naps < 5 else delay)
-                naps += 1
-            else:
-                with trio.move_on_after(delay):
-                    await self.sockets.wait(watch)
-                    await sockwatch.nap(0.0001)
-            # Probe often while a quick start is likely (a few ms of overshoot at most), then back off.
-            # With a watch, which wakes the probe when the socket appears, timed probes are only a
-            # safety net: each one is a wake-up that may take the CPU from the starting IDE.
-            delay = 0.05 if watch is not None else min(delay * 1.5, 0.002 if self.clock() - started < 2.0 else 0.05)
+        answered = False
+        with trio.move_on_after(timeout) as timer:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._cancel_when_over, rt, pid, nursery.cancel_scope)
+                delay = 0.001
+                while not await probe_http(rt.socket_path, timeout):
+                    await trio.sleep(delay)
+                    delay = min(delay * 2, 0.05)
+                answered = True
+                nursery.cancel_scope.cancel()
+        if timer.cancelled_caught:
+            async with rt.lock:
+                if rt.session.pid == pid and rt.session.state is State.STARTING:
+                    log.error("user=%s not ready within %gs; killing this attempt", rt.session.user, timeout)
+                    await self._handle(rt, rt.session.on_ready_timeout(self.clock(), timeout))
+        return answered
+
+    async def _cancel_when_over(self, rt: UserRuntime, pid: int, scope: trio.CancelScope) -> None:
+        """Cancel ``scope`` once the start attempt of ``pid`` is over (it exited, or was stopped)."""
+        await self.wait_for(rt.session.user, lambda s: s.pid != pid or s.state is not State.STARTING, math.inf)
+        scope.cancel()
 
     async def _kill_after_grace(self, rt: UserRuntime, pid: int, grace: float) -> None:
         await trio.sleep(grace)
@@ -795,20 +787,11 @@ class SessionManager:
         except (CgroupError, OSError) as exc:
             log.error("user=%s cannot remove its cgroup: %s", user, exc)
 
-    def _remove_socket_file(self, rt: UserRuntime) -> None:
-        try:
-            rt.socket_path.unlink()
-        except FileNotFoundError:
-            pass
-
     def _remove_socket(self, rt: UserRuntime) -> None:
-        self._remove_socket_file(rt)
         try:
-            rt.socket_dir.rmdir()
-        except FileNotFoundError:
-            pass
+            idesocket.remove(self.config.daemon.run_dir, rt.session.user)
         except OSError as exc:
-            log.warning("user=%s cannot remove %s: %s", rt.session.user, rt.socket_dir, exc)
+            log.warning("user=%s cannot remove %s: %s", rt.session.user, rt.socket_path, exc)
 
     def _save(self, rt: UserRuntime) -> None:
         s = rt.session

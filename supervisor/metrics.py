@@ -31,6 +31,13 @@ PROXY_ACTIVE = Gauge(
 PROXY_BYTES = Counter(
     f"{PREFIX}_proxy_bytes", "Bytes proxied, by direction (client_to_ide, ide_to_client).", ["direction"], registry=REGISTRY
 )
+UPSTREAM_REJECTIONS = Counter(
+    f"{PREFIX}_upstream_rejections",
+    "Connections to a user's IDE socket refused before a byte was sent, by reason (peer_uid: the socket's peer "
+    "credentials name another uid than the user's; the request is answered 502 ide_unavailable).",
+    ["reason"], registry=REGISTRY,
+)
+UPSTREAM_REJECTIONS.labels(reason="peer_uid")
 COLD_STARTS = Counter(
     f"{PREFIX}_cold_starts",
     "IDEs started because a start request (a browser at the front door, or an operator) found the user not running, by tier. "

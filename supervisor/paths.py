@@ -34,6 +34,7 @@ __all__ = [
     "UserPaths",
     "ensure_private_dir",
     "ensure_user_dirs",
+    "open_daemon_dir",
     "resolve_uid",
     "shard_of",
     "uid_owner",
@@ -307,15 +308,24 @@ def ensure_private_dir(path: Path, uid: int, gid: int, mode: int = 0o700) -> Non
     are the operator's and may be symlinks. Raises :class:`UnsafePath` if ``path`` is a symlink or
     not a directory, or a parent is not a directory.
     """
-    path = Path(path)
+    _check_ids(uid, gid)
+    os.close(_open_private_dir(Path(path), (uid, gid), mode))
+
+
+def open_daemon_dir(path: Path, mode: int = 0o700) -> int:
+    """Like :func:`ensure_private_dir` for a directory of the daemon's own (its uid and gid, e.g.
+    root 0700); returns the open directory fd (the caller closes it)."""
+    return _open_private_dir(Path(path), (os.geteuid(), os.getegid()), mode)
+
+
+def _open_private_dir(path: Path, owner: tuple[int, int], mode: int) -> int:
     if not path.is_absolute() or ".." in path.parts or path == Path(path.anchor):
         raise ValueError(f"need an absolute path without '..' below '/', not {str(path)!r}")
-    _check_ids(uid, gid)
     with contextlib.ExitStack() as stack:
         fd = stack.enter_context(_closing(os.open(path.anchor, _DIR_FLAGS)))
         for depth, name in enumerate(path.parent.parts[1:], start=2):
             fd = stack.enter_context(_closing(_open_parent(fd, name, Path(*path.parts[:depth]))))
-        os.close(_ensure_dir(fd, path.name, path, (uid, gid), mode))
+        return _ensure_dir(fd, path.name, path, owner, mode)
 
 
 def _open_parent(dir_fd: int, name: str, where: Path) -> int:

@@ -70,6 +70,10 @@ class Daemon:
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = self.base / "daemon.log"
 
+    def ide_socket(self, user: str) -> Path:
+        """The listening socket the daemon makes for ``user``'s IDE (root-only directory)."""
+        return self.base / "run" / "ide" / f"{user}.sock"
+
     def start(self, *, env: dict[str, str] | None = None, wrapper: list[str] | None = None) -> None:
         # The daemon refuses unknown WSUP_* variables; the test runner's own (e.g. WSUP_VM_TIER) stay here.
         inherited = {k: v for k, v in os.environ.items() if not k.startswith("WSUP_")}
@@ -191,6 +195,13 @@ def lsp_progressing(home: Path, window: float) -> bool:
     before = lsp_ticks(home)
     time.sleep(window)  # a measurement window, not a wait for a transition
     return lsp_ticks(home) > before
+
+
+def on_fd3(listen_fd: int, argv: list[str]) -> list[str]:
+    """``argv`` run with ``listen_fd`` at fd 3, as the daemon hands an IDE its listening socket
+    (start it with ``pass_fds=(listen_fd,)`` and ``LISTEN_FDS=1`` in its environment)."""
+    move = "import os, sys; fd = int(sys.argv[1]); os.dup2(fd, 3); fd == 3 or os.close(fd); os.execvp(sys.argv[2], sys.argv[2:])"
+    return [SYSTEM_PYTHON, "-I", "-S", "-c", move, str(listen_fd), *argv]
 
 
 def http_get(socket_path: Path, target: str = "/", timeout: float = 5.0) -> str:

@@ -92,6 +92,8 @@ def test_custom_tier_gets_defaults_and_can_be_overridden_by_env() -> None:
         ({}, {"WSUP_POD_CAPCITY": "3"}, ["WSUP_POD_CAPCITY"]),
         ({"ide": {"command": []}}, {}, ["ide.command", "non-empty"]),
         ({"ide": {"command": ["x", "{usr}"]}}, {}, ["{usr}", "{user}"]),
+        ({"ide": {"command": ["x", "--socket={socket}"]}}, {}, ["{socket}", "fd 3", "LISTEN_FDS=1"]),
+        ({"ide": {"env": {"WSUP_IDE_SOCKET": "{socket}"}}}, {}, ["{socket}", "fd 3"]),
         ({"workspace": {"root": "relative/path"}}, {}, ["workspace.root", "absolute"]),
         ({"users": {"uid_min": 5000, "uid_max": 4000}}, {}, ["uid_min", "uid_max"]),
         ({"http": {"listen": "8080"}}, {}, ["http.listen", "HOST:PORT"]),

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -31,7 +32,7 @@ def daemon() -> Iterator[Daemon]:
 
 
 def socket_of(d: Daemon, user: str) -> Path:
-    return d.base / "run" / "users" / user / "ide.sock"
+    return d.ide_socket(user)
 
 
 def test_start_runs_confined_process_as_the_users_uid(daemon: Daemon) -> None:
@@ -55,8 +56,10 @@ def test_start_runs_confined_process_as_the_users_uid(daemon: Daemon) -> None:
     environ = Path(f"/proc/{info['pid']}/environ").read_bytes().split(b"\0")
     assert not any(e.startswith(b"DAEMON_TEST_SECRET") for e in environ), "daemon environment leaked"
     assert b"STUB_MARK=alice" in environ
-    socket_dir = socket_of(daemon, "alice").parent
-    assert (socket_dir.stat().st_uid, socket_dir.stat().st_mode & 0o777) == (uid, 0o700)
+    socket_dir = socket_of(daemon, "alice").parent  # the daemon's: the user cannot change what is in it
+    assert (socket_dir.stat().st_uid, socket_dir.stat().st_mode & 0o777) == (0, 0o700)
+    assert stat.S_ISSOCK(os.stat(f"/proc/{info['pid']}/fd/3").st_mode)
+    assert b"LISTEN_FDS=1" in environ and b"LISTEN_FDNAMES=ide" in environ
     assert daemon.cgroup_dirs("alice"), "no cgroup for alice"
     assert daemon.name in cgroup_of(info["pid"])
 
@@ -86,7 +89,6 @@ def test_stop_leaves_no_process_cgroup_or_socket(daemon: Daemon) -> None:
         assert not Path(f"/proc/{p}").exists() or Path(f"/proc/{p}/stat").read_text().split()[2] == "Z"
     assert daemon.cgroup_dirs("forker-2") == []
     assert not socket_of(daemon, "forker-2").exists()
-    assert not socket_of(daemon, "forker-2").parent.exists()
 
 
 def test_pause_freezes_and_resume_thaws(daemon: Daemon) -> None:

@@ -54,7 +54,7 @@ def test_v2_daemon_moves_into_its_own_leaf_and_delegates_controllers() -> None:
         # ... and the tier's limits apply once RUNNING.
         info = d.user("slow-alice")
         assert str(info["pid"]) in (alice / "cgroup.procs").read_text().split()
-        assert f"uid={info['uid']} gid={info['uid']} groups=[] nnp=1" in http_get(d.base / "run" / "users" / "slow-alice" / "ide.sock")
+        assert f"uid={info['uid']} gid={info['uid']} groups=[] nnp=1" in http_get(d.ide_socket("slow-alice"))
         assert (alice / "memory.max").read_text().strip() == str(512 * 2**20)
         assert (alice / "cpu.max").read_text().split() == ["20000", "100000"]
         assert int((alice / "memory.high").read_text()) < 512 * 2**20
@@ -71,7 +71,7 @@ def test_v2_daemon_moves_into_its_own_leaf_and_delegates_controllers() -> None:
         # Stop: cgroup.kill of the whole tree, nothing left behind.
         assert d.ctl("stop", "slow-alice").returncode == 0
         assert not alice.exists()
-        assert not (d.base / "run" / "users" / "slow-alice").exists()
+        assert not d.ide_socket("slow-alice").exists()
     finally:
         d.stop()
         d.cleanup()

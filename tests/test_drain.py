@@ -190,7 +190,7 @@ def test_drain_admits_nobody_lets_users_finish_then_stops_them_gracefully_and_lo
     refused = daemon.ctl("start", "bob")
     assert refused.returncode == 1 and "draining" in refused.stderr and "hint:" in refused.stderr
     assert value(scrape(daemon), "workspace_supervisor_draining") == 1
-    assert "uid=" in http_get(daemon.base / "run" / "users" / "saver-1" / "ide.sock")
+    assert "uid=" in http_get(daemon.ide_socket("saver-1"))
     assert daemon.user("saver-1")["state"] == "RUNNING"
 
     # After the deadline: every IDE gets SIGTERM (the saver flushes), the pod leaves the registry,

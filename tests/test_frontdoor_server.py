@@ -22,12 +22,15 @@ import pytest
 import trio
 
 from supervisor import config as config_module
+from supervisor import idesocket
 from supervisor.errors import CapacityExceeded, Draining
 from supervisor.frontdoor import proxy
 from supervisor.frontdoor.auth import Authenticator
 from supervisor.frontdoor.server import FrontDoor, IdeInfo
+from supervisor.manager import probe_http
 from supervisor.sessions import State
 from tests.frontdoor_client import Client, WebSocket, mint, ws_connect, ws_recv, ws_send
+from tests.harness import on_fd3
 
 STUB = Path(__file__).parent / "fixtures" / "ide_http_stub.py"
 SECRET = b"in-process-front-door-secret-0123456789"
@@ -45,7 +48,7 @@ class FakeIdes:
         self.start_error: Exception | None = None
 
     def socket_of(self, user: str) -> Path:
-        return self.base / f"{user}.sock"
+        return idesocket.socket_path(self.base, user)
 
     def lookup(self, user: str) -> IdeInfo | None:
         return self.infos.get(user)
@@ -55,15 +58,15 @@ class FakeIdes:
             raise self.start_error
         info = self.infos.get(user)
         if info is not None and info.state in (State.RUNNING, State.STARTING):
-            self.infos[user] = IdeInfo(info.state, tier, info.socket_path)
+            self.infos[user] = IdeInfo(info.state, tier, info.socket_path, info.uid)
             return
         self.starts.append(user)
-        path = self.socket_of(user)
-        self.procs[user] = subprocess.Popen(
-            [sys.executable, "-I", "-S", str(STUB), user], env={"WSUP_IDE_SOCKET": str(path)},
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-        self.infos[user] = IdeInfo(State.STARTING, tier, path)
+        with idesocket.listen(self.base, user) as listener:  # as the daemon does: the stub gets fd 3
+            self.procs[user] = subprocess.Popen(
+                on_fd3(listener.fileno(), [sys.executable, "-I", "-S", str(STUB), user]), env={"LISTEN_FDS": "1"},
+                pass_fds=(listener.fileno(),), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )
+        self.infos[user] = IdeInfo(State.STARTING, tier, self.socket_of(user), os.getuid())
 
     async def wait_settled(self, user: str, timeout: float) -> IdeInfo | None:
         info = self.infos[user]
@@ -71,9 +74,11 @@ class FakeIdes:
             while info.state is State.STARTING:
                 proc = self.procs[user]
                 if proc.poll() is not None:
-                    info = self.infos[user] = IdeInfo(State.FATAL, info.tier, info.socket_path, f"exited with status {proc.returncode}")
-                elif _accepts(info.socket_path):
-                    info = self.infos[user] = IdeInfo(State.RUNNING, info.tier, info.socket_path)
+                    info = self.infos[user] = IdeInfo(
+                        State.FATAL, info.tier, info.socket_path, info.uid, f"exited with status {proc.returncode}",
+                    )
+                elif await probe_http(info.socket_path, 0.5):  # the manager's readiness probe
+                    info = self.infos[user] = IdeInfo(State.RUNNING, info.tier, info.socket_path, info.uid)
                 else:
                     await trio.sleep(0.01)
         return self.infos[user]
@@ -82,16 +87,6 @@ class FakeIdes:
         for proc in self.procs.values():
             proc.kill()
             proc.wait()
-
-
-def _accepts(path: Path) -> bool:
-    """Ready like the manager's probe: the socket takes connections (bound is not enough)."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-        try:
-            probe.connect(str(path))
-        except OSError:
-            return False
-    return True
 
 
 class Door:
@@ -310,7 +305,7 @@ async def test_a_slow_start_gets_the_self_reloading_starting_page(nursery: trio.
 
 
 async def test_ide_that_vanished_gets_502(door: Door) -> None:
-    door.ides.infos["ghost"] = IdeInfo(State.RUNNING, "free", door.ides.socket_of("ghost"))
+    door.ides.infos["ghost"] = IdeInfo(State.RUNNING, "free", door.ides.socket_of("ghost"), os.getuid())
     answer = await in_thread(lambda: door.client().get("/", headers=bearer("ghost")))
     assert answer.status == 502 and answer.json()["reason"] == "ide_unavailable"
 
@@ -383,7 +378,7 @@ async def test_an_open_websocket_is_closed_when_its_credentials_expire(
 async def test_a_user_paused_by_an_operator_gets_503_at_once(door: Door) -> None:
     await in_thread(lambda: door.client().get("/", headers=bearer("gus")))
     info = door.ides.infos["gus"]
-    door.ides.infos["gus"] = IdeInfo(State.PAUSED, info.tier, info.socket_path)
+    door.ides.infos["gus"] = IdeInfo(State.PAUSED, info.tier, info.socket_path, info.uid)
     with trio.fail_after(2):
         api = await in_thread(lambda: door.client().get("/api", headers=bearer("gus")))
         page = await in_thread(lambda: door.client().get("/", headers={**bearer("gus"), "Accept": "text/html"}))
@@ -570,10 +565,52 @@ async def test_a_kept_alive_ide_connection_closed_under_a_get_is_retried_once(
     sock.listen(16)
     listener = trio.SocketListener(sock)
     nursery.start_soon(trio.serve_listeners, serve_flaky, [listener])
-    ides.infos["flaky"] = IdeInfo(State.RUNNING, "free", path)
+    ides.infos["flaky"] = IdeInfo(State.RUNNING, "free", path, os.getuid())
     door = await open_door(nursery, tmp_path, ides)
     client = door.client()
     answers = [await in_thread(lambda: client.get("/", headers=bearer("flaky"))) for _ in range(3)]
     assert [(a.status, a.body) for a in answers] == [(200, b"ok")] * 3
     assert exchanges == [1, 1, 1]  # three IDE connections, each answered once
     assert door.front.connections == 1  # ... and the browser's one connection carried all three
+
+
+async def test_an_ide_socket_served_by_another_uid_gets_502_and_no_byte(
+    nursery: trio.Nursery, tmp_path: Path, ides: FakeIdes,
+) -> None:
+    """SO_PEERCRED names whoever last listen()ed on the socket: a listener of another uid than the
+    user's (here this process, for a user of uid 65534) is refused before a byte is sent, for
+    requests and WebSocket upgrades alike - answered 502 ide_unavailable, logged and counted."""
+    from supervisor.metrics import REGISTRY
+
+    received: list[bytes] = []
+    ended = 0
+
+    async def record(stream: trio.SocketStream) -> None:
+        nonlocal ended
+        async with stream:
+            while piece := await stream.receive_some(65536):
+                received.append(piece)
+        ended += 1
+
+    path = tmp_path / "other.sock"
+    sock = trio.socket.socket(trio.socket.AF_UNIX)
+    await sock.bind(str(path))
+    sock.listen(16)
+    nursery.start_soon(trio.serve_listeners, record, [trio.SocketListener(sock)])
+    assert os.getuid() != 65534
+    ides.infos["mallory"] = IdeInfo(State.RUNNING, "free", path, 65534)
+    door = await open_door(nursery, tmp_path, ides)
+
+    def rejected() -> float:
+        return REGISTRY.get_sample_value("workspace_supervisor_upstream_rejections_total", {"reason": "peer_uid"}) or 0.0
+
+    before = rejected()
+    answer = await in_thread(lambda: door.client().get("/", headers=bearer("mallory")))
+    assert answer.status == 502 and answer.json()["reason"] == "ide_unavailable"
+    ws = await in_thread(lambda: door.ws("/ws", bearer("mallory")))
+    assert ws.status == 502
+    assert rejected() == before + 2
+    with trio.fail_after(5):  # the refused connections were made, then closed unused
+        while ended < 2:
+            await trio.sleep(0.01)
+    assert received == []

@@ -157,14 +157,8 @@ def test_a_user_just_started_is_shown_active_not_a_stale_stage(fd: tuple[Daemon,
 
 
 CLOSING_IDE = r'''
-import os, socket, threading
-path = os.environ["WSUP_IDE_SOCKET"]
-try:
-    os.unlink(path)
-except FileNotFoundError:
-    pass
-server = socket.socket(socket.AF_UNIX)
-server.bind(path)
+import socket, threading
+server = socket.socket(fileno=3)  # the daemon's listening socket (LISTEN_FDS=1)
 server.listen(16)
 ANSWER = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"
 

@@ -44,18 +44,18 @@ def test_idle_user_walks_down_the_ladder_and_wakes_on_file_change(daemon: Daemon
     poll(lambda: stage(daemon, "lsp-1") in ("lsp_paused", "reclaimed"), 5, "language servers paused")
     assert not lsp_progressing(home, 0.3), "the language server still runs while paused"
     poll(lambda: "garbage collection requested" in daemon.ctl("tail", "lsp-1").stdout, 5, "GC signal at the first rung")
-    assert "uid=" in http_get(daemon.base / "run" / "users" / "lsp-1" / "ide.sock")  # the IDE itself still serves
+    assert "uid=" in http_get(daemon.ide_socket("lsp-1"))  # the IDE itself still serves
 
     poll(lambda: stage(daemon, "lsp-1") == "reclaimed", 5, "reclaimed")
     poll(lambda: daemon.ctl("tail", "lsp-1").stdout.count("garbage collection requested") == 2, 5, "GC signal again")
 
     poll(lambda: stage(daemon, "lsp-1") == "frozen", 5, "frozen")
     with pytest.raises(OSError):
-        http_get(daemon.base / "run" / "users" / "lsp-1" / "ide.sock", timeout=0.3)
+        http_get(daemon.ide_socket("lsp-1"), timeout=0.3)
 
     (Path(info["workspace"]) / "notes.txt").write_text("back to work\n")  # file activity wakes it
     poll(lambda: stage(daemon, "lsp-1") == "active", 5, "woken")
-    assert "uid=" in http_get(daemon.base / "run" / "users" / "lsp-1" / "ide.sock")
+    assert "uid=" in http_get(daemon.ide_socket("lsp-1"))
     assert lsp_progressing(home, 0.3), "the language server did not resume"
 
     why = json.loads(daemon.ctl("why", "lsp-1", "--json").stdout)["why"]

@@ -262,7 +262,7 @@ def test_language_server_like_children_are_frozen_and_resume(pod: TheiaPod) -> N
     assert not lsp_progressing(home, 0.4), "the language-server stand-in still runs while paused"
     # The backend itself still serves (asked on its own socket: a request through the front door
     # would wake the user).
-    assert " 200 " in http_get(d.base / "run" / "users" / "lsp-user" / "ide.sock", timeout=10).split("\r\n", 1)[0]
+    assert " 200 " in http_get(d.ide_socket("lsp-user"), timeout=10).split("\r\n", 1)[0]
 
     began = time.monotonic()
     page = client.get("/")  # the user comes back

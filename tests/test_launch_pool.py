@@ -13,6 +13,7 @@ import contextlib
 import os
 import signal
 import socket
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -154,15 +155,20 @@ def test_the_launcher_execs_as_the_user_with_only_stdio_open(tmp_path: Path) -> 
         (tmp_path / "ws").mkdir()
         os.chown(tmp_path / "ws", 65534, 65534)
         spec = build_spec(
-            user="nobody", uid=65534, gid=65534, command=["sh", "-c", "ls /proc/self/fd; id; pwd; umask; grep NoNewPrivs /proc/self/status"],
-            extra_env={}, shell="/bin/sh", workspace=tmp_path / "ws", home=tmp_path, socket_path=tmp_path / "s",
-            procs_files=[], log_path=tmp_path / "log",
+            user="nobody", uid=65534, gid=65534,
+            command=["sh", "-c", "ls /proc/self/fd; echo listen=$LISTEN_FDS/$LISTEN_FDNAMES/$LISTEN_PID/$$; id; pwd; umask; grep NoNewPrivs /proc/self/status"],
+            extra_env={}, shell="/bin/sh", workspace=tmp_path / "ws", home=tmp_path, procs_files=[], log_path=tmp_path / "log",
         )
-        LauncherPool._send(type("L", (), {"sock": ours})(), spec)  # type: ignore[arg-type]
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+            listener.bind(str(tmp_path / "ide.sock"))
+            listener.listen()
+            LauncherPool._send(type("L", (), {"sock": ours, "pid": proc.pid})(), spec, listener.fileno())  # type: ignore[arg-type]
         assert (answer := ours.recv(4096)) == b"", f"no end-of-file: the exec did not happen: {answer!r}"
         assert proc.wait(5) == 0
         lines = (tmp_path / "log").read_text().split()
-        assert lines[:4] == ["0", "1", "2", "3"] and lines[4] != "4", f"a descriptor leaked: {lines}"
+        # 3: the listening socket (LISTEN_FDS); 4: the directory ls reads.
+        assert lines[:5] == ["0", "1", "2", "3", "4"] and lines[5] != "5", f"a descriptor leaked: {lines}"
+        assert lines[5] == f"listen=1/ide/{proc.pid}/{proc.pid}", lines
         text = (tmp_path / "log").read_text()
         assert "uid=65534" in text and "gid=65534" in text and "groups=65534" in text.replace("groups=65534(nogroup)", "groups=65534")
         assert str(tmp_path / "ws") in text and "0077" in text and "NoNewPrivs:\t1" in text
@@ -175,9 +181,10 @@ def test_the_launcher_reports_an_exec_failure(tmp_path: Path) -> None:
     with launcher() as (ours, proc):
         spec = build_spec(
             user="nobody", uid=65534, gid=65534, command=["/nonexistent/ide"], extra_env={}, shell="/bin/sh",
-            workspace=Path("/"), home=tmp_path, socket_path=tmp_path / "s", procs_files=[], log_path=tmp_path / "log",
+            workspace=Path("/"), home=tmp_path, procs_files=[], log_path=tmp_path / "log",
         )
-        LauncherPool._send(type("L", (), {"sock": ours})(), spec)  # type: ignore[arg-type]
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+            LauncherPool._send(type("L", (), {"sock": ours, "pid": proc.pid})(), spec, listener.fileno())  # type: ignore[arg-type]
         answer = ours.recv(4096)
         assert answer.startswith(b"E") and b"/nonexistent/ide" in answer and b"No such file" in answer
         assert proc.wait(5) == 127
@@ -227,10 +234,12 @@ def test_a_start_from_the_pool_keeps_every_guarantee(daemon: Daemon) -> None:
     assert status["Uid"].split() == [str(uid)] * 4 and status["Gid"].split() == [str(uid)] * 4
     assert status["Groups"].strip() == "" and status["NoNewPrivs"].strip() == "1"
     assert status["Umask"].strip() == "0077"
-    assert f"uid={uid} gid={uid} groups=[] nnp=1" in http_get(daemon.base / "run" / "users" / "alice" / "ide.sock")
+    assert f"uid={uid} gid={uid} groups=[] nnp=1" in http_get(daemon.ide_socket("alice"))
     assert os.readlink(f"/proc/{pid}/cwd") == info["workspace"]
     environ = sorted(e.split(b"=", 1)[0].decode() for e in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0") if e)
-    assert environ == sorted(["HOME", "USER", "LOGNAME", "SHELL", "PATH", "LANG", "WSUP_IDE_SOCKET", "STUB_MARK"])
+    assert environ == sorted(["HOME", "USER", "LOGNAME", "SHELL", "PATH", "LANG", "LISTEN_FDS", "LISTEN_FDNAMES", "LISTEN_PID", "STUB_MARK"])
+    assert "listen=ide/True" in http_get(daemon.ide_socket("alice")), "LISTEN_PID is not the IDE's pid"
+    assert stat.S_ISSOCK(os.stat(f"/proc/{pid}/fd/3").st_mode)
     assert os.readlink(f"/proc/{pid}/fd/1") == os.readlink(f"/proc/{pid}/fd/2") == info["log"]
     assert os.readlink(f"/proc/{pid}/fd/0") == "/dev/null"
     memory = next(p for p in daemon.cgroup_dirs("alice") if (p / "memory.limit_in_bytes").exists())
@@ -303,7 +312,7 @@ def test_concurrent_starts_beyond_the_pool_fall_back_and_stay_confined() -> None
             info = d.user(user)
             assert info["state"] == "RUNNING"
             assert groups_of(info["pid"], d.name) == {user}
-            assert f"uid={info['uid']} gid={info['uid']} groups=[] nnp=1" in http_get(d.base / "run" / "users" / user / "ide.sock")
+            assert f"uid={info['uid']} gid={info['uid']} groups=[] nnp=1" in http_get(d.ide_socket(user))
     finally:
         d.cleanup()
 
@@ -316,5 +325,8 @@ def test_pool_off_starts_the_ordinary_way() -> None:
         assert pool_info(d) is None
         assert spare_dirs(d) == []
         assert groups_of(d.user("gina")["pid"], d.name) == {"gina"}
+        # Popen's path hands the socket over at fd 3 too (LISTEN_PID left out: unknown before exec).
+        assert stat.S_ISSOCK(os.stat(f"/proc/{d.user('gina')['pid']}/fd/3").st_mode)
+        assert "listen=ide/none" in http_get(d.ide_socket("gina"))
     finally:
         d.cleanup()

@@ -173,7 +173,7 @@ def test_live_exposition_passes_promtool_and_counts_what_happened(daemon: Daemon
 def test_oom_kills_are_counted_by_tier(daemon: Daemon) -> None:
     assert daemon.ctl("start", "hog-1").returncode == 0
     try:
-        http_get(daemon.base / "run" / "users" / "hog-1" / "ide.sock", "/alloc?mb=256", timeout=10)
+        http_get(daemon.ide_socket("hog-1"), "/alloc?mb=256", timeout=10)
     except OSError:
         pass
     poll(lambda: value(scrape(daemon), "workspace_supervisor_oom_kills_total", tier="free") >= 1, 10, "OOM counted")

@@ -263,7 +263,7 @@ def test_a_registry_outage_at_start_never_stops_the_daemon_and_it_catches_up(tmp
     d.start()
     try:
         assert d.ctl("start", "alice").returncode == 0
-        assert "uid=" in http_get(d.base / "run" / "users" / "alice" / "ide.sock")
+        assert "uid=" in http_get(d.ide_socket("alice"))
         registry = d.ctl_json("pod")["pod"]["registry"]
         assert registry["state"] == "unreachable" and registry["failures"] >= 1
         assert "cannot create the registry directory" in registry["last_error"]
@@ -301,7 +301,7 @@ def test_a_locked_registry_mid_run_disturbs_no_user(daemon: Daemon) -> None:
         started = time.monotonic()
         assert daemon.ctl("start", "bob").returncode == 0
         assert time.monotonic() - started < 3
-        assert "uid=" in http_get(daemon.base / "run" / "users" / "alice" / "ide.sock")
+        assert "uid=" in http_get(daemon.ide_socket("alice"))
         registry = daemon.ctl_json("pod")["pod"]["registry"]
         assert registry["state"] == "unreachable" and "locked" in registry["last_error"]
         assert get_json(probes_address(daemon), "/readyz")[0] == 200

@@ -1,19 +1,21 @@
 """The real Eclipse Theia browser app built by images/theia/build, launched as the daemon will.
 
 Launches ``images/theia/app/lib/backend/main.js`` as an arbitrary non-root uid with no passwd
-entry, with a private HOME and workspace, listening on a Unix socket through
-``images/theia/unix-socket-preload.js`` and collecting garbage on SIGUSR2 through
-``images/theia/gc-preload.js`` - the exact command line and environment the daemon uses (see
-images/theia/README.md). Checks: ``GET /`` answers 200 over the socket, the socket is 0600 and
-owned by the user, SIGUSR2 writes one GC JSON line to stderr and leaves the IDE serving, and (when
-Debian's Chromium is installed to load the workbench, which makes Theia fork its file watcher and
-open a terminal) no child of the backend inherits ``WSUP_IDE_SOCKET`` or the backend's node flags.
+entry, with a private HOME and workspace, serving on the listening socket the daemon hands over as
+fd 3 (made by :func:`supervisor.idesocket.listen`, adopted by ``images/theia/unix-socket-preload.js``)
+and collecting garbage on SIGUSR2 through ``images/theia/gc-preload.js`` - the exact command line and
+environment the daemon uses (see images/theia/README.md). Checks: ``GET /`` answers 200 over the
+socket, whose peer credentials name the user (Node's own listen() on fd 3), SIGUSR2 writes one GC
+JSON line to stderr and leaves the IDE serving, and (when Debian's Chromium is installed to load
+the workbench, which makes Theia fork its file watcher and open a terminal) no child of the backend
+inherits ``LISTEN_*``, fd 3 or the backend's node flags.
 
 Needs root (uid change, chown) and a built app: run ``images/theia/build`` first.
 """
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -21,6 +23,7 @@ import shutil
 import signal
 import socket
 import stat
+import struct
 import subprocess
 import tempfile
 import threading
@@ -32,6 +35,9 @@ from pathlib import Path
 import psutil
 import pytest
 
+from supervisor import idesocket
+from tests.harness import on_fd3
+
 REPO = Path(__file__).resolve().parent.parent
 THEIA = REPO / "images" / "theia"
 APP = THEIA / "app"
@@ -42,7 +48,7 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 UID = GID = 65001
 START_DEADLINE = 60.0  # generous: cold caches and other suites sharing two cores
-SOCKET_ENV = "WSUP_IDE_SOCKET"
+LISTEN_ENV = {"LISTEN_FDS": "1", "LISTEN_FDNAMES": "ide"}
 
 pytestmark = [
     pytest.mark.slow,
@@ -173,28 +179,23 @@ def _stop(ide: Ide) -> None:
 def ide() -> Iterator[Ide]:
     base = Path(tempfile.mkdtemp(prefix="wsup-theia-test-"))
     base.chmod(0o711)  # traversable by the user; the per-user directories below are 0700
-    home, workspace, run = base / "home", base / "workspace", base / "run"
-    for d in (home, workspace, run):
+    home, workspace = base / "home", base / "workspace"
+    for d in (home, workspace):
         d.mkdir(mode=0o700)
     (workspace / "hello.txt").write_text("hello from the workspace\n")
-    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    stale.bind(str(run / "ide.sock"))
-    stale.close()  # a stale socket file with nobody listening, as after a crash
-    for p in (home, workspace, run, workspace / "hello.txt", run / "ide.sock"):
+    for p in (home, workspace, workspace / "hello.txt"):
         os.chown(p, UID, GID)
 
-    env = {
-        "PATH": "/usr/local/bin:/usr/bin:/bin",
-        "HOME": str(home),
-        "SHELL": "/bin/bash",
-        SOCKET_ENV: str(run / "ide.sock"),
-    }
+    env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": str(home), "SHELL": "/bin/bash", **LISTEN_ENV}
     argv = ["setpriv", f"--reuid={UID}", f"--regid={GID}", "--clear-groups", "--no-new-privs", *ide_command(workspace)]
     started = time.monotonic()
-    proc = subprocess.Popen(
-        argv, env=env, cwd=str(workspace), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE
-    )
-    handle = Ide(proc=proc, socket_path=run / "ide.sock", home=home, workspace=workspace, started_at=started)
+    with idesocket.listen(base / "run", "theia-user") as listener:  # as the daemon does
+        proc = subprocess.Popen(
+            on_fd3(listener.fileno(), argv), pass_fds=(listener.fileno(),), env=env, cwd=str(workspace),
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )
+    handle = Ide(proc=proc, socket_path=idesocket.socket_path(base / "run", "theia-user"), home=home, workspace=workspace,
+                 started_at=started)
     readers = [
         threading.Thread(target=_reader, args=(handle, proc.stdout, handle.stdout), daemon=True),
         threading.Thread(target=_reader, args=(handle, proc.stderr, handle.stderr), daemon=True),
@@ -236,18 +237,22 @@ def test_serves_workbench_over_unix_socket_as_the_user(ide: Ide) -> None:
     assert backend.uids().real == UID and backend.uids().effective == UID
     assert backend.gids().real == GID
     assert "main.js" in " ".join(backend.cmdline())
-    # Theia logs the socket path from the listen callback: the callback fired.
+    # Theia logs the server's address from the listen callback: the callback fired.
     with ide.cond:
-        assert any(f"listening on {ide.socket_path}" in line for line in ide.stdout + ide.stderr), ide.logs()
+        assert any("listening on fd 3 (LISTEN_FDS)" in line for line in ide.stdout + ide.stderr), ide.logs()
         # Theia keeps its per-user state under the given HOME, not root's.
         assert any(f"Configuration directory URI: 'file://{ide.home}/.theia'" in line for line in ide.stdout), ide.logs()
 
 
-def test_socket_is_private_to_the_user(ide: Ide) -> None:
-    st = os.lstat(ide.socket_path)
-    assert stat.S_ISSOCK(st.st_mode)
-    assert stat.S_IMODE(st.st_mode) == 0o600
-    assert st.st_uid == UID
+def test_the_socket_is_the_daemons_and_its_peer_is_the_user(ide: Ide) -> None:
+    directory = os.lstat(ide.socket_path.parent)
+    assert (directory.st_uid, stat.S_IMODE(directory.st_mode)) == (0, 0o700)
+    assert stat.S_ISSOCK(os.lstat(ide.socket_path).st_mode)
+    # Node's listen() on fd 3 re-stamped the peer credentials: the front door sees the user.
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+        conn.connect(str(ide.socket_path))
+        pid, uid, _gid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+    assert (pid, uid) == (ide.proc.pid, UID)
     # ... and nothing listens on TCP: the port/hostname arguments were redirected.
     listening = [c for c in psutil.net_connections("inet") if c.pid == ide.proc.pid and c.status == psutil.CONN_LISTEN]
     assert listening == []
@@ -333,7 +338,7 @@ def _cmdline(p: psutil.Process) -> list[str]:
 @pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium to load the workbench (apt-get install chromium)")
 def test_children_inherit_neither_socket_env_nor_node_flags(ide: Ide, tmp_path: Path) -> None:
     """Loading the workbench makes the backend fork its file watcher (node ipc-bootstrap) and open a
-    terminal (bash via node-pty): neither sees WSUP_IDE_SOCKET, --require or --expose-gc."""
+    terminal (bash via node-pty): neither sees LISTEN_*, fd 3, --require or --expose-gc."""
     forwarder = _TcpToUnix(str(ide.socket_path))
     profile = tmp_path / "chromium-profile"
     browser = subprocess.Popen(
@@ -373,6 +378,7 @@ def test_children_inherit_neither_socket_env_nor_node_flags(ide: Ide, tmp_path: 
         children = ide.descendants()
         print("backend descendants:", [(p.pid, _cmdline(p)[:3]) for p in children])
         tree = [psutil.Process(ide.proc.pid), *children]
+        listening = os.stat(f"/proc/{ide.proc.pid}/fd/3").st_ino  # the backend's listening socket
         rss = {p.pid: p.memory_info().rss // 2**20 for p in tree if p.is_running()}
         print(f"tree RSS with a workbench loaded: {sum(rss.values())} MiB {rss}")
         for p in children:
@@ -382,7 +388,9 @@ def test_children_inherit_neither_socket_env_nor_node_flags(ide: Ide, tmp_path: 
             except psutil.NoSuchProcess:
                 continue  # e.g. a short-lived ripgrep
             argv = _cmdline(p)
-            assert SOCKET_ENV not in env, (p.pid, argv)
+            assert not any(k.startswith("LISTEN_") for k in env), (p.pid, argv)
+            with contextlib.suppress(FileNotFoundError):
+                assert os.stat(f"/proc/{p.pid}/fd/3").st_ino != listening, (p.pid, argv)
             assert uids.real == UID and uids.effective == UID, (p.pid, argv, uids)
             if argv and os.path.basename(argv[0]) == "node":
                 assert not any(a in ("--require", "-r", "--expose-gc") or a.startswith("--require=") for a in argv), argv
@@ -404,24 +412,26 @@ def test_children_inherit_neither_socket_env_nor_node_flags(ide: Ide, tmp_path: 
         forwarder.close()
 
 
-def test_stops_on_sigterm_and_removes_its_socket(ide: Ide) -> None:
-    """Runs last (module order): SIGTERM stops the backend promptly and the socket file goes."""
+def test_stops_on_sigterm_and_its_socket_with_it(ide: Ide) -> None:
+    """Runs last (module order): SIGTERM stops the backend promptly; its socket refuses connections
+    (the daemon unlinks the file when it cleans up)."""
     ide.descendants()
     t0 = time.monotonic()
     ide.proc.terminate()
     code = ide.proc.wait(timeout=15)
     print(f"backend exited with {code} {time.monotonic() - t0:.2f}s after SIGTERM")
-    assert not ide.socket_path.exists()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn, pytest.raises(ConnectionRefusedError):
+        conn.connect(str(ide.socket_path))
     gone, alive = psutil.wait_procs(list(ide.seen.values()), timeout=5)
     print(f"descendants gone after the backend's exit: {[p.pid for p in gone]}; still alive: {[p.pid for p in alive]}")
     # Theia exits 1 on SIGTERM (after stopping its contributions): not a crash.
     assert code in (0, 1, -signal.SIGTERM), ide.logs()
 
 
-def _user_dirs() -> tuple[Path, Path, Path, Path]:
+def _user_dirs() -> tuple[Path, Path, Path]:
     base = Path(tempfile.mkdtemp(prefix="wsup-theia-test-"))
     base.chmod(0o711)
-    dirs = [base / name for name in ("home", "workspace", "run")]
+    dirs = [base / name for name in ("home", "workspace")]
     for d in dirs:
         d.mkdir(mode=0o700)
         os.chown(d, UID, GID)
@@ -442,26 +452,24 @@ def _run_until_exit(env_extra: dict[str, str], home: Path, workspace: Path) -> t
     return proc.returncode, out.decode("utf-8", "replace")
 
 
-def test_without_socket_variable_the_preload_refuses_tcp() -> None:
-    """Fail closed: a backend started with the preload but no WSUP_IDE_SOCKET exits at once instead
+def test_without_a_handed_over_socket_the_preload_refuses_tcp() -> None:
+    """Fail closed: a backend started with the preload but no LISTEN_FDS exits at once instead
     of listening on a TCP port every tenant of the pod could reach."""
-    base, home, workspace, _run = _user_dirs()
+    base, home, workspace = _user_dirs()
     try:
         code, out = _run_until_exit({}, home, workspace)
         assert code != 0
-        assert "WSUP_IDE_SOCKET is not set: refusing to listen on TCP" in out, out[-3000:]
+        assert "LISTEN_FDS is not set: no listening socket was handed over; refusing to listen on TCP" in out, out[-3000:]
     finally:
         shutil.rmtree(base, ignore_errors=True)
 
 
-def test_preload_never_deletes_a_non_socket_at_the_path() -> None:
-    base, home, workspace, run = _user_dirs()
+def test_the_preload_refuses_a_socket_meant_for_another_process() -> None:
+    """LISTEN_PID names the process the descriptors are for (systemd's rule): another pid's is refused."""
+    base, home, workspace = _user_dirs()
     try:
-        victim = run / "ide.sock"
-        victim.write_text("not a socket\n")
-        code, out = _run_until_exit({SOCKET_ENV: str(victim)}, home, workspace)
+        code, out = _run_until_exit({**LISTEN_ENV, "LISTEN_PID": "1"}, home, workspace)
         assert code != 0
-        assert "exists and is not a socket" in out, out[-3000:]
-        assert victim.read_text() == "not a socket\n"
+        assert "LISTEN_PID 1 is not this process" in out, out[-3000:]
     finally:
         shutil.rmtree(base, ignore_errors=True)

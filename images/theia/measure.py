@@ -20,6 +20,7 @@ import shutil
 import signal
 import socket
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
@@ -57,6 +58,15 @@ def get_status(path: str) -> int:
         c.close()
 
 
+def refuses(path: Path) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(str(path))
+        except ConnectionRefusedError:
+            return True
+    return False
+
+
 def rss_kib(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -65,13 +75,18 @@ def rss_kib(pid: int) -> int:
 
 
 def one(root: Path, uid: int, hostname: bool, result: dict) -> None:  # type: ignore[type-arg]
+    result["uid"] = uid
     base = Path(tempfile.mkdtemp(prefix="wsup-theia-measure-"))
     base.chmod(0o711)
     home, ws, run = base / "home", base / "ws", base / "run"
     for d in (home, ws, run):
         d.mkdir(mode=0o700)
+    for d in (home, ws):
         os.chown(d, uid, uid)
-    sock = run / "ide.sock"
+    sock = run / "ide.sock"  # root's, as the daemon makes it; handed over as fd 3
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(sock))
+    listener.listen(512)
     preloads = root if (root / "gc-preload.js").exists() else HERE
     argv = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--no-new-privs",
             shutil.which("node") or "node", "--expose-gc",
@@ -80,11 +95,14 @@ def one(root: Path, uid: int, hostname: bool, result: dict) -> None:  # type: ig
     if hostname:
         argv += ["--hostname", "127.0.0.1"]
     argv += ["--session-preference=security.workspace.trust.enabled=false"]
-    env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": str(home), "SHELL": "/bin/bash", "WSUP_IDE_SOCKET": str(sock)}
+    env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": str(home), "SHELL": "/bin/bash", "LISTEN_FDS": "1", "LISTEN_FDNAMES": "ide"}
+    move = "import os, sys; os.dup2(int(sys.argv[1]), 3); os.execvp(sys.argv[2], sys.argv[2:])"
+    argv = [sys.executable, "-I", "-S", "-c", move, str(listener.fileno()), *argv]
     errlines: list[str] = []
     t0 = time.monotonic()
     p = subprocess.Popen(argv, env=env, cwd=str(ws), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                         stderr=subprocess.PIPE, text=True)
+                         stderr=subprocess.PIPE, text=True, pass_fds=(listener.fileno(),))
+    listener.close()
     reader = threading.Thread(target=lambda: errlines.extend(p.stderr), daemon=True)  # type: ignore[arg-type]
     reader.start()
     try:
@@ -100,7 +118,9 @@ def one(root: Path, uid: int, hostname: bool, result: dict) -> None:  # type: ig
                 pass
             time.sleep(0.01)
         result["ready_s"] = time.monotonic() - t0
-        result["mode"] = oct(sock.stat().st_mode & 0o777)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:  # node's listen() on fd 3 names it
+            probe.connect(str(sock))
+            result["peer_uid"] = struct.unpack("3i", probe.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[1]
         time.sleep(1)  # let start-up work settle before reading RSS
         result["rss_mib"] = rss_kib(p.pid) / 1024
         n = len(errlines)
@@ -115,7 +135,7 @@ def one(root: Path, uid: int, hostname: bool, result: dict) -> None:  # type: ig
         p.terminate()
         result["exit_code"] = p.wait(timeout=15)
         result["stop_s"] = time.monotonic() - t1
-        result["socket_removed"] = not sock.exists()
+        result["socket_refuses"] = refuses(sock)
     except Exception as exc:  # noqa: BLE001 - report and go on
         result["error"] = str(exc)
     finally:
@@ -162,7 +182,8 @@ def main() -> int:
                   f"{statistics.median(g['heap_used_after'] for g in gcs) / 2**20:.1f} MiB, "
                   f"{statistics.median(g['ms'] for g in gcs):.0f} ms")
         print(f"stop after SIGTERM: median {statistics.median(r['stop_s'] for r in ok):.2f}s, exit codes "
-              f"{sorted({r['exit_code'] for r in ok})}, socket removed: {all(r['socket_removed'] for r in ok)}")
+              f"{sorted({r['exit_code'] for r in ok})}, socket refuses after exit: {all(r['socket_refuses'] for r in ok)}, "
+              f"peer uid the IDE's: {all(r['peer_uid'] == r['uid'] for r in ok)}")
     return 1 if len(ok) != len(results) else 0
 
 

@@ -1,109 +1,62 @@
-// unix-socket-preload.js - make a Node HTTP server (Theia's backend) listen on a Unix socket.
+// unix-socket-preload.js - make a Node HTTP server (Theia's backend) serve on the listening socket
+// the supervisor hands over as fd 3 (systemd-style socket activation).
 //
-//   WSUP_IDE_SOCKET=/run/wsup/alice/ide.sock \
-//     node --require /opt/theia/unix-socket-preload.js /opt/theia/lib/backend/main.js ...
+//   LISTEN_FDS=1 LISTEN_FDNAMES=ide [LISTEN_PID=<pid>] \
+//     node --require /opt/theia/unix-socket-preload.js /opt/theia/lib/backend/main.js ...  3<>socket
 //
-// Theia's `--port` takes only a number, so this preload redirects the process's first
-// `listen()` on an http/https server to the path named by WSUP_IDE_SOCKET, whatever port and
-// host the caller asked for. The listen callback still fires (Theia logs its address then).
+// Theia's `--port` takes only a number, so this preload redirects the process's first `listen()`
+// on an http/https server to `listen({fd: 3})`, whatever port and host the caller asked for. The
+// listen callback still fires; the server's address() is the string `fd 3 (LISTEN_FDS)` (Node
+// has none for an adopted descriptor; Theia logs it as a socket path).
 //
-// - WSUP_IDE_SOCKET is deleted from process.env as soon as this file loads, so nothing the IDE
-//   starts later (file watcher, terminals, language servers) inherits it.
-// - Without the variable the preload fails closed: the first http/https listen() throws instead
-//   of opening a TCP port that every tenant of the pod could reach.
-// - A stale socket left by a previous run is removed first; any other kind of file at the path
-//   is an error (never deleted).
-// - The socket is created 0600 (umask held at 0177 around bind(), then chmod to be sure) before
-//   the listen callback runs: only the IDE's own uid (and root, which the daemon runs as) can
-//   connect. The parent directory is expected to be 0700 and owned by the user.
-// - On exit the socket file is removed if it is still the one this process created.
+// - The supervisor bound the socket in a directory only root can enter and listened on it; Node's
+//   own listen() on fd 3 stamps the socket's peer credentials with this process's uid, which the
+//   supervisor's front door checks before it forwards a byte.
+// - LISTEN_FDS, LISTEN_FDNAMES and LISTEN_PID are deleted from process.env as soon as this file
+//   loads, so nothing the IDE starts later (file watcher, terminals, language servers) takes fd 3
+//   for its own.
+// - Fail closed: without LISTEN_FDS=1 (or with a LISTEN_PID that is not this process) the first
+//   http/https listen() throws instead of opening a TCP port that every tenant of the pod could
+//   reach.
 'use strict';
 
-const ENV_NAME = 'WSUP_IDE_SOCKET';
-const socketPath = process.env[ENV_NAME];
-delete process.env[ENV_NAME];
+const LISTEN_FD = 3;
+const ADDRESS = `fd ${LISTEN_FD} (LISTEN_FDS)`;
+const fds = process.env.LISTEN_FDS;
+const pid = process.env.LISTEN_PID;
+delete process.env.LISTEN_FDS;
+delete process.env.LISTEN_FDNAMES;
+delete process.env.LISTEN_PID;
 
-if (!socketPath) {
-    const net = require('net');
-    const http = require('http');
-    const https = require('https');
-    const originalListen = net.Server.prototype.listen;
-    net.Server.prototype.listen = function listen(...args) {
-        if (!(this instanceof http.Server || this instanceof https.Server)) {
-            return originalListen.apply(this, args);
-        }
-        net.Server.prototype.listen = originalListen;
-        throw new Error(`${ENV_NAME} is not set: refusing to listen on TCP (unix-socket-preload.js)`);
-    };
-} else {
-    const fs = require('fs');
-    const net = require('net');
-    const http = require('http');
-    const https = require('https');
+const net = require('net');
+const http = require('http');
+const https = require('https');
+const originalListen = net.Server.prototype.listen;
 
-    const originalListen = net.Server.prototype.listen;
-    let redirected = false;
-    let createdIno = null;
+const refusal = fds !== '1'
+    ? `LISTEN_FDS is ${fds === undefined ? 'not set' : `'${fds}', not '1'`}`
+    : pid !== undefined && pid !== String(process.pid)
+        ? `LISTEN_PID ${pid} is not this process (${process.pid})`
+        : null;
 
-    const removeStale = () => {
-        let st;
-        try {
-            st = fs.lstatSync(socketPath);
-        } catch (err) {
-            if (err.code === 'ENOENT') return;
-            throw err;
-        }
-        if (!st.isSocket()) {
-            throw new Error(`${ENV_NAME}=${socketPath} exists and is not a socket; refusing to replace it`);
-        }
-        fs.unlinkSync(socketPath);
-    };
-
-    net.Server.prototype.listen = function listen(...args) {
-        if (redirected || !(this instanceof http.Server || this instanceof https.Server)) {
-            return originalListen.apply(this, args);
-        }
-        redirected = true;
-        net.Server.prototype.listen = originalListen;
-
-        // listen(port, host, backlog, cb), listen(options, cb), listen(path, cb), ...: keep only
-        // the callback (the last argument when it is a function) and the backlog if one is given.
-        const callback = typeof args[args.length - 1] === 'function' ? args.pop() : undefined;
-        const options = { path: socketPath };
-        const first = args[0];
-        if (first !== null && typeof first === 'object' && Number.isInteger(first.backlog)) {
-            options.backlog = first.backlog;
-        } else if (args.length >= 3 && Number.isInteger(args[2])) {
-            options.backlog = args[2];
-        }
-
-        removeStale();
-        // Runs before the caller's callback (registered below, by the original listen()).
-        this.once('listening', () => {
-            fs.chmodSync(socketPath, 0o600);
-            try {
-                createdIno = fs.statSync(socketPath).ino;
-            } catch (_) {
-                createdIno = null;
-            }
-        });
-        // bind() happens synchronously inside listen() for a path: create the socket 0600.
-        const previousUmask = process.umask(0o177);
-        try {
-            return callback === undefined
-                ? originalListen.call(this, options)
-                : originalListen.call(this, options, callback);
-        } finally {
-            process.umask(previousUmask);
-        }
-    };
-
-    process.on('exit', () => {
-        if (createdIno === null) return;
-        try {
-            if (fs.statSync(socketPath).ino === createdIno) fs.unlinkSync(socketPath);
-        } catch (_) {
-            // already gone, or replaced by someone else: leave it
-        }
-    });
-}
+net.Server.prototype.listen = function listen(...args) {
+    if (!(this instanceof http.Server || this instanceof https.Server)) {
+        return originalListen.apply(this, args);
+    }
+    net.Server.prototype.listen = originalListen;
+    if (refusal !== null) {
+        throw new Error(`${refusal}: no listening socket was handed over; refusing to listen on TCP (unix-socket-preload.js)`);
+    }
+    // listen(port, host, backlog, cb), listen(options, cb), ...: keep only the callback (the last
+    // argument when it is a function) and the backlog if one is given.
+    const callback = typeof args[args.length - 1] === 'function' ? args.pop() : undefined;
+    const options = { fd: LISTEN_FD };
+    const first = args[0];
+    if (first !== null && typeof first === 'object' && Number.isInteger(first.backlog)) {
+        options.backlog = first.backlog;
+    } else if (args.length >= 3 && Number.isInteger(args[2])) {
+        options.backlog = args[2];
+    }
+    this.address = () => ADDRESS;
+    return callback === undefined ? originalListen.call(this, options) : originalListen.call(this, options, callback);
+};

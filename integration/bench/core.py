@@ -125,7 +125,7 @@ class Baseline:
         self.socket = self.dir / "server.sock"
 
     def once(self) -> float:
-        env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "WSUP_IDE_SOCKET": str(self.socket)}
+        env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "BENCH_SOCKET": str(self.socket)}
         t0 = time.perf_counter()
         proc = subprocess.Popen([SERVER_PYTHON, "-I", "-S", str(self.server)], env=env, cwd=self.dir,
                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -203,7 +203,7 @@ class Ours(BenchDaemon):
         }, env=OURS_ENV, call_timeout=120)
 
     def server_socket(self, user: str) -> Path:
-        return self.run_dir / "users" / user / "ide.sock"
+        return self.run_dir / "ide" / f"{user}.sock"
 
     def start(self, user: str) -> float:
         t0 = time.perf_counter()
@@ -300,7 +300,7 @@ class Supervisord:
         (self.programs / f"{name}.conf").write_text(
             f"[program:{name}]\n"
             f"command={SERVER_PYTHON} -I -S {self.server}\n"
-            f'environment=WSUP_IDE_SOCKET="{self.sockets / name}.sock"\n'
+            f'environment=BENCH_SOCKET="{self.sockets / name}.sock"\n'
             f"directory={self.base}\n"
             f"autostart={'true' if autostart else 'false'}\nautorestart=true\nstartsecs=0\nstartretries=3\n"
             "stopsignal=TERM\nstopwaitsecs=3\nredirect_stderr=true\n"

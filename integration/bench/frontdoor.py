@@ -286,13 +286,10 @@ class Bench:
             daemon_pid = d.proc.pid if d.proc else 0
             self.paths[name] = Route(name, port, headers, lambda p=daemon_pid: [p], lambda dd=d: [int(dd.user(USER)["pid"])])
             if name == "ours" and self.args.ide_direct:
-                # The same IDE, reached without the front door: its own Unix socket (found in its
-                # environment), its uid and cgroup - what the front door adds, apart from where
-                # the IDE runs.
-                pid = int(d.user(USER)["pid"])
-                env = dict(item.split("=", 1) for item in Path(f"/proc/{pid}/environ").read_text().split("\0") if "=" in item)
+                # The same IDE, reached without the front door: its Unix socket (the daemon's), its
+                # uid and cgroup - what the front door adds, apart from where the IDE runs.
                 self.paths["ide-direct"] = Route("ide-direct", 0, {}, lambda: [], lambda dd=d: [int(dd.user(USER)["pid"])],
-                                                 socket=env["WSUP_IDE_SOCKET"])
+                                                 socket=str(d.ide_socket(USER)))
 
     # -- measuring -----------------------------------------------------------------------------------
 

@@ -1,7 +1,8 @@
 """The trivial socket server both contenders manage in the core benchmark.
 
-Run as ``python3 -I -S server.py``: serves HTTP on the Unix socket named by ``$WSUP_IDE_SOCKET``
-(or the first argument). ``GET /`` (any request, in fact) answers ``pid=<pid>`` so that a client can
+Run as ``python3 -I -S server.py``: serves HTTP on the listening socket handed over as fd 3
+(``LISTEN_FDS=1``, as our daemon runs an IDE), else binds the Unix socket named by
+``$BENCH_SOCKET`` (or the first argument: supervisord, the baseline). ``GET /`` (any request, in fact) answers ``pid=<pid>`` so that a client can
 tell a restarted server from the one before it. Ignores SIGUSR2, as the Theia GC preload handles it.
 Stdlib ``socket`` only, no output, ~9 MiB RSS: the point is to measure the supervisor, not the server.
 """
@@ -14,13 +15,16 @@ import sys
 # The idle ladder's memory-reclaim rung sends SIGUSR2 (Theia's GC preload collects garbage on it).
 _signal.signal(_signal.SIGUSR2, _signal.SIG_IGN)
 
-path = os.environ.get("WSUP_IDE_SOCKET") or sys.argv[1]
-try:
-    os.unlink(path)
-except FileNotFoundError:
-    pass
-server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-server.bind(path)
+if os.environ.get("LISTEN_FDS") == "1":
+    server = socket.socket(fileno=3)
+else:
+    path = os.environ.get("BENCH_SOCKET") or sys.argv[1]
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(path)
 server.listen(64)
 body = b"pid=%d\n" % os.getpid()
 answer = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body)

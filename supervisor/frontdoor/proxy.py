@@ -25,6 +25,7 @@ import math
 import os
 import select
 import socket
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Sequence, Union
@@ -49,6 +50,18 @@ Counter = Callable[[int], None]
 
 TO_IDE = PROXY_BYTES.labels(direction="client_to_ide")
 TO_CLIENT = PROXY_BYTES.labels(direction="ide_to_client")
+
+
+class PeerMismatch(Exception):
+    """The IDE socket's peer credentials name another uid than the user's: nothing is sent."""
+
+    reason = "peer_uid"
+
+    def __init__(self, expected_uid: int, uid: int, pid: int) -> None:
+        super().__init__(
+            f"the socket is served by uid {uid} (pid {pid}), not the user's uid {expected_uid}"
+            + (" - an IDE must call listen() on the socket it receives as fd 3" if uid == 0 else "")
+        )
 
 
 class UpstreamFailed(Exception):
@@ -223,6 +236,9 @@ async def connect_unix(path: Path, timeout: float) -> trio.SocketStream:
 # ---- the IDE side -------------------------------------------------------------------------------
 
 
+_UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+
+
 @dataclass
 class Upstream:
     """A connection to one user's IDE socket, reusable for the next request of the same user."""
@@ -234,9 +250,17 @@ class Upstream:
     closed: bool = field(default=False)
 
     @classmethod
-    async def connect(cls, user: str, socket_path: Path, *, buffer_size: int, max_head: int, timeout: float) -> Upstream:
-        """Raises OSError (no socket, refused) or TooSlowError (backlog full for ``timeout``)."""
+    async def connect(
+        cls, user: str, socket_path: Path, uid: int, *, buffer_size: int, max_head: int, timeout: float,
+    ) -> Upstream:
+        """A connection to ``socket_path``, whose listener must be ``uid`` (``SO_PEERCRED``: whoever
+        last called listen() on it). Raises OSError (no socket, refused), TooSlowError (backlog full
+        for ``timeout``) or PeerMismatch (then closed, nothing sent)."""
         stream = await connect_unix(socket_path, timeout)
+        pid, found, _gid = _UCRED.unpack(stream.socket.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
+        if found != uid:
+            stream.socket.close()
+            raise PeerMismatch(uid, found, pid)
         return cls(user, socket_path, HttpStream(stream, h11.CLIENT, buffer_size=buffer_size, max_head=max_head))
 
     def reusable_for(self, user: str, socket_path: Path) -> bool:

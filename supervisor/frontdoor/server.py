@@ -51,6 +51,7 @@ from supervisor.frontdoor.proxy import (
     ClientGone,
     Exchange,
     HttpStream,
+    PeerMismatch,
     Upstream,
     UpstreamFailed,
     forward_http,
@@ -73,7 +74,7 @@ from supervisor.frontdoor.signin import (
     token_use,
 )
 from supervisor.manager import SessionManager
-from supervisor.metrics import AUTH_REJECTIONS, PROXY_ACTIVE, PROXY_CONNECTIONS
+from supervisor.metrics import AUTH_REJECTIONS, PROXY_ACTIVE, PROXY_CONNECTIONS, UPSTREAM_REJECTIONS
 from supervisor.paths import user_paths
 from supervisor.publisher import Publisher, advertised_address, host_ip
 from supervisor.registry.records import SessionRecord
@@ -102,6 +103,7 @@ class IdeInfo:
     state: State
     tier: str
     socket_path: Path
+    uid: int  # the user's: the only uid whose listening socket the front door forwards to
     reason: str = ""
 
 
@@ -131,7 +133,7 @@ class ManagerIdes:
         if rt is None:
             return None
         s = rt.session
-        return IdeInfo(state=s.state, tier=s.tier, socket_path=rt.socket_path, reason=s.reason)
+        return IdeInfo(state=s.state, tier=s.tier, socket_path=rt.socket_path, uid=rt.uid, reason=s.reason)
 
     async def start(self, user: str, tier: str) -> None:
         try:
@@ -637,7 +639,7 @@ class _Connection:
             return await self._websocket(request, identity, ide, target, headers, on_input)
         retry = True
         while True:
-            reused = await self._upstream_for(user, ide.socket_path)
+            reused = await self._upstream_for(user, ide)
             if reused is None:
                 return await self._answer(request, self._unavailable(user))
             assert self.upstream is not None
@@ -663,19 +665,14 @@ class _Connection:
             await self._drop_upstream()
         return exchange.reusable
 
-    async def _upstream_for(self, user: str, socket_path: Path) -> bool | None:
-        """Make :attr:`upstream` a connection to ``socket_path``; True if an old one is reused,
+    async def _upstream_for(self, user: str, ide: IdeInfo) -> bool | None:
+        """Make :attr:`upstream` a connection to the user's IDE; True if an old one is reused,
         None if the IDE cannot be reached."""
-        if self.upstream is not None and self.upstream.reusable_for(user, socket_path):
+        if self.upstream is not None and self.upstream.reusable_for(user, ide.socket_path):
             return True
         await self._drop_upstream()
-        try:
-            self.upstream = await Upstream.connect(
-                user, socket_path, buffer_size=self.http.buffer_size, max_head=max(self.http.max_header_bytes, 64 * 1024),
-                timeout=self.http.header_timeout,
-            )
-        except (OSError, trio.TooSlowError) as exc:
-            log.warning("user=%s cannot reach the IDE at %s: %s", user, socket_path, exc)
+        self.upstream = await self._connect_upstream(user, ide)
+        if self.upstream is None:
             return None
         PROXY_CONNECTIONS.labels(kind="http").inc()
         PROXY_ACTIVE.labels(kind="http").inc()
@@ -685,13 +682,8 @@ class _Connection:
                          headers: list[tuple[bytes, bytes]], on_input: Callable[[int], None]) -> bool:
         await self._drop_upstream()
         user = identity.user
-        try:
-            upstream = await Upstream.connect(
-                user, ide.socket_path, buffer_size=self.http.buffer_size, max_head=max(self.http.max_header_bytes, 64 * 1024),
-                timeout=self.http.header_timeout,
-            )
-        except (OSError, trio.TooSlowError) as exc:
-            log.warning("user=%s cannot reach the IDE at %s: %s", user, ide.socket_path, exc)
+        upstream = await self._connect_upstream(user, ide)
+        if upstream is None:
             return await self._answer(request, self._unavailable(user))
         PROXY_CONNECTIONS.labels(kind="websocket").inc()
         gauge = PROXY_ACTIVE.labels(kind="websocket")
@@ -720,6 +712,21 @@ class _Connection:
             log.info("user=%s sid=%s WebSocket %s closed: its credentials expired", user, identity.sid[:16], loggable(target))
         log.debug("user=%s upgrade %s -> %d (%s)", user, loggable(target), exchange.status, exchange.ended or "answered")
         return False
+
+    async def _connect_upstream(self, user: str, ide: IdeInfo) -> Upstream | None:
+        """A new connection to the user's IDE, served by the user's uid (checked before a byte is
+        sent); None (logged; counted when the uid is wrong) if there is none."""
+        try:
+            return await Upstream.connect(
+                user, ide.socket_path, ide.uid, buffer_size=self.http.buffer_size,
+                max_head=max(self.http.max_header_bytes, 64 * 1024), timeout=self.http.header_timeout,
+            )
+        except PeerMismatch as exc:
+            UPSTREAM_REJECTIONS.labels(reason=exc.reason).inc()
+            log.error("user=%s refused to forward to %s: %s", user, ide.socket_path, exc)
+        except (OSError, trio.TooSlowError) as exc:
+            log.warning("user=%s cannot reach the IDE at %s: %s", user, ide.socket_path, exc)
+        return None
 
     def _relay(self) -> Relay:
         relay = self.front.relay

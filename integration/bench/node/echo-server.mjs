@@ -1,6 +1,6 @@
 // The upstream of the front-door benchmark: HTTP + WebSocket echo, Node's own `http` and `net` only.
 //
-//   node echo-server.mjs                  listens on the Unix socket $WSUP_IDE_SOCKET (as the daemon runs an IDE)
+//   node echo-server.mjs                  serves on the listening socket handed over as fd 3 (LISTEN_FDS=1, as the daemon runs an IDE)
 //   node echo-server.mjs --port N         listens on 127.0.0.1:N (for the direct path and for CHP)
 //
 // GET /              200 "ok" (the daemon's readiness probe)
@@ -12,7 +12,6 @@
 // The same program serves every path of the benchmark, so the upstream's own cost is the same in
 // all of them.
 import crypto from 'node:crypto';
-import fs from 'node:fs';
 import http from 'node:http';
 
 const GUID = '258EAFA5-E914-47DA-95CA-C5AB0DC85B11';
@@ -118,14 +117,10 @@ if (portArg > 0) {
     console.log(`echo listening on 127.0.0.1:${server.address().port}`);
   });
 } else {
-  const path = process.env.WSUP_IDE_SOCKET;
-  if (!path) { console.error('WSUP_IDE_SOCKET is not set and no --port given'); process.exit(2); }
-  try { fs.unlinkSync(path); } catch { /* none */ }
-  const old = process.umask(0o177);
-  server.listen(path, () => {
-    process.umask(old);
-    fs.chmodSync(path, 0o600);
-    console.log(`echo listening on ${path}`);
-  });
+  if (process.env.LISTEN_FDS !== '1') { console.error('no socket handed over (LISTEN_FDS=1, fd 3) and no --port given'); process.exit(2); }
+  delete process.env.LISTEN_FDS;
+  delete process.env.LISTEN_FDNAMES;
+  delete process.env.LISTEN_PID;
+  server.listen({ fd: 3 }, () => console.log('echo listening on fd 3'));
 }
 process.on('SIGTERM', () => process.exit(0));
