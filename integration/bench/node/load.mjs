@@ -39,7 +39,9 @@ function connectWs(target = '/ws') {
     const extra = Object.entries(opts.headers || {}).map(([k, v]) => `${k}: ${v}\r\n`).join('');
     sock.once('connect', () => sock.write(
       `GET ${target} HTTP/1.1\r\nHost: ${opts.host}:${opts.port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n` +
-      `Sec-WebSocket-Key: ${key}\r\nSec-WebSocket-Version: 13\r\n${extra}\r\n`));
+      `Sec-WebSocket-Key: ${key}\r\nSec-WebSocket-Version: 13\r\n` +
+      // as a browser does: the front door takes a cookie WebSocket only from its public origin
+      `Origin: http://${opts.host}:${opts.port}\r\n${extra}\r\n`));
     let buf = Buffer.alloc(0);
     const onData = (d) => {
       buf = Buffer.concat([buf, d]);
