@@ -271,6 +271,11 @@ class Relay:
     def connections(self) -> int:
         return len(self._links)
 
+    @property
+    def pending_bytes(self) -> int:
+        """Bytes read and not yet passed on, over every connection (read without locking: a gauge)."""
+        return sum(len(link.up.pending) + len(link.down.pending) for link in list(self._links))
+
     # ---- the trio side ---------------------------------------------------------------------------
 
     def start(self) -> None:
