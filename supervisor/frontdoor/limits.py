@@ -43,8 +43,8 @@ class _Bucket:
 class RejectionLimiter:
     """A token bucket per client: ``burst`` rejections at once, refilled at ``rate`` per second.
 
-    Memory is bounded: at most ``max_clients`` buckets are kept; full ones are forgotten first
-    (they say nothing), then the oldest."""
+    Memory is bounded: past ``max_clients`` buckets, the fullest are forgotten (a full one says
+    nothing) down to three quarters of it; the most limited clients are kept."""
 
     burst: int
     rate: float
@@ -66,17 +66,16 @@ class RejectionLimiter:
 
     def rejected(self, key: str, now: float) -> None:
         """One more rejected token from ``key``."""
-        bucket = self._buckets.pop(key, None)  # re-inserted last: the dict stays in order of use
+        bucket = self._buckets.get(key)
         level = self._level(bucket, now) if bucket is not None else float(self.burst)
         self._buckets[key] = _Bucket(max(0.0, level - 1.0), now)
         if len(self._buckets) > self.max_clients:
             self._forget(now)
 
     def _forget(self, now: float) -> None:
-        for key in [k for k, b in self._buckets.items() if self._level(b, now) >= self.burst]:
+        fullest_last = sorted(self._buckets, key=lambda k: self._level(self._buckets[k], now))
+        for key in fullest_last[self.max_clients * 3 // 4:]:
             del self._buckets[key]
-        while len(self._buckets) > self.max_clients:
-            del self._buckets[next(iter(self._buckets))]
 
     def __len__(self) -> int:
         return len(self._buckets)

@@ -451,7 +451,9 @@ class _Connection:
         """The next request's head, or None (closed, timed out, or malformed and answered)."""
         conn = self.client.conn
         started = first
-        between = self.http.unauthenticated_timeout if self.unauthenticated else self.http.keepalive_timeout
+        between = self.http.keepalive_timeout
+        if self.unauthenticated:
+            between = min(between, self.http.unauthenticated_timeout)
         deadline = trio.current_time() + (self.http.header_timeout if first else between)
         while True:
             try:
@@ -580,8 +582,9 @@ class _Connection:
         if wait <= 0:
             return None
         FRONTDOOR_LIMITS.labels(limit="rejected_tokens").inc()
-        return retry_later(429, "too_many_rejections", "too many invalid tokens came from this address",
-                           "wait, then sign in again with a fresh token", wait)
+        return json_answer(429, "too_many_rejections", "too many invalid tokens came from this address",
+                           "wait, then sign in again with a fresh token",
+                           headers=(retry_after_header(wait), (b"connection", b"close")))
 
     async def _route_within_limits(self, request: h11.Request, identity: Identity, source: str, target: bytes) -> bool:
         """:meth:`_route` while the user holds fewer than its tier's ``max_websockets`` WebSockets
