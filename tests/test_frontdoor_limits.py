@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from supervisor.frontdoor.auth import Identity
 from supervisor.frontdoor.limits import RejectionLimiter, Slots, client_key
 from supervisor.metrics import FRONTDOOR_LIMITS
 from tests.frontdoor_client import ws_recv, ws_send
@@ -215,12 +216,12 @@ async def test_rejected_tokens_are_rate_limited_per_address_before_any_check(nur
     checks = 0
     real_verify = door.front.auth.tokens._verify
 
-    def counting(text: str) -> object:
+    def counting(text: str) -> Identity:
         nonlocal checks
         checks += 1
         return real_verify(text)
 
-    door.front.auth.tokens._verify = counting  # type: ignore[method-assign]
+    door.front.auth.tokens._verify = counting  # type: ignore[method-assign,assignment]
     before = limit_count("rejected_tokens")
     garbage = token("alice")[:-8] + "AAAAAAAA"
 
