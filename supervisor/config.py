@@ -282,6 +282,13 @@ class TierConfig:
         "(0 = the tier's cpu); the tier's cpu applies once RUNNING.",
         lambda v: 0 if v in (0, "0") else parse_cpu(v),
     )
+    max_websockets: int = setting(
+        64, "Most WebSockets the user may have open through the front door at once; one more gets 429 too_many_connections.", _int(1, 1_000_000)
+    )
+    max_requests: int = setting(
+        128, "Most HTTP requests of the user in flight through the front door at once (a cold start's wait included); "
+        "one more gets 429 too_many_connections.", _int(1, 1_000_000)
+    )
     idle: dict[str, Any] = setting({}, "Per-tier overrides of [idle].", lambda v: dict(_table(v)))
 
 
@@ -343,6 +350,21 @@ class HttpConfig:
     idle_timeout: float = setting(60.0, "An HTTP body that makes no progress for this long is cut off (WebSockets have no idle limit).", parse_duration)
     max_header_bytes: int = setting(32 * 2**10, "Largest request head (request line and headers); a larger one gets 431.", parse_size)
     max_connections: int = setting(10_000, "Most client connections at once; above it new ones get 503 and are closed.", _int(1, 10_000_000))
+    max_unauthenticated: int = setting(
+        64, "Most connections one client address (an IPv6 /64; each loopback address apart) may hold before a request on them "
+        "presents valid credentials; above it new ones get 429 too_many_connections and are closed. Behind a proxy every "
+        "browser has the proxy's address: raise it.", _int(1, 10_000_000)
+    )
+    unauthenticated_timeout: float = setting(
+        10.0, "A connection on which no request has presented valid credentials yet is closed after this long without a "
+        "request (instead of keepalive_timeout).", parse_duration
+    )
+    rejected_tokens: int = setting(
+        60, "Rejected tokens one client address may send in a burst; after that, requests from it whose token would need its "
+        "signature checked get 429 too_many_rejections (Retry-After), one more allowed per rejected_tokens_interval. "
+        "Session cookies and tokens accepted before are not held back.", _int(1, 1_000_000)
+    )
+    rejected_tokens_interval: float = setting(1.0, "See rejected_tokens.", parse_duration)
     max_cold_starts: int = setting(8, "Most IDE cold starts in flight at once; a request that would start one more gets 429.", _int(1, 100_000))
     start_timeout: float = setting(30.0, "How long a request is held while its user's IDE starts; then a 'starting' page that retries.", parse_duration)
     retry_after: float = setting(5.0, "Retry-After of 503 (pod full, draining, still starting) and 429 answers.", parse_duration)

@@ -38,6 +38,17 @@ UPSTREAM_REJECTIONS = Counter(
     ["reason"], registry=REGISTRY,
 )
 UPSTREAM_REJECTIONS.labels(reason="peer_uid")
+FRONTDOOR_LIMITS = Counter(
+    f"{PREFIX}_frontdoor_limits",
+    "Times a front-door limit held a client back, by limit: unauthenticated (connection over [http] max_unauthenticated, "
+    "answered 429 and closed), unauthenticated_idle (closed after unauthenticated_timeout), rejected_tokens (429 "
+    "too_many_rejections), websockets and requests (429 too_many_connections over the tier's max_websockets, "
+    "max_requests).",
+    ["limit"], registry=REGISTRY,
+)
+FRONTDOOR_LIMIT_NAMES = ("unauthenticated", "unauthenticated_idle", "rejected_tokens", "websockets", "requests")
+for _limit in FRONTDOOR_LIMIT_NAMES:
+    FRONTDOOR_LIMITS.labels(limit=_limit)
 COLD_STARTS = Counter(
     f"{PREFIX}_cold_starts",
     "IDEs started because a start request (a browser at the front door, or an operator) found the user not running, by tier. "

@@ -505,3 +505,34 @@ def test_many_connections_at_once_and_one_after_another_never_mix_their_bytes(
             relay.stop()
 
     trio.run(scenario)
+
+
+async def test_a_peer_that_never_reads_holds_back_the_sender_not_the_daemons_memory(relay: Relay, ends: Ends) -> None:
+    """The IDE never reads while the browser sends 16 MiB: the relay keeps at most one read
+    (``buffer_size``) per direction, and the browser's sending stalls (backpressure); then the
+    IDE reads and gets every byte."""
+    frames = client_frames(BytesMessage(os.urandom(16 * 2**20)))
+    sent = [0]
+
+    def browser_sends() -> None:
+        ends.browser.setblocking(False)
+        idle_since = time.monotonic()
+        while time.monotonic() - idle_since < 0.5:  # until nothing more is taken for half a second
+            try:
+                n = ends.browser.send(frames[sent[0]:sent[0] + 65536])
+            except BlockingIOError:
+                time.sleep(0.01)
+                continue
+            sent[0] += n
+            idle_since = time.monotonic()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(ends.carry, relay)
+        await in_thread(browser_sends)
+        assert sent[0] < len(frames), "the browser could send everything although the IDE never read"
+        assert 0 < relay.pending_bytes <= relay.buffer_size
+        ends.browser.setblocking(True)
+        nursery.start_soon(in_thread, lambda: ends.browser.sendall(frames[sent[0]:]))
+        assert await in_thread(lambda: read_exactly(ends.ide, len(frames))) == frames
+        assert relay.pending_bytes == 0
+        nursery.cancel_scope.cancel()

@@ -303,6 +303,11 @@ class TokenVerifier:
         self._cache[token] = identity
         return identity
 
+    def known(self, token: str) -> bool:
+        """True if ``token`` was verified before and has not expired (no signature check needed)."""
+        cached = self._cache.get(token)
+        return cached is not None and self.keys.generation == self._cache_generation and cached.expires > self.clock() - self.config.leeway
+
     def _verify(self, token: str) -> Identity:
         if len(token) > MAX_TOKEN_LENGTH:
             raise AuthError("the token is too long", reason="malformed_token")

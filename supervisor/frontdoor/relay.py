@@ -271,6 +271,13 @@ class Relay:
     def connections(self) -> int:
         return len(self._links)
 
+    @property
+    def pending_bytes(self) -> int:
+        """Bytes read and not yet passed on, over every connection (at most two reads of
+        ``buffer_size`` each: a direction is not read while it has any). Read from the trio
+        thread without a lock: ``list`` copies the set under the GIL; the sum is a snapshot."""
+        return sum(len(link.up.pending) + len(link.down.pending) for link in list(self._links))
+
     # ---- the trio side ---------------------------------------------------------------------------
 
     def start(self) -> None:

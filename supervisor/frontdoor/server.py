@@ -46,7 +46,8 @@ from supervisor.config import Config
 from supervisor.errors import CapacityExceeded, Draining, InvalidTransition, SupervisorError, UnknownTier
 from supervisor.frontdoor.admission import ColdStarts, SessionTable
 from supervisor.frontdoor.answers import Answer, html_page, json_answer, redirect, retry_after_header, retry_later, starting_page, unauthorized, wants_html
-from supervisor.frontdoor.auth import AuthError, Authenticator, Identity, credentials
+from supervisor.frontdoor.auth import AuthError, Authenticator, Credentials, Identity, credentials
+from supervisor.frontdoor.limits import RejectionLimiter, Slots, client_key
 from supervisor.frontdoor.proxy import (
     ClientGone,
     Exchange,
@@ -74,7 +75,7 @@ from supervisor.frontdoor.signin import (
     token_use,
 )
 from supervisor.manager import SessionManager
-from supervisor.metrics import AUTH_REJECTIONS, PROXY_ACTIVE, PROXY_CONNECTIONS, UPSTREAM_REJECTIONS
+from supervisor.metrics import AUTH_REJECTIONS, FRONTDOOR_LIMITS, PROXY_ACTIVE, PROXY_CONNECTIONS, UPSTREAM_REJECTIONS
 from supervisor.paths import user_paths
 from supervisor.publisher import Publisher, advertised_address, host_ip
 from supervisor.registry.records import SessionRecord
@@ -87,7 +88,8 @@ log = logging.getLogger(__name__)
 SERVING = frozenset({State.RUNNING})
 #: States in which a start is already under way: wait for it rather than start again.
 UNDER_WAY = frozenset({State.STARTING, State.BACKOFF})
-OTHER_REFUSALS = ("unknown_tier", "too_many_sessions", "too_many_cold_starts", "pod_full", "draining", "method_not_allowed", "paused")
+OTHER_REFUSALS = ("unknown_tier", "too_many_sessions", "too_many_cold_starts", "pod_full", "draining", "method_not_allowed", "paused",
+                  "too_many_connections", "too_many_rejections")
 for _reason in OTHER_REFUSALS:
     AUTH_REJECTIONS.labels(reason=_reason)
 MAX_LOGGED_TARGET = 200
@@ -205,6 +207,14 @@ class FrontDoor:
         self._starting: dict[str, _ColdStart] = {}
         self.relay: Relay | None = None  # while serving
         self.browsers = BrowserPolicy.from_config(config.http, config.auth)
+        # What one client can hold (see .limits): connections not yet authenticated, per client
+        # address; rejected tokens, per client address; WebSockets and requests, per user.
+        self.unauthenticated = Slots()
+        self.rejections = RejectionLimiter(
+            burst=config.http.rejected_tokens, rate=1.0 / max(config.http.rejected_tokens_interval, 1e-3)
+        )
+        self.websockets = Slots()
+        self.requests = Slots()
 
     @property
     def cookie_name(self) -> str:
@@ -220,6 +230,9 @@ class FrontDoor:
             "websocket_relay": self.relay.mode if self.relay else None,
             "browser_sessions": self.sessions.total(self.clock()),
             "cold_starts_in_flight": len(self.cold.in_flight),
+            "unauthenticated_connections": self.unauthenticated.total(),
+            "requests_in_flight": self.requests.total(),
+            "relay_pending_bytes": self.relay.pending_bytes if self.relay else 0,
             "algorithms": sorted(self.auth.tokens.keys.accepted),
         }
 
@@ -268,22 +281,24 @@ class FrontDoor:
     async def handle_connection(self, stream: trio.SocketStream) -> None:
         """Serve one client connection; nothing that happens on it escapes it."""
         try:
-            peer = "%s:%s" % stream.socket.getpeername()[:2]
-        except (OSError, TypeError):
-            peer = "?"
+            host, port = stream.socket.getpeername()[:2]
+            peer = f"{host}:{port}"
+        except (OSError, TypeError, ValueError):
+            host = peer = "?"
         if self.connections >= self.http.max_connections:
             log.warning("front door: %d connections open (max_connections); refusing %s", self.connections, peer)
-            with trio.move_on_after(1):
-                try:
-                    await stream.send_all(
-                        b"HTTP/1.1 503 Service Unavailable\r\nretry-after: 1\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
-                    )
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    pass
-            await trio.aclose_forcefully(stream)
+            await _refuse_connection(stream, b"503 Service Unavailable", b"")
+            return
+        key = client_key(host)
+        if not self.unauthenticated.take(key, self.http.max_unauthenticated):
+            # Not logged one by one (a flood would flood the log): counted.
+            FRONTDOOR_LIMITS.labels(limit="unauthenticated").inc()
+            answer = json_answer(429, "too_many_connections", "too many connections from this address without credentials",
+                                 "sign in, or close idle connections")
+            await _refuse_connection(stream, b"429 Too Many Requests", answer.body)
             return
         self.connections += 1
-        connection = _Connection(self, stream, peer)
+        connection = _Connection(self, stream, peer, key)
         try:
             await connection.run()
         except (ClientGone, trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError) as exc:
@@ -296,6 +311,7 @@ class FrontDoor:
                 log.warning("front door: connection from %s failed: %s: %s", peer, type(exc).__name__, str(exc)[:200], exc_info=log.isEnabledFor(logging.DEBUG))
         finally:
             self.connections -= 1
+            connection.leave_unauthenticated()  # if no request ever presented valid credentials
             await connection.close()
 
     # ---- cold start ------------------------------------------------------------------------------
@@ -396,10 +412,12 @@ class FrontDoor:
 class _Connection:
     """One browser connection: a loop of request/response exchanges (or one WebSocket)."""
 
-    def __init__(self, front: FrontDoor, stream: trio.SocketStream, peer: str) -> None:
+    def __init__(self, front: FrontDoor, stream: trio.SocketStream, peer: str, key: str) -> None:
         self.front = front
         self.http = front.http
         self.peer = peer
+        self.key = key  # the client as .limits counts it
+        self.unauthenticated = True  # holds a place in front.unauthenticated until a request presents valid credentials
         self.client = HttpStream(stream, h11.SERVER, buffer_size=self.http.buffer_size, max_head=self.http.max_header_bytes)
         self.upstream: Upstream | None = None
 
@@ -433,7 +451,10 @@ class _Connection:
         """The next request's head, or None (closed, timed out, or malformed and answered)."""
         conn = self.client.conn
         started = first
-        deadline = trio.current_time() + (self.http.header_timeout if first else self.http.keepalive_timeout)
+        between = self.http.keepalive_timeout
+        if self.unauthenticated:
+            between = min(between, self.http.unauthenticated_timeout)
+        deadline = trio.current_time() + (self.http.header_timeout if first else between)
         while True:
             try:
                 event = conn.next_event()
@@ -458,6 +479,8 @@ class _Connection:
                 if started:
                     log.info("front door: %s sent no complete request head within %gs: cut off", self.peer, self.http.header_timeout)
                     await self._send_canned(408, "request_timeout", "the request head did not arrive in time")
+                elif self.unauthenticated:
+                    FRONTDOOR_LIMITS.labels(limit="unauthenticated_idle").inc()
                 return None
             if data and not started:
                 started = True
@@ -506,10 +529,17 @@ class _Connection:
         if (handled := await self._sign_in_endpoints(request)) is not None:
             return handled
         creds = credentials(request.headers, request.target, front.cookie_name)
+        tokens = _tokens(creds)
+        if (limited := self._token_limit(tokens)) is not None:
+            await self._refuse(request, creds.target, limited)
+            return False  # and closed: a flood pays for a new connection (under max_unauthenticated)
         try:
             identity, source = front.auth.authenticate(creds)
         except AuthError as exc:
+            if tokens:
+                front.rejections.rejected(self.key, front.clock())
             return await self._refuse(request, creds.target, unauthorized(exc.reason, exc.message, exc.hint))
+        self.leave_unauthenticated()
         refusal = self._browser_refusal(request, identity, source) or self._admission_refusal(identity)
         if refusal is not None:
             return await self._refuse(request, creds.target, refusal, identity)
@@ -529,9 +559,51 @@ class _Connection:
                 return await self._signed_in(request, identity, creds.target, clear=step == "fresh")
         front.open_session(identity)
         try:
-            return await self._route(request, identity, source, creds.target)
+            return await self._route_within_limits(request, identity, source, creds.target)
         finally:
             front.close_session(identity)
+
+    # ---- limits (see .limits) --------------------------------------------------------------------
+
+    def leave_unauthenticated(self) -> None:
+        """A request on this connection presented valid credentials: it no longer counts against
+        its client's ``max_unauthenticated``."""
+        if self.unauthenticated:
+            self.unauthenticated = False
+            self.front.unauthenticated.give_back(self.key)
+
+    def _token_limit(self, tokens: list[str]) -> Answer | None:
+        """429 if a token here would need its signature checked and this client has had too
+        many rejected lately; None otherwise (tokens verified before always pass)."""
+        front = self.front
+        if not tokens or all(front.auth.tokens.known(token) for token in tokens):
+            return None
+        wait = front.rejections.retry_after(self.key, front.clock())
+        if wait <= 0:
+            return None
+        FRONTDOOR_LIMITS.labels(limit="rejected_tokens").inc()
+        return json_answer(429, "too_many_rejections", "too many invalid tokens came from this address",
+                           "wait, then sign in again with a fresh token",
+                           headers=(retry_after_header(wait), (b"connection", b"close")))
+
+    async def _route_within_limits(self, request: h11.Request, identity: Identity, source: str, target: bytes) -> bool:
+        """:meth:`_route` while the user holds fewer than its tier's ``max_websockets`` WebSockets
+        (an upgrade) or ``max_requests`` requests in flight (any other); else 429."""
+        front = self.front
+        tier = front.config.tiers[identity.tier]  # known: _admission_refusal
+        websocket = upgrade_of(request) is not None
+        slots, limit = (front.websockets, tier.max_websockets) if websocket else (front.requests, tier.max_requests)
+        if not slots.take(identity.user, limit):
+            what = "WebSockets open" if websocket else "requests in flight"
+            FRONTDOOR_LIMITS.labels(limit="websockets" if websocket else "requests").inc()
+            return await self._refuse(request, target, retry_later(
+                429, "too_many_connections", f"user {identity.user} already has {limit} {what}, the most the {identity.tier} tier allows",
+                "close other tabs or connections of this workspace, then retry", self.http.retry_after,
+            ), identity)
+        try:
+            return await self._route(request, identity, source, target)
+        finally:
+            slots.give_back(identity.user)
 
     # ---- sign-in (see .signin) ------------------------------------------------------------------
 
@@ -587,10 +659,15 @@ class _Connection:
         if form is None:
             return await self._refuse(request, path, json_answer(400, "bad_sign_in", "the sign-in form is malformed", "open the sign-in link again"))
         token, after = form
+        if (limited := self._token_limit([token])) is not None:
+            await self._refuse(request, path, limited)
+            return False
         try:
             identity = self.front.auth.tokens.verify(token)
         except AuthError as exc:
+            self.front.rejections.rejected(self.key, self.front.clock())
             return await self._refuse(request, path, unauthorized(exc.reason, exc.message, exc.hint))
+        self.leave_unauthenticated()
         refusal = self.front.browsers.host_refusal(request.headers, identity.user) or self._admission_refusal(identity)
         if refusal is not None:
             return await self._refuse(request, path, refusal, identity)
@@ -776,6 +853,24 @@ class _Connection:
             if event is h11.NEED_DATA or isinstance(event, h11.ConnectionClosed):
                 return False
         return conn.their_state is h11.DONE and conn.our_state is h11.DONE
+
+
+def _tokens(creds: Credentials) -> list[str]:
+    """The tokens a request presents (whose signature authenticating it may check)."""
+    return [creds.bearer] if creds.bearer is not None else list(creds.query_tokens)
+
+
+async def _refuse_connection(stream: trio.SocketStream, status: bytes, body: bytes) -> None:
+    """Answer a connection the front door does not take (``Retry-After: 1``), then close it."""
+    head = b"HTTP/1.1 %s\r\nretry-after: 1\r\ncontent-length: %d\r\n" % (status, len(body))
+    if body:
+        head += b"content-type: application/json\r\n"
+    with trio.move_on_after(1):
+        try:
+            await stream.send_all(head + b"connection: close\r\n\r\n" + body)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+    await trio.aclose_forcefully(stream)
 
 
 # ---- the daemon's service ----------------------------------------------------------------------

@@ -1,0 +1,110 @@
+"""What one client can hold of the front door. Pure logic: no I/O, no clock reads (``now`` is passed in).
+
+- :func:`client_key`: whom a peer address counts as. IPv4 addresses (also IPv4-mapped IPv6, and
+  each loopback address: a local router has its own) count one by one; IPv6 addresses by their
+  /64, the block one host is normally given (it can pick any address in it).
+- :class:`RejectionLimiter`: a token bucket per client for *rejected tokens*. Each rejection takes
+  one; while the bucket is empty, requests from that client that would need a token's signature
+  checked are answered 429 without parsing it. Valid sessions (the cookie's HMAC, tokens verified
+  before) are not held back.
+- :class:`Slots`: counted places per key under a limit (unauthenticated connections per client,
+  WebSockets and requests in flight per user).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+
+#: IPv6 clients are counted by this prefix (one host's usual allocation).
+IPV6_PREFIX = 64
+
+
+def client_key(host: str) -> str:
+    """The key ``host`` (a peer's address as the socket gives it) is counted under."""
+    try:
+        address = ipaddress.ip_address(host.partition("%")[0])
+    except ValueError:
+        return host  # not an IP address (a Unix socket in tests): itself
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.IPv6Network((address, IPV6_PREFIX), strict=False))
+    return str(address)
+
+
+@dataclass
+class _Bucket:
+    level: float
+    at: float
+
+
+@dataclass
+class RejectionLimiter:
+    """A token bucket per client: ``burst`` rejections at once, refilled at ``rate`` per second.
+
+    Memory is bounded: past ``max_clients`` buckets, the fullest are forgotten (a full one says
+    nothing) down to three quarters of it; the most limited clients are kept."""
+
+    burst: int
+    rate: float
+    max_clients: int = 100_000
+    _buckets: dict[str, _Bucket] = field(default_factory=dict)
+
+    def _level(self, bucket: _Bucket, now: float) -> float:
+        return min(float(self.burst), bucket.level + max(0.0, now - bucket.at) * self.rate)
+
+    def retry_after(self, key: str, now: float) -> float:
+        """0 if ``key`` may have a token checked now, else seconds until it may again."""
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            return 0.0
+        level = self._level(bucket, now)
+        if level >= 1.0:
+            return 0.0
+        return (1.0 - level) / self.rate if self.rate > 0 else float("inf")
+
+    def rejected(self, key: str, now: float) -> None:
+        """One more rejected token from ``key``."""
+        bucket = self._buckets.get(key)
+        level = self._level(bucket, now) if bucket is not None else float(self.burst)
+        self._buckets[key] = _Bucket(max(0.0, level - 1.0), now)
+        if len(self._buckets) > self.max_clients:
+            self._forget(now)
+
+    def _forget(self, now: float) -> None:
+        fullest_last = sorted(self._buckets, key=lambda k: self._level(self._buckets[k], now))
+        for key in fullest_last[self.max_clients * 3 // 4:]:
+            del self._buckets[key]
+
+    def __len__(self) -> int:
+        return len(self._buckets)
+
+
+@dataclass
+class Slots:
+    """How many of something each key holds now; :meth:`take` refuses one beyond ``limit``."""
+
+    held: dict[str, int] = field(default_factory=dict)
+
+    def take(self, key: str, limit: int) -> bool:
+        """Count one more for ``key`` unless it already holds ``limit``; True if counted
+        (then call :meth:`give_back` once)."""
+        n = self.held.get(key, 0)
+        if n >= limit:
+            return False
+        self.held[key] = n + 1
+        return True
+
+    def give_back(self, key: str) -> None:
+        n = self.held.get(key, 0) - 1
+        if n > 0:
+            self.held[key] = n
+        else:
+            self.held.pop(key, None)
+
+    def count(self, key: str) -> int:
+        return self.held.get(key, 0)
+
+    def total(self) -> int:
+        return sum(self.held.values())
