@@ -7,8 +7,10 @@ diagnostics to stderr. Every read verb has ``--json`` (with ``"version": 1``).
 from __future__ import annotations
 
 import argparse
+import codecs
 import json
 import os
+import re
 import socket
 import sys
 import time
@@ -23,7 +25,12 @@ EXIT_UNREACHABLE = 4
 
 DEFAULT_SOCKET = "/run/workspace-supervisor/control.sock"
 JSON_VERSION = 1
-_REASON_EXIT = {"unknown_user": EXIT_UNKNOWN_USER, "invalid_user_id": EXIT_USAGE, "bad_request": EXIT_USAGE}
+_REASON_EXIT = {"unknown_user": EXIT_UNKNOWN_USER, "invalid_user_id": EXIT_USAGE, "bad_request": EXIT_USAGE,
+                "control_peer_refused": EXIT_UNREACHABLE}
+# What a user's log must not send to the operator's terminal: C0 controls but newline and tab (ESC
+# starts the sequences that retitle, move the cursor, rewrite lines; CR overwrites a line), DEL, C1
+# controls, bidirectional overrides (reorder what is shown), and undecodable bytes (lone surrogates).
+_UNSAFE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
 
 
 class CliError(Exception):
@@ -195,6 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
     tail = verb("tail", "print the end of a user's IDE log (--json: one object per chunk, as JSON lines)", "one", json_flag=True)
     tail.add_argument("-f", "--follow", action="store_true", help="keep printing as the log grows")
     tail.add_argument("-n", "--lines", type=int, default=20)
+    tail.add_argument("--raw", action="store_true",
+                      help="write the log's bytes as they are (by default control characters but newline and tab are "
+                      "shown escaped, e.g. \\x1b: a user's log must not drive the terminal)")
     verb("pod", "show the pod: capacity, occupancy, cgroup driver", json_flag=True)
     drain = verb("drain", "admit no new users, let connected users finish until the deadline, then stop every IDE "
                  "gracefully, leave the registry and exit", json_flag=True)
@@ -275,21 +285,38 @@ def _tail(conn: Connection, args: argparse.Namespace) -> int:
     if first is None or not first.get("ok"):
         error = (first or {}).get("error", {})
         raise CliError(error.get("message", "tail failed"), _REASON_EXIT.get(error.get("reason", ""), EXIT_FAILED), error.get("hint", ""))
-    _emit_log(args, first["result"]["data"], first["result"]["log"])
+    decoder = codecs.getincrementaldecoder("utf-8")("surrogateescape")  # a character split between chunks stays whole
+    _emit_log(args, first["result"]["data"], first["result"]["log"], decoder)
     while args.follow:
         message = conn.read()
         if message is None:
             return EXIT_OK
-        _emit_log(args, message.get("data", ""), first["result"]["log"])
+        _emit_log(args, message.get("data", ""), first["result"]["log"], decoder)
     return EXIT_OK
 
 
-def _emit_log(args: argparse.Namespace, data: str, log: str) -> None:
+def escape_controls(text: str) -> str:
+    """``text`` with every character a terminal would act on (see ``_UNSAFE``) written as
+    ``\\xNN`` / ``\\uNNNN``; an undecodable byte (a lone surrogate from ``surrogateescape``) as ``\\xNN``."""
+
+    def escaped(match: re.Match[str]) -> str:
+        code = ord(match.group())
+        if 0xDC80 <= code <= 0xDCFF:
+            return f"\\x{code - 0xDC00:02x}"
+        return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+    return _UNSAFE.sub(escaped, text)
+
+
+def _emit_log(args: argparse.Namespace, data: str, log: str, decoder: codecs.IncrementalDecoder) -> None:
+    """One chunk of a log: as JSON, as the log's bytes (``--raw``), or escaped for a terminal."""
     if args.json:
         print(json.dumps({"version": JSON_VERSION, "user": args.user, "log": log, "data": data}))
-    else:
-        sys.stdout.write(data)
-    sys.stdout.flush()
+        sys.stdout.flush()
+        return
+    raw = data.encode("utf-8", "surrogateescape")  # the daemon sends the bytes decoded with surrogateescape
+    sys.stdout.buffer.write(raw if args.raw else escape_controls(decoder.decode(raw)).encode())
+    sys.stdout.buffer.flush()
 
 
 def main(argv: list[str] | None = None) -> NoReturn:

@@ -308,6 +308,10 @@ DEFAULT_TIERS: dict[str, dict[str, Any]] = {
 @dataclass(frozen=True)
 class ControlConfig:
     socket: Path = setting(Path("/run/workspace-supervisor/control.sock"), "workspacectl's Unix socket (root only).", _path)
+    allowed_gid: int = setting(
+        -1, "A group whose members may use workspacectl too (the socket becomes 0660 with that group; every "
+        "client's peer credentials are checked); -1: only root and the daemon's own uid.", _int(-1, 2**32 - 2),
+    )
 
 
 @dataclass(frozen=True)

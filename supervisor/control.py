@@ -2,8 +2,14 @@
 
 Protocol: the client sends one JSON line ``{"verb": ..., "args": {...}}``; the server answers one
 JSON line ``{"ok": true, "result": ...}`` or ``{"ok": false, "error": {"reason", "message", "hint"}}``.
-``tail`` with ``follow`` streams further ``{"data": ...}`` lines until the client hangs up.
-The socket is root-owned with mode 0600: only root can connect.
+``tail`` with ``follow`` streams further ``{"data": ...}`` lines until the client hangs up; a
+log's bytes are sent decoded with ``surrogateescape`` (undecodable bytes become lone surrogates,
+which the client turns back into the same bytes).
+
+The socket is root-owned with mode 0600 (0660 and group ``[control] allowed_gid`` when that is
+set), and every connection's peer credentials (``SO_PEERCRED``) are checked as well: only uid 0,
+the daemon's own uid and, if set, processes whose gid is ``allowed_gid`` are served - the file
+mode alone is one chmod away from letting every user in.
 """
 
 from __future__ import annotations
@@ -12,6 +18,8 @@ import json
 import logging
 import os
 import signal
+import socket
+import struct
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -39,6 +47,23 @@ Handler = Callable[[SessionManager, dict[str, Any]], Awaitable[Any]]
 class BadRequest(SupervisorError):
     reason = "bad_request"
     hint = "upgrade workspacectl to the daemon's version"
+
+
+class PeerRefused(SupervisorError):
+    reason = "control_peer_refused"
+    hint = "run workspacectl as root (or in the group [control] allowed_gid names)"
+
+
+def peer_allowed(uid: int, gid: int, *, own_uid: int, allowed_gid: int) -> bool:
+    """Whether a control client with these credentials is served (pure)."""
+    return uid in (0, own_uid) or (allowed_gid >= 0 and gid == allowed_gid)
+
+
+def peer_credentials(sock: trio.socket.SocketType) -> tuple[int, int, int]:
+    """(pid, uid, gid) of the process that connected (``SO_PEERCRED``)."""
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid, uid, gid = struct.unpack("3i", raw)
+    return pid, uid, gid
 
 
 def _users(args: dict[str, Any]) -> list[str]:
@@ -163,6 +188,7 @@ class ControlServer:
         self.manager = manager
         self.path = path
         self.handlers = dict(HANDLERS if handlers is None else handlers)
+        self.allowed_gid: int = manager.config.control.allowed_gid
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         # The socket itself is root-only (0600); its directory may be shared with the users'
@@ -178,6 +204,9 @@ class ControlServer:
             await sock.bind(str(self.path))
         finally:
             os.umask(old_umask)
+        if self.allowed_gid >= 0:
+            os.chown(self.path, 0, self.allowed_gid)
+            os.chmod(self.path, 0o660)
         sock.listen(128)
         listener = trio.SocketListener(sock)
         log.info("control socket listening on %s", self.path)
@@ -194,7 +223,8 @@ class ControlServer:
     async def _handle(self, stream: trio.SocketStream) -> None:
         async with stream:
             try:
-                request = await self._read_request(stream)
+                request = await self._read_request(stream)  # first: closing with it unread would reset the answer
+                self._check_peer(stream)
                 verb = request.get("verb")
                 args = request.get("args") or {}
                 if not isinstance(args, dict):
@@ -214,6 +244,13 @@ class ControlServer:
             except Exception as exc:  # noqa: BLE001 - one bad request must not take the daemon down
                 log.exception("control request failed")
                 await self._send_error(stream, {"reason": "internal_error", "message": f"{type(exc).__name__}: {exc}", "hint": "see the daemon's log"})
+
+    def _check_peer(self, stream: trio.SocketStream) -> None:
+        pid, uid, gid = peer_credentials(stream.socket)
+        if not peer_allowed(uid, gid, own_uid=os.geteuid(), allowed_gid=self.allowed_gid):
+            log.warning("control socket: refused a client running as uid %d gid %d (pid %d)", uid, gid, pid)
+            raise PeerRefused(f"uid {uid} may not use the control socket: only root, the daemon's uid"
+                              + (f" and group {self.allowed_gid}" if self.allowed_gid >= 0 else "") + " may")
 
     @staticmethod
     async def _send_error(stream: trio.SocketStream, error: dict[str, str]) -> None:
@@ -247,7 +284,7 @@ class ControlServer:
         if not isinstance(lines, int) or lines < 0:
             raise BadRequest("'lines' must be a whole number")
         data, offset = logfiles.read_tail(rt.log_path, lines)
-        await stream.send_all(encode({"ok": True, "result": {"log": str(rt.log_path), "data": data.decode(errors="replace")}}))
+        await stream.send_all(encode({"ok": True, "result": {"log": str(rt.log_path), "data": data.decode(errors="surrogateescape")}}))
         if not args.get("follow"):
             return
         async with trio.open_nursery() as nursery:
@@ -256,7 +293,7 @@ class ControlServer:
                 await trio.sleep(0.25)
                 data, offset = logfiles.read_from(rt.log_path, offset)
                 if data:
-                    await stream.send_all(encode({"data": data.decode(errors="replace")}))
+                    await stream.send_all(encode({"data": data.decode(errors="surrogateescape")}))
 
 
 async def _cancel_on_hangup(stream: trio.SocketStream, scope: trio.CancelScope) -> None:

@@ -15,9 +15,11 @@ One nursery holds the services (session manager, control socket). Signals:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import logging
 import os
+import resource
 import signal
 import sys
 from functools import partial
@@ -178,6 +180,9 @@ def main(argv: list[str] | None = None) -> NoReturn:
         stream=sys.stderr,
     )
     log.info("configuration: %s", path or "built-in defaults")
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    with contextlib.suppress(ValueError, OSError):  # descriptors: what users' connections cannot use up
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     try:
         trio.run(run_daemon, config)
     except SupervisorError as exc:

@@ -49,6 +49,14 @@ FRONTDOOR_LIMITS = Counter(
 FRONTDOOR_LIMIT_NAMES = ("unauthenticated", "unauthenticated_idle", "rejected_tokens", "websockets", "requests")
 for _limit in FRONTDOOR_LIMIT_NAMES:
     FRONTDOOR_LIMITS.labels(limit=_limit)
+PROBE_CONNECTIONS_CLOSED = Counter(
+    f"{PREFIX}_probe_connections_closed",
+    "Connections to the probe port closed unanswered, by reason (evicted: to make room for a new connection, "
+    "its peer holding too many or the port full; timeout: its request head or answer took too long).",
+    ["reason"], registry=REGISTRY,
+)
+for _reason in ("evicted", "timeout"):
+    PROBE_CONNECTIONS_CLOSED.labels(reason=_reason)
 COLD_STARTS = Counter(
     f"{PREFIX}_cold_starts",
     "IDEs started because a start request (a browser at the front door, or an operator) found the user not running, by tier. "

@@ -11,18 +11,28 @@ Kubernetes probes, on a tiny HTTP/1.1 server (h11 on trio).
   from the live state first).
 
 One request per connection (``Connection: close``); the request head is bounded
-(``MAX_HEAD_BYTES``, else 431), a request must arrive and be answered within
-``REQUEST_TIMEOUT`` seconds, and at most ``MAX_CONNECTIONS`` are served at once (more are closed).
+(``MAX_HEAD_BYTES``, else 431), must arrive within ``HEAD_TIMEOUT`` seconds and be answered
+within ``REQUEST_TIMEOUT``. Users share the pod's network namespace and can hold connections to
+this port, so every new connection is served: when its peer already holds ``MAX_PER_PEER``
+connections, or all ``MAX_CONNECTIONS`` are taken, an older one is closed to make room
+(:func:`choose_victim`) - from the peer's own group, else from the group holding the most;
+preferably one still waiting for its request. Every
+loopback address and the connection's own local address count as one peer ("local"): a user can
+pick any 127.x source address, but not the kubelet's.
 """
 
 from __future__ import annotations
 
+import errno
+import ipaddress
 import json
 import logging
+import math
+import socket
 from collections import Counter as Tally
 from dataclasses import dataclass, field
 from http import HTTPStatus
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, Sequence
 
 import h11
 import trio
@@ -40,8 +50,12 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MAX_HEAD_BYTES = 8 * 1024
+HEAD_TIMEOUT = 2.0
 REQUEST_TIMEOUT = 10.0
 MAX_CONNECTIONS = 64
+MAX_PER_PEER = 16
+ACCEPT_BATCH = 4  # well under MAX_PER_PEER / 2
+METRICS_MAX_AGE = 1.0
 JSON_VERSION = 1
 
 
@@ -232,6 +246,47 @@ def parse_listen(listen: str) -> tuple[str, int]:
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
+# ---- who gets a connection: a pure decision ----------------------------------------------------------
+
+
+@dataclass(eq=False)
+class Slot:
+    """One open connection: its peer group, and whether its request has arrived (it is being
+    answered)."""
+
+    peer: str
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    answering: bool = False
+
+
+def peer_group(peer_ip: str, local_ip: str) -> str:
+    """``"local"`` for a loopback address or the connection's own local address (what a user in
+    the pod can connect from), else the peer's address."""
+    ip = ipaddress.ip_address(peer_ip.split("%", 1)[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return "local" if ip.is_loopback or peer_ip == local_ip else str(ip)
+
+
+def choose_victim(open_: Sequence[Slot], peer: str, *, max_connections: int, max_per_peer: int) -> Slot | None:
+    """The connection to close so that a new one from ``peer`` can be served (``open_`` oldest
+    first), or None when there is room. Taken from ``peer``'s own group when it holds
+    ``max_per_peer``, else (all ``max_connections`` taken) from the group holding the most. Within
+    the group: the oldest still waiting for its request, else the oldest - but never a waiting one
+    among the newest half, whose request is likely in flight (a probe sends it with the connect)."""
+    same = [slot for slot in open_ if slot.peer == peer]
+    if len(same) >= max_per_peer:
+        group = same
+    elif len(open_) >= max_connections:
+        sizes = Tally(slot.peer for slot in open_)
+        largest = max(sizes, key=lambda p: sizes[p])
+        group = [slot for slot in open_ if slot.peer == largest]
+    else:
+        return None
+    older_half = group[: (len(group) + 1) // 2]
+    return next((slot for slot in older_half if not slot.answering), group[0])
+
+
 class ProbeServer:
     """Serves :func:`route` on ``listen``; :attr:`address` is the bound ``host:port`` (port 0
     picks a free one)."""
@@ -241,17 +296,27 @@ class ProbeServer:
         listen: str,
         source: ProbeSource,
         *,
+        head_timeout: float = HEAD_TIMEOUT,
         request_timeout: float = REQUEST_TIMEOUT,
         max_head_bytes: int = MAX_HEAD_BYTES,
         max_connections: int = MAX_CONNECTIONS,
+        max_per_peer: int = MAX_PER_PEER,
     ) -> None:
         self.listen = listen
         self.source = source
+        self.head_timeout = head_timeout
         self.request_timeout = request_timeout
         self.max_head_bytes = max_head_bytes
         self.max_connections = max_connections
+        self.max_per_peer = max_per_peer
         self.address = ""
-        self.connections = 0
+        self.open: list[Slot] = []  # oldest first
+        self._evicted_at = -math.inf
+        self._metrics: tuple[float, Response | None] = (-math.inf, None)
+
+    @property
+    def connections(self) -> int:
+        return len(self.open)
 
     async def serve(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
         host, port = parse_listen(self.listen)
@@ -267,25 +332,97 @@ class ProbeServer:
         self.address = f"[{bound[0]}]:{bound[1]}" if ":" in bound[0] else f"{bound[0]}:{bound[1]}"
         log.info("probes listening on %s (/metrics /healthz /readyz /startupz)", self.address)
         task_status.started(self.address)
-        await trio.serve_listeners(self._handle, listeners)
+        async with trio.open_nursery() as nursery:
+            for listener in listeners:
+                nursery.start_soon(self._accept, listener, nursery)
 
-    async def _handle(self, stream: trio.SocketStream) -> None:
-        async with stream:
-            if self.connections >= self.max_connections:
+    async def _accept(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
+        """Accept up to ``ACCEPT_BATCH`` connections at a time, then let their tasks run: a flood
+        queued ahead of the kubelet's connection is drained quickly, and a probe's request, which
+        arrives with its connection, is read before enough newer connections come to push it out."""
+        async with listener:
+            with socket.fromfd(listener.socket.fileno(), listener.socket.family, listener.socket.type) as sock:
+                await self._accept_from(sock, nursery)
+
+    async def _accept_from(self, sock: socket.socket, nursery: trio.Nursery) -> None:
+        sock.setblocking(False)
+        while True:
+            await trio.lowlevel.wait_readable(sock)
+            for _ in range(ACCEPT_BATCH):
+                try:
+                    conn, _ = sock.accept()
+                except BlockingIOError:
+                    break
+                except OSError as exc:
+                    if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                        log.error("probes: cannot accept a connection (%s); retrying in 0.1 s", exc.strerror)
+                        await trio.sleep(0.1)
+                        break
+                    continue  # e.g. ECONNABORTED: that peer is gone
+                self._admit(conn, nursery)
+
+    def _admit(self, conn: socket.socket, nursery: trio.Nursery) -> None:
+        """Read what the peer already sent, make room (:func:`choose_victim`), start its task."""
+        conn.setblocking(False)
+        try:
+            peer = peer_group(conn.getpeername()[0], conn.getsockname()[0])
+            first = conn.recv(self.max_head_bytes + 1)
+            if not first:  # the peer is gone already
+                conn.close()
                 return
-            self.connections += 1
+        except BlockingIOError:
+            first = b""
+        except OSError:
+            conn.close()
+            return
+        slot = Slot(peer, answering=b"\r\n\r\n" in first)
+        victim = choose_victim(self.open, slot.peer, max_connections=self.max_connections,
+                               max_per_peer=self.max_per_peer)
+        if victim is not None:
+            self.open.remove(victim)
+            victim.scope.cancel()
+            self._evicted_at = trio.current_time()
+            metrics.PROBE_CONNECTIONS_CLOSED.labels(reason="evicted").inc()
+        self.open.append(slot)
+        nursery.start_soon(self._handle, trio.SocketStream(trio.socket.from_stdlib_socket(conn)), slot, first)
+
+    async def _handle(self, stream: trio.SocketStream, slot: Slot, first: bytes) -> None:
+        async with stream:
             try:
-                with trio.move_on_after(self.request_timeout):
-                    await self._exchange(stream)
+                with slot.scope, trio.move_on_after(self.request_timeout) as deadline:
+                    await self._exchange(stream, slot, first)
+                if deadline.cancelled_caught:
+                    metrics.PROBE_CONNECTIONS_CLOSED.labels(reason="timeout").inc()
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 pass
             finally:
-                self.connections -= 1
+                if slot in self.open:
+                    self.open.remove(slot)
 
-    async def _exchange(self, stream: trio.SocketStream) -> None:
+    def _answer(self, method: str, target: str) -> Response:
+        """:func:`route`'s answer; but while connections are being evicted (a flood), /metrics is
+        made at most once per ``METRICS_MAX_AGE``: a user asking for it in a loop must not keep
+        the event loop from answering the kubelet."""
+        now = trio.current_time()
+        made, cached = self._metrics
+        is_metrics = target.split("?", 1)[0] == "/metrics"
+        if is_metrics and cached and now - self._evicted_at < METRICS_MAX_AGE and now - made < METRICS_MAX_AGE:
+            return cached
+        response = route(self.source, method, target)
+        if is_metrics and response.status == 200:
+            self._metrics = now, response
+        return response
+
+    async def _exchange(self, stream: trio.SocketStream, slot: Slot, first: bytes) -> None:
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self.max_head_bytes)
+        if first:
+            conn.receive_data(first)
         try:
-            request = await _read_request(stream, conn)
+            with trio.move_on_after(self.head_timeout) as head_deadline:
+                request = await _read_request(stream, conn)
+            if head_deadline.cancelled_caught:
+                metrics.PROBE_CONNECTIONS_CLOSED.labels(reason="timeout").inc()
+                return
         except h11.RemoteProtocolError as exc:
             status = exc.error_status_hint
             await stream.send_all(
@@ -296,9 +433,10 @@ class ProbeServer:
             return
         if request is None:
             return
+        slot.answering = True
         method = request.method.decode("ascii", "replace")
         try:
-            response = route(self.source, method, request.target.decode("ascii", "replace"))
+            response = self._answer(method, request.target.decode("ascii", "replace"))
         except Exception:  # noqa: BLE001 - a probe must answer, never take the daemon down
             log.exception("probe %s %r failed", method, request.target)
             response = Response(500, b"internal error: see the daemon's log\n")

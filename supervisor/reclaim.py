@@ -23,7 +23,7 @@ import signal
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable, Collection
 
 import psutil
 import trio
@@ -38,6 +38,7 @@ from supervisor.sessions import State
 
 log = logging.getLogger(__name__)
 GC_SIGNAL = signal.SIGUSR2  # images/theia/gc-preload.js collects garbage on it
+CMDLINE_LIMIT = 4096  # enough for [idle] lsp_patterns to match; a user's command line may be MiBs
 
 
 @dataclass
@@ -48,7 +49,7 @@ class IdleState:
     activity: Activity
     stage: Stage = Stage.ACTIVE
     reason: str = "active"
-    stopped_pids: list[int] = field(default_factory=list)  # SIGSTOPped when no paused cgroup
+    stopped: list[int] = field(default_factory=list)  # pidfds of processes SIGSTOPped (no paused cgroup)
     history: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=20))
     cpu_seen_at: float | None = None
 
@@ -82,20 +83,75 @@ def select_lsps(tree: dict[int, tuple[int, list[str]]], root_pid: int, patterns:
     return sorted(found)
 
 
+def _read_proc(path: str, limit: int) -> bytes:
+    """At most ``limit`` bytes of a /proc file (a user's command line can be many MiB)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return os.read(fd, limit)
+    finally:
+        os.close(fd)
+
+
 def process_tree(pids: list[int]) -> dict[int, tuple[int, list[str]]]:
-    """Parent and command line of each of ``pids`` (a user's cgroup: no scan of the host's /proc)."""
+    """Parent and command line (its first ``CMDLINE_LIMIT`` bytes) of each of ``pids`` (a user's
+    cgroup: no scan of the host's /proc)."""
     tree: dict[int, tuple[int, list[str]]] = {}
     for pid in pids:
         try:
-            with open(f"/proc/{pid}/stat", "rb") as f:
-                stat = f.read()
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                cmdline = [arg.decode(errors="replace") for arg in f.read().split(b"\0") if arg]
-        except OSError:
+            stat = _read_proc(f"/proc/{pid}/stat", 4096)  # the comm field is at most 16 bytes
+            cmdline = [arg.decode(errors="replace") for arg in _read_proc(f"/proc/{pid}/cmdline", CMDLINE_LIMIT).split(b"\0") if arg]
+            ppid = int(stat[stat.rindex(b")") + 2 :].split()[1])
+        except (OSError, ValueError, IndexError):
             continue  # exited meanwhile
-        ppid = int(stat[stat.rindex(b")") + 2 :].split()[1])
         tree[pid] = (ppid, cmdline)
     return tree
+
+
+def open_pidfds(pids: list[int], members: Callable[[], Collection[int]]) -> list[int]:
+    """pidfds of those of ``pids`` that are in the user's cgroup (``members``) once opened: a
+    pidfd names one process for good, and the check after opening proves it was the user's (a pid
+    reused by another user's process in between is not in the group). The caller closes them."""
+    opened = {}
+    for pid in pids:
+        try:
+            opened[pid] = os.pidfd_open(pid)
+        except OSError:
+            continue  # exited meanwhile
+    try:
+        inside = set(members())
+    except BaseException:
+        for fd in opened.values():
+            os.close(fd)
+        raise
+    for pid, fd in list(opened.items()):
+        if pid not in inside:
+            os.close(opened.pop(pid))
+    return list(opened.values())
+
+
+def signal_pidfds(pidfds: list[int], signum: int) -> None:
+    """Send ``signum`` through each pidfd (a process gone by now is skipped)."""
+    for fd in pidfds:
+        try:
+            signal.pidfd_send_signal(fd, signum)
+        except ProcessLookupError:
+            pass
+
+
+def _take_pidfds(state: IdleState) -> list[int]:
+    """Take the stopped processes' pidfds out of ``state`` (one by one with ``list.pop``, atomic:
+    the ladder's worker thread and the event loop never both own, send through or close one)."""
+    taken = []
+    while True:
+        try:
+            taken.append(state.stopped.pop())
+        except IndexError:
+            return taken
+
+
+def _close_pidfds(state: IdleState) -> None:
+    for fd in _take_pidfds(state):
+        os.close(fd)
 
 
 def catches_signal(pid: int, signum: int) -> bool:
@@ -222,6 +278,8 @@ class IdleService:
         live = rt.session.state in (State.RUNNING, State.PAUSED) and rt.session.pid is not None
         state = self.states.get(user)
         if live and (state is None or state.pid != rt.session.pid):
+            if state is not None:
+                _close_pidfds(state)
             history = state.history if state is not None and state.stage is Stage.STOPPED else None
             state = IdleState(pid=rt.session.pid or 0, activity=Activity(since=now))
             if history is not None:  # stopped by the ladder, started again: keep its history for `why`
@@ -233,6 +291,7 @@ class IdleService:
         elif not live and state is not None and state.stage is not Stage.STOPPED:
             # Stopped by someone else: forget it. (Stopped by the ladder: keep it for `why`.)
             self.watcher.unwatch(user)
+            _close_pidfds(state)
             del self.states[user]
             return None
         return state
@@ -294,21 +353,18 @@ class IdleService:
             self.manager.driver.freeze_processes(rt.session.user, pids)
         except CgroupError as exc:
             log.warning("user=%s cannot freeze language servers in a child cgroup (%s); using SIGSTOP", rt.session.user, exc)
-            for pid in pids:
-                try:
-                    os.kill(pid, signal.SIGSTOP)
-                    state.stopped_pids.append(pid)
-                except ProcessLookupError:
-                    pass
+            pidfds = open_pidfds(pids, lambda: self.manager.driver.pids(rt.session.user))
+            signal_pidfds(pidfds, signal.SIGSTOP)
+            state.stopped.extend(pidfds)
 
     def _resume_lsps(self, user: str, state: IdleState) -> None:
         self.manager.driver.thaw_processes(user)
-        for pid in state.stopped_pids:
-            try:
-                os.kill(pid, signal.SIGCONT)
-            except ProcessLookupError:
-                pass
-        state.stopped_pids.clear()
+        pidfds = _take_pidfds(state)
+        try:
+            signal_pidfds(pidfds, signal.SIGCONT)
+        finally:
+            for fd in pidfds:
+                os.close(fd)
 
     def _collect_garbage(self, rt: UserRuntime) -> None:
         """Ask the IDE to collect garbage and trim its heap (SIGUSR2), if it handles the signal."""
@@ -326,6 +382,7 @@ class IdleService:
         log.info("user=%s idle: stopping the IDE (%s); the next request cold-starts it", user, step.reason)
         self._record(state, Stage.STOPPED, step.reason)
         self.watcher.unwatch(user)
+        _close_pidfds(state)
         await self.manager.stop(user)
 
     async def _relieve_pressure(self, now: float) -> None:

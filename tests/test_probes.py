@@ -4,12 +4,17 @@ methods), and /healthz, /readyz, /startupz of a real daemon."""
 from __future__ import annotations
 
 import json
-from typing import Any, Iterator
+import subprocess
+import sys
+import time
+from contextlib import asynccontextmanager
+from typing import Any, AsyncIterator, Iterator
 
 import pytest
 import trio
 
-from supervisor.probes import ProbeServer, Readiness, evaluate, parse_listen
+from supervisor import metrics
+from supervisor.probes import ProbeServer, Readiness, Slot, choose_victim, evaluate, parse_listen, peer_group
 from tests.conftest import is_root, pure_cgroup_v2, v1_controllers_mounted
 from tests.harness import Daemon, poll, started
 from tests.probe_client import get, get_json, probes_address
@@ -67,6 +72,39 @@ def test_parse_listen() -> None:
     assert parse_listen("0.0.0.0:9100") == ("0.0.0.0", 9100)
     assert parse_listen("[::]:9100") == ("::", 9100)
     assert parse_listen("127.0.0.1:0") == ("127.0.0.1", 0)
+
+
+def test_peer_groups_put_every_address_a_user_can_pick_in_one() -> None:
+    for peer in ("127.0.0.1", "127.0.0.77", "127.255.0.3", "::1", "::ffff:127.0.0.9"):
+        assert peer_group(peer, "127.0.0.1") == "local"
+    assert peer_group("10.1.2.3", "10.1.2.3") == "local"  # the pod's own address
+    assert peer_group("10.1.0.1", "10.1.2.3") == "10.1.0.1"  # e.g. the kubelet on the node
+    assert peer_group("::ffff:10.1.0.1", "::ffff:10.1.2.3") == "10.1.0.1"
+    assert peer_group("fe80::1%eth0", "fe80::2%eth0") == "fe80::1"
+
+
+def _slots(*peers: str, answering: tuple[int, ...] = ()) -> list[Slot]:
+    return [Slot(peer, answering=i in answering) for i, peer in enumerate(peers)]
+
+
+def test_room_means_no_victim() -> None:
+    assert choose_victim(_slots("local", "kubelet"), "local", max_connections=3, max_per_peer=2) is None
+
+
+def test_a_peer_at_its_cap_loses_its_oldest_waiting_connection() -> None:
+    slots = _slots("local", "local", "local", "kubelet", answering=(0,))
+    assert choose_victim(slots, "local", max_connections=10, max_per_peer=3) is slots[1]
+    slots = _slots("local", "local", answering=(0, 1))  # all being answered: the oldest
+    assert choose_victim(slots, "local", max_connections=10, max_per_peer=2) is slots[0]
+    # The newest half is spared even while waiting (its request is likely in flight): the oldest.
+    slots = _slots("local", "local", "local", "local", answering=(0, 1))
+    assert choose_victim(slots, "local", max_connections=10, max_per_peer=4) is slots[0]
+
+
+def test_a_full_port_takes_from_the_peer_holding_the_most() -> None:
+    slots = _slots("kubelet", "local", "prometheus", "local", "local")
+    assert choose_victim(slots, "kubelet", max_connections=5, max_per_peer=4) is slots[1]
+    assert choose_victim(slots, "other", max_connections=5, max_per_peer=4) is slots[1]
 
 
 # ---- the server, over real sockets ----------------------------------------------------------------------
@@ -168,7 +206,7 @@ async def test_a_slow_client_is_cut_off_and_others_are_still_served() -> None:
         nursery.cancel_scope.cancel()
 
 
-async def test_connections_above_the_limit_are_closed() -> None:
+async def test_a_new_connection_is_served_by_closing_the_oldest_waiting_one() -> None:
     async with trio.open_nursery() as nursery:
         server = ProbeServer("127.0.0.1:0", FakeSource(), max_connections=2, request_timeout=5)
         address = await nursery.start(server.serve)
@@ -177,16 +215,12 @@ async def test_connections_above_the_limit_are_closed() -> None:
         with trio.fail_after(5):
             while server.connections < 2:
                 await trio.sleep(0.01)
-        try:  # closed at once, unanswered (a reset when the request was already in flight)
-            assert await _exchange(address, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n") == b""
-        except trio.BrokenResourceError:
-            pass
+        assert (await _exchange(address, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")).startswith(b"HTTP/1.1 200 ")
+        with trio.fail_after(5):
+            assert await idle[0].receive_some(1024) == b""  # the oldest, closed to make room
+        assert server.connections == 1  # the other idle one
         for stream in idle:
             await stream.aclose()
-        with trio.fail_after(5):
-            while server.connections:
-                await trio.sleep(0.01)
-        assert (await _exchange(address, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")).startswith(b"HTTP/1.1 200 ")
         nursery.cancel_scope.cancel()
 
 
@@ -201,6 +235,49 @@ async def test_the_server_answers_500_when_the_source_fails() -> None:
         assert answer.startswith(b"HTTP/1.1 500 ")
         assert (await _exchange(address, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")).startswith(b"HTTP/1.1 200 ")
         nursery.cancel_scope.cancel()
+
+
+class BigMetrics(FakeSource):
+    def metrics(self) -> bytes:
+        return b"# " + b"x" * (1 << 20) + b"\n"  # more than the kernel buffers between the server and a reader that never reads
+
+
+@asynccontextmanager
+async def flood(style: str, count: int, address: str) -> AsyncIterator[None]:
+    """A hostile user process holding ``count`` connections to ``address`` (tests/probe_flood.py)."""
+    proc = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "tests.probe_flood", style, str(count), address], stdout=subprocess.PIPE
+    )
+    assert proc.stdout is not None
+    try:
+        with trio.fail_after(30):
+            assert (await proc.stdout.receive_some(100)).startswith(b"holding ")
+        yield
+    finally:
+        proc.kill()
+        await proc.wait()
+
+
+def _timed_healthz(address: str) -> tuple[float, int]:
+    begun = time.monotonic()
+    status = get(address, "/healthz", timeout=1.0)[0]
+    return time.monotonic() - begun, status
+
+
+@pytest.mark.parametrize("style", ["idle", "slowloris", "half", "unread"])
+async def test_healthz_answers_within_a_second_while_a_user_holds_600_connections(style: str) -> None:
+    closed = {r: metrics.PROBE_CONNECTIONS_CLOSED.labels(reason=r)._value.get() for r in ("evicted", "timeout")}
+    async with trio.open_nursery() as nursery:
+        server = ProbeServer("127.0.0.1:0", BigMetrics())
+        address: str = await nursery.start(server.serve)
+        async with flood(style, 600, address):  # from 127.0.0.2-251, the kubelet stand-in from 127.0.0.1: one group
+            for _ in range(10):
+                elapsed, status = await trio.to_thread.run_sync(_timed_healthz, address)
+                assert status == 200 and elapsed < 1.0, (status, elapsed)
+            assert server.connections <= server.max_per_peer
+        nursery.cancel_scope.cancel()
+    evicted = metrics.PROBE_CONNECTIONS_CLOSED.labels(reason="evicted")._value.get() - closed["evicted"]
+    assert evicted >= 600 - server.max_per_peer  # the flood was accepted and pushed out, not left in the queue
 
 
 # ---- a real daemon -------------------------------------------------------------------------------------------
@@ -284,3 +361,19 @@ def test_probes_port_in_use_stops_the_daemon_with_a_hint() -> None:
             assert "[probes] listen" in d.log_text()
         finally:
             d.cleanup()
+
+
+@needs_kernel
+def test_a_real_daemon_answers_its_probes_while_a_user_holds_600_connections(daemon: Daemon) -> None:
+    address = probes_address(daemon)
+
+    async def probe_under_flood() -> None:
+        for style in ("half", "unread"):
+            async with flood(style, 600, address):
+                for path in ("/healthz", "/readyz", "/startupz", "/healthz"):
+                    begun = time.monotonic()
+                    status = (await trio.to_thread.run_sync(lambda: get(address, path, timeout=1.0)))[0]
+                    assert status == 200 and time.monotonic() - begun < 1.0, (style, path, status)
+
+    trio.run(probe_under_flood)
+    assert "Traceback" not in daemon.log_text()

@@ -254,3 +254,39 @@ def test_one_object_from_many_threads_is_safe(registry: SqliteRegistry) -> None:
     assert not [r for r in results if isinstance(r, BaseException)], results
     stored = registry.get_pod("a")
     assert stored is not None and stored.reserved == 5 and stored.room == 0
+
+
+# --- the files are the daemon's alone ---------------------------------------------------------------
+
+
+def _mode(path: Path) -> int:
+    return path.stat().st_mode & 0o777
+
+
+def test_a_new_registry_is_private(tmp_path: Path, clock: FakeClock) -> None:
+    old_umask = os.umask(0)  # even with a permissive umask
+    try:
+        path = tmp_path / "new" / "registry.db"
+        with SqliteRegistry(path, clock=clock) as registry:
+            registry.publish_pod(pod("a", 1))
+            files = [p for p in path.parent.iterdir()]
+            assert {p.name for p in files} >= {"registry.db", "registry.db-wal", "registry.db-shm"}
+            assert {p.name: _mode(p) for p in files} == {p.name: 0o600 for p in files}
+        assert _mode(path.parent) == 0o700
+    finally:
+        os.umask(old_umask)
+
+
+def test_loose_registry_files_are_tightened_at_open(tmp_path: Path, clock: FakeClock, caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / "registry.db"
+    with SqliteRegistry(path, clock=clock) as registry:
+        registry.publish_pod(pod("a", 1))
+        wal = path.with_name("registry.db-wal")
+        assert wal.exists()
+        os.chmod(path, 0o644)
+        os.chmod(wal, 0o666)
+        with SqliteRegistry(path, clock=clock) as second:  # what the next daemon to start sees
+            assert [p.pod_id for p in second.list_pods()] == ["a"]
+    assert _mode(path) == 0o600
+    assert any("registry.db was mode 0644" in r.getMessage() for r in caplog.records)
+    assert any("registry.db-wal was mode 0666" in r.getMessage() for r in caplog.records)

@@ -11,6 +11,9 @@
   :meth:`SqliteRegistry.pods_with_room` and placement walk in order without scanning every pod.
 - One connection per registry object, guarded by a lock, so one object may be used from many
   threads (``trio.to_thread.run_sync`` picks any worker thread).
+- The files hold every pod's and session's records: the database is created 0600 (SQLite gives
+  its -wal, -shm and -journal files the database's mode) in a directory created 0700, and a
+  looser mode found on any of them at open is tightened, with a warning.
 - Every ``sqlite3`` and file-system error is raised as a :class:`RegistryError` whose hint says
   what to do (locked, read-only, corrupt, missing directory).
 """
@@ -19,7 +22,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sqlite3
+import stat
 import threading
 import time
 from pathlib import Path
@@ -134,12 +139,17 @@ class SqliteRegistry:
 
     def _connect(self) -> sqlite3.Connection:
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         except OSError as exc:
             raise RegistryUnavailable(
                 f"cannot create the registry directory {self.path.parent}: {exc.strerror or exc}",
                 hint=f"make {self.path.parent} a writable directory, or point [registry] path elsewhere",
             ) from None
+        try:
+            self._private_files()
+        except OSError as exc:
+            raise RegistryUnavailable(f"registry {self.path} cannot be written (open): {exc.strerror or exc}",
+                                      hint=self._writable_hint()) from None
         conn: sqlite3.Connection | None = None
         try:
             conn = sqlite3.connect(
@@ -173,6 +183,34 @@ class SqliteRegistry:
             raise
         return conn
 
+    def _writable_hint(self) -> str:
+        return f"make {self.path} and its directory writable with free space, or point [registry] path elsewhere"
+
+    def _private_files(self) -> None:
+        """Create the database file 0600 if it is missing; take group and other access off it and
+        off its -wal, -shm and -journal files where an existing one has them."""
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            self._tighten(fd, self.path)
+        finally:
+            os.close(fd)
+        for suffix in ("-wal", "-shm", "-journal"):
+            try:
+                fd = os.open(f"{self.path}{suffix}", os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+            except OSError:  # missing (or not ours to fix: SQLite reports what it cannot open)
+                continue
+            try:
+                self._tighten(fd, f"{self.path}{suffix}")
+            finally:
+                os.close(fd)
+
+    @staticmethod
+    def _tighten(fd: int, name: Path | str) -> None:
+        mode = stat.S_IMODE(os.fstat(fd).st_mode)
+        if mode & 0o077:
+            os.fchmod(fd, mode & 0o700)
+            log.warning("registry file %s was mode %04o, readable by others: now %04o", name, mode, mode & 0o700)
+
     @staticmethod
     def _close_quietly(conn: sqlite3.Connection | None) -> None:
         if conn is not None:
@@ -197,8 +235,7 @@ class SqliteRegistry:
         if code in (_READONLY, _CANTOPEN, _IOERR, _FULL):
             return RegistryUnavailable(
                 f"{where} cannot be written ({doing}): {text}",
-                hint=f"make {self.path} and its directory writable with free space, "
-                     "or point [registry] path elsewhere",
+                hint=self._writable_hint(),
             )
         if isinstance(exc, sqlite3.ProgrammingError) and "closed" in text:
             return RegistryClosed(f"{where} is closed")
