@@ -79,7 +79,9 @@ class Daemon:
         inherited = {k: v for k, v in os.environ.items() if not k.startswith("WSUP_")}
         full_env = {**inherited, "DAEMON_TEST_SECRET": "hunter2", **(env or {})}
         argv = [*(wrapper or []), sys.executable, "-m", "supervisor.daemon", "run", "--config", str(self.config)]
-        with open(self.log, "ab") as log:
+        # The daemon's stderr, as the journal or the container runtime would keep it: root's only
+        # (the base directory is 0755 so that users reach their workspaces).
+        with open(os.open(self.log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "ab") as log:
             self.proc = subprocess.Popen(argv, stdout=log, stderr=log, env=full_env, start_new_session=True)
         poll(lambda: self.ctl("pod").returncode == 0 or self._died(), 20, "the control socket")
         if self._died():

@@ -288,7 +288,8 @@ def test_the_ide_gets_its_own_keyring_and_limits_not_the_daemons(pool: int) -> N
         ide_limits = limits_table(out)
         assert daemon_limits["Max core file size"] == "unlimited unlimited"
         hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]  # raising it would need CAP_SYS_RESOURCE
-        assert daemon_limits["Max open files"].split()[0] == "4096"
+        # the wrapper started it at 4096; the daemon raises its soft limit to the hard one (probe port)
+        assert daemon_limits["Max open files"].split()[0] == str(hard)
         nofile = 65536 if hard == resource.RLIM_INFINITY else min(65536, hard)
         assert ide_limits["Max core file size"] == "0 0"
         assert ide_limits["Max open files"] == f"{nofile} {nofile}"
