@@ -205,7 +205,7 @@ class ControlServer:
         finally:
             os.umask(old_umask)
         if self.allowed_gid >= 0:
-            os.chown(self.path, 0, self.allowed_gid)
+            os.chown(self.path, -1, self.allowed_gid)
             os.chmod(self.path, 0o660)
         sock.listen(128)
         listener = trio.SocketListener(sock)

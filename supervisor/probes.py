@@ -16,9 +16,9 @@ within ``REQUEST_TIMEOUT``. Users share the pod's network namespace and can hold
 this port, so every new connection is served: when its peer already holds ``MAX_PER_PEER``
 connections, or all ``MAX_CONNECTIONS`` are taken, an older one is closed to make room
 (:func:`choose_victim`) - from the peer's own group, else from the group holding the most;
-preferably one still waiting for its request. Every
-loopback address and the connection's own local address count as one peer ("local"): a user can
-pick any 127.x source address, but not the kubelet's.
+preferably one still waiting for its request. Every loopback address and the connection's own
+local address count as one peer ("local"): a user can pick any 127.x source address, but not the
+kubelet's.
 """
 
 from __future__ import annotations
@@ -342,24 +342,21 @@ class ProbeServer:
         arrives with its connection, is read before enough newer connections come to push it out."""
         async with listener:
             with socket.fromfd(listener.socket.fileno(), listener.socket.family, listener.socket.type) as sock:
-                await self._accept_from(sock, nursery)
-
-    async def _accept_from(self, sock: socket.socket, nursery: trio.Nursery) -> None:
-        sock.setblocking(False)
-        while True:
-            await trio.lowlevel.wait_readable(sock)
-            for _ in range(ACCEPT_BATCH):
-                try:
-                    conn, _ = sock.accept()
-                except BlockingIOError:
-                    break
-                except OSError as exc:
-                    if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                        log.error("probes: cannot accept a connection (%s); retrying in 0.1 s", exc.strerror)
-                        await trio.sleep(0.1)
-                        break
-                    continue  # e.g. ECONNABORTED: that peer is gone
-                self._admit(conn, nursery)
+                sock.setblocking(False)
+                while True:
+                    await trio.lowlevel.wait_readable(sock)
+                    for _ in range(ACCEPT_BATCH):
+                        try:
+                            conn, _ = sock.accept()
+                        except BlockingIOError:
+                            break
+                        except OSError as exc:
+                            if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                                log.error("probes: cannot accept a connection (%s); retrying in 0.1 s", exc.strerror)
+                                await trio.sleep(0.1)
+                                break
+                            continue  # e.g. ECONNABORTED: that peer is gone
+                        self._admit(conn, nursery)
 
     def _admit(self, conn: socket.socket, nursery: trio.Nursery) -> None:
         """Read what the peer already sent, make room (:func:`choose_victim`), start its task."""
@@ -375,7 +372,7 @@ class ProbeServer:
         except OSError:
             conn.close()
             return
-        slot = Slot(peer, answering=b"\r\n\r\n" in first)
+        slot = Slot(peer, answering=b"\r\n\r\n" in first)  # a whole head: not pushed out before its task runs
         victim = choose_victim(self.open, slot.peer, max_connections=self.max_connections,
                                max_per_peer=self.max_per_peer)
         if victim is not None:
