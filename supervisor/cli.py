@@ -290,8 +290,9 @@ def _tail(conn: Connection, args: argparse.Namespace) -> int:
     while args.follow:
         message = conn.read()
         if message is None:
-            return EXIT_OK
+            break
         _emit_log(args, message.get("data", ""), first["result"]["log"], decoder)
+    _emit_log(args, "", first["result"]["log"], decoder, final=True)  # bytes of a character the log ends inside
     return EXIT_OK
 
 
@@ -308,14 +309,16 @@ def escape_controls(text: str) -> str:
     return _UNSAFE.sub(escaped, text)
 
 
-def _emit_log(args: argparse.Namespace, data: str, log: str, decoder: codecs.IncrementalDecoder) -> None:
+def _emit_log(args: argparse.Namespace, data: str, log: str, decoder: codecs.IncrementalDecoder, *, final: bool = False) -> None:
     """One chunk of a log: as JSON, as the log's bytes (``--raw``), or escaped for a terminal."""
+    if final and (args.json or args.raw):
+        return
     if args.json:
         print(json.dumps({"version": JSON_VERSION, "user": args.user, "log": log, "data": data}))
         sys.stdout.flush()
         return
     raw = data.encode("utf-8", "surrogateescape")  # the daemon sends the bytes decoded with surrogateescape
-    sys.stdout.buffer.write(raw if args.raw else escape_controls(decoder.decode(raw)).encode())
+    sys.stdout.buffer.write(raw if args.raw else escape_controls(decoder.decode(raw, final)).encode())
     sys.stdout.buffer.flush()
 
 

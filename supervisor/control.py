@@ -40,6 +40,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 PROTOCOL_VERSION = 1
 MAX_REQUEST = 64 * 1024
+REQUEST_TIMEOUT = 10.0
+REFUSED_LINGER = 1.0
 
 Handler = Callable[[SessionManager, dict[str, Any]], Awaitable[Any]]
 
@@ -223,8 +225,11 @@ class ControlServer:
     async def _handle(self, stream: trio.SocketStream) -> None:
         async with stream:
             try:
-                request = await self._read_request(stream)  # first: closing with it unread would reset the answer
-                self._check_peer(stream)
+                refusal = self._refusal(stream)
+                if refusal is not None:  # checked first: nothing a refused client sends is parsed
+                    await self._refuse(stream, refusal)
+                    return
+                request = await self._read_request(stream)
                 verb = request.get("verb")
                 args = request.get("args") or {}
                 if not isinstance(args, dict):
@@ -245,12 +250,24 @@ class ControlServer:
                 log.exception("control request failed")
                 await self._send_error(stream, {"reason": "internal_error", "message": f"{type(exc).__name__}: {exc}", "hint": "see the daemon's log"})
 
-    def _check_peer(self, stream: trio.SocketStream) -> None:
+    def _refusal(self, stream: trio.SocketStream) -> PeerRefused | None:
+        """Why this client is not served (its ``SO_PEERCRED``), or None."""
         pid, uid, gid = peer_credentials(stream.socket)
-        if not peer_allowed(uid, gid, own_uid=os.geteuid(), allowed_gid=self.allowed_gid):
-            log.warning("control socket: refused a client running as uid %d gid %d (pid %d)", uid, gid, pid)
-            raise PeerRefused(f"uid {uid} may not use the control socket: only root, the daemon's uid"
-                              + (f" and group {self.allowed_gid}" if self.allowed_gid >= 0 else "") + " may")
+        if peer_allowed(uid, gid, own_uid=os.geteuid(), allowed_gid=self.allowed_gid):
+            return None
+        log.warning("control socket: refused a client running as uid %d gid %d (pid %d)", uid, gid, pid)
+        return PeerRefused(f"uid {uid} may not use the control socket: only root, the daemon's uid"
+                           + (f" and group {self.allowed_gid}" if self.allowed_gid >= 0 else "") + " may")
+
+    async def _refuse(self, stream: trio.SocketStream, refusal: PeerRefused) -> None:
+        """Tell a refused client why before reading a byte of its request, then drop what it sends
+        (up to ``MAX_REQUEST`` bytes or ``REFUSED_LINGER`` seconds): its send must not fail before
+        it reads the answer, and it must not hold the connection for long."""
+        await self._send_error(stream, refusal.to_dict())
+        with trio.move_on_after(REFUSED_LINGER):
+            received = 0
+            while received <= MAX_REQUEST and (chunk := await stream.receive_some(4096)):
+                received += len(chunk)
 
     @staticmethod
     async def _send_error(stream: trio.SocketStream, error: dict[str, str]) -> None:
@@ -262,7 +279,7 @@ class ControlServer:
     @staticmethod
     async def _read_request(stream: trio.SocketStream) -> dict[str, Any]:
         buffer = b""
-        with trio.fail_after(10):
+        with trio.move_on_after(REQUEST_TIMEOUT) as deadline:
             while b"\n" not in buffer:
                 chunk = await stream.receive_some(4096)
                 if not chunk:
@@ -270,6 +287,8 @@ class ControlServer:
                 buffer += chunk
                 if len(buffer) > MAX_REQUEST:
                     raise BadRequest("request too large")
+        if deadline.cancelled_caught:
+            raise BadRequest(f"no whole request line within {REQUEST_TIMEOUT:g} s")
         try:
             request = json.loads(buffer.split(b"\n", 1)[0] or b"null")
         except ValueError:

@@ -16,9 +16,9 @@ within ``REQUEST_TIMEOUT``. Users share the pod's network namespace and can hold
 this port, so every new connection is served: when its peer already holds ``MAX_PER_PEER``
 connections, or all ``MAX_CONNECTIONS`` are taken, an older one is closed to make room
 (:func:`choose_victim`) - from the peer's own group, else from the group holding the most;
-preferably one still waiting for its request. Every loopback address and the connection's own
-local address count as one peer ("local"): a user can pick any 127.x source address, but not the
-kubelet's.
+preferably one still waiting for its request. Every connection a user in the pod can make counts
+as one peer ("local": from or to a loopback address, from any of the pod's addresses): a user can
+pick any 127.x source address and any of the pod's, but not the kubelet's.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import socket
 from collections import Counter as Tally
 from dataclasses import dataclass, field
 from http import HTTPStatus
-from typing import TYPE_CHECKING, Any, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence
 
 import h11
 import trio
@@ -259,13 +259,47 @@ class Slot:
     answering: bool = False
 
 
-def peer_group(peer_ip: str, local_ip: str) -> str:
-    """``"local"`` for a loopback address or the connection's own local address (what a user in
-    the pod can connect from), else the peer's address."""
-    ip = ipaddress.ip_address(peer_ip.split("%", 1)[0])
+def _address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    ip = ipaddress.ip_address(text.split("%", 1)[0])
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return "local" if ip.is_loopback or peer_ip == local_ip else str(ip)
+        return ip.ipv4_mapped
+    return ip
+
+
+def peer_group(peer_ip: str, local_ip: str, is_own_address: Callable[[str], bool] = lambda _: False) -> str:
+    """``"local"`` for a connection a user in the pod can make - from a loopback address, to a
+    loopback address (only the pod reaches those), from the connection's own local address or
+    from another address of the pod (``is_own_address``) - else the peer's address."""
+    ip = _address(peer_ip)
+    if ip.is_loopback or _address(local_ip).is_loopback or peer_ip == local_ip or is_own_address(str(ip)):
+        return "local"
+    return str(ip)
+
+
+class OwnAddresses:
+    """Whether an address is one of the pod's own (it can be bound), remembered (at most
+    ``limit`` addresses, then forgotten all at once: users cannot make many)."""
+
+    def __init__(self, limit: int = 256) -> None:
+        self.limit = limit
+        self.known: dict[str, bool] = {}
+
+    def __call__(self, ip: str) -> bool:
+        own = self.known.get(ip)
+        if own is None:
+            if len(self.known) >= self.limit:
+                self.known.clear()
+            own = self.known[ip] = self._bindable(ip)
+        return own
+
+    @staticmethod
+    def _bindable(ip: str) -> bool:
+        with socket.socket(socket.AF_INET6 if ":" in ip else socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            try:
+                sock.bind((ip, 0))
+            except OSError:
+                return False
+        return True
 
 
 def choose_victim(open_: Sequence[Slot], peer: str, *, max_connections: int, max_per_peer: int) -> Slot | None:
@@ -313,6 +347,7 @@ class ProbeServer:
         self.open: list[Slot] = []  # oldest first
         self._evicted_at = -math.inf
         self._metrics: tuple[float, Response | None] = (-math.inf, None)
+        self._own_addresses = OwnAddresses()
 
     @property
     def connections(self) -> int:
@@ -362,7 +397,7 @@ class ProbeServer:
         """Read what the peer already sent, make room (:func:`choose_victim`), start its task."""
         conn.setblocking(False)
         try:
-            peer = peer_group(conn.getpeername()[0], conn.getsockname()[0])
+            peer = peer_group(conn.getpeername()[0], conn.getsockname()[0], self._own_addresses)
             first = conn.recv(self.max_head_bytes + 1)
             if not first:  # the peer is gone already
                 conn.close()

@@ -10,12 +10,13 @@ import socket
 import stat
 import subprocess
 import sys
+import time
 from typing import Iterator
 
 import pytest
 
 from supervisor.cli import escape_controls
-from supervisor.control import peer_allowed
+from supervisor.control import MAX_REQUEST, peer_allowed
 from tests.conftest import is_root, pure_cgroup_v2, v1_controllers_mounted
 from tests.harness import Daemon, started
 
@@ -42,8 +43,9 @@ def test_escape_controls_keeps_text_newlines_and_tabs() -> None:
     assert escape_controls(b"bad \xff\xc3 byte".decode("utf-8", "surrogateescape")) == "bad \\xff\\xc3 byte"
 
 
-def _ask_as(uid: int, gid: int, path: str) -> bytes:
-    """Connect to ``path`` from a forked child running as ``uid``/``gid``, send a request, return the answer."""
+def _ask_as(uid: int, gid: int, path: str, request: bytes = json.dumps({"verb": "status", "args": {}}).encode() + b"\n") -> bytes:
+    """Connect to ``path`` from a forked child running as ``uid``/``gid``, send ``request`` (if
+    any; the connection is kept open), return the answer."""
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: drop to the other uid, then talk to the daemon
@@ -56,10 +58,17 @@ def _ask_as(uid: int, gid: int, path: str) -> bytes:
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
                 sock.settimeout(20)
                 sock.connect(path)
-                sock.sendall(json.dumps({"verb": "status", "args": {}}).encode() + b"\n")
+                try:
+                    sock.sendall(request)
+                except BrokenPipeError:
+                    pass  # the daemon stopped reading a flood; its answer is still to be read
                 answer = b""
-                while chunk := sock.recv(65536):
-                    answer += chunk
+                try:
+                    while chunk := sock.recv(65536):
+                        answer += chunk
+                except ConnectionResetError:  # closed with a flood unread: after the answer
+                    if not answer:
+                        raise
             os.write(write_end, answer)
             code = 0
         except BaseException as exc:  # noqa: BLE001 - the parent shows it
@@ -89,6 +98,11 @@ def test_another_uid_is_refused_even_when_the_socket_mode_lets_it_in(daemon: Dae
     assert f"uid {NOBODY} may not use the control socket" in answer["error"]["message"]
     assert "run workspacectl as root" in answer["error"]["hint"]
     assert f"refused a client running as uid {NOBODY}" in daemon.log_text()
+    started_at = time.monotonic()  # refused before its request is read: one that sends nothing is told at once
+    silent = json.loads(_ask_as(NOBODY, NOBODY, str(daemon.socket), request=b""))
+    assert silent["error"]["reason"] == "control_peer_refused" and time.monotonic() - started_at < 5
+    flood = json.loads(_ask_as(NOBODY, NOBODY, str(daemon.socket), request=b"x" * (4 * MAX_REQUEST)))  # never parsed
+    assert flood["error"]["reason"] == "control_peer_refused"
     assert json.loads(_ask_as(0, 0, str(daemon.socket)))["ok"] is True  # root still is served
     assert daemon.ctl("status").returncode == 0
 
@@ -118,3 +132,7 @@ def test_tail_escapes_what_a_user_writes_to_their_log_and_raw_gives_the_bytes(da
     assert raw.returncode == 0 and raw.stdout == hostile
     data = json.loads(daemon.ctl("tail", "-n", "2", "--json", "loud").stdout)["data"]
     assert data.encode("utf-8", "surrogateescape") == hostile
+    with open(daemon.base / "log" / "loud.log", "ab") as log:
+        log.write(b"ends inside a character \xe2\x9c")
+    cut = daemon.ctl("tail", "-n", "1", "loud")  # the bytes the decoder held back are shown, escaped
+    assert cut.returncode == 0 and cut.stdout.endswith("ends inside a character \\xe2\\x9c"), cut.stdout

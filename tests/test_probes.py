@@ -3,18 +3,21 @@ methods), and /healthz, /readyz, /startupz of a real daemon."""
 
 from __future__ import annotations
 
+import ipaddress
 import json
+import socket
 import subprocess
 import sys
 import time
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator, Iterator
 
+import psutil
 import pytest
 import trio
 
 from supervisor import metrics
-from supervisor.probes import ProbeServer, Readiness, Slot, choose_victim, evaluate, parse_listen, peer_group
+from supervisor.probes import OwnAddresses, ProbeServer, Readiness, Slot, choose_victim, evaluate, parse_listen, peer_group
 from tests.conftest import is_root, pure_cgroup_v2, v1_controllers_mounted
 from tests.harness import Daemon, poll, started
 from tests.probe_client import get, get_json, probes_address
@@ -81,6 +84,56 @@ def test_peer_groups_put_every_address_a_user_can_pick_in_one() -> None:
     assert peer_group("10.1.0.1", "10.1.2.3") == "10.1.0.1"  # e.g. the kubelet on the node
     assert peer_group("::ffff:10.1.0.1", "::ffff:10.1.2.3") == "10.1.0.1"
     assert peer_group("fe80::1%eth0", "fe80::2%eth0") == "fe80::1"
+    assert peer_group("10.1.2.3", "127.0.0.1") == "local"  # the pod's address to a loopback one: only the pod can
+    assert peer_group("10.9.9.9", "10.1.2.3", lambda ip: ip == "10.9.9.9") == "local"  # another address of the pod
+
+
+def _own_addresses() -> list[str]:
+    """The host's non-loopback IPv4 addresses (a pod's: what a user may bind a connection to)."""
+    return [a.address for addrs in psutil.net_if_addrs().values() for a in addrs
+            if a.family == socket.AF_INET and not ipaddress.ip_address(a.address).is_loopback]
+
+
+def test_own_addresses_are_those_that_can_be_bound() -> None:
+    own = OwnAddresses(limit=2)
+    for address in _own_addresses():
+        assert own(address)
+    assert not own("192.0.2.254" if "192.0.2.254" not in _own_addresses() else "198.51.100.254")
+    assert own("127.0.0.1") and len(own.known) <= 2
+
+
+async def test_a_user_connecting_from_the_pods_addresses_is_still_one_peer() -> None:
+    """Connections from loopback addresses and from the pod's own address, to loopback and to the
+    pod's address, all count against one cap."""
+    sources = ["127.0.0.1", "127.0.0.9", *_own_addresses()]
+    if len(sources) < 3:
+        pytest.skip("the host has no non-loopback IPv4 address")
+    async with trio.open_nursery() as nursery:
+        server = ProbeServer("0.0.0.0:0", FakeSource(), max_per_peer=4, max_connections=64, request_timeout=30, head_timeout=30)
+        _, port = parse_listen(await nursery.start(server.serve))
+        held = []
+        for i in range(24):
+            sock = socket.socket()
+            sock.bind((sources[i % len(sources)], 0))
+            sock.connect((sources[(i // len(sources)) % len(sources)], port))
+            held.append(sock)
+
+        def closed_by_server() -> int:
+            closed = 0
+            for sock in held:
+                try:
+                    closed += sock.recv(1, socket.MSG_DONTWAIT | socket.MSG_PEEK) == b""
+                except BlockingIOError:
+                    pass
+            return closed
+
+        with trio.fail_after(5):
+            while closed_by_server() < 20:  # one peer: all but its 4 newest closed
+                await trio.sleep(0.02)
+        assert server.connections == 4 and {slot.peer for slot in server.open} == {"local"}
+        for sock in held:
+            sock.close()
+        nursery.cancel_scope.cancel()
 
 
 def _slots(*peers: str, answering: tuple[int, ...] = ()) -> list[Slot]:
