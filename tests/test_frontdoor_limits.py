@@ -15,6 +15,7 @@ import socket
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import trio
 
@@ -24,25 +25,45 @@ from supervisor.metrics import FRONTDOOR_LIMITS
 from tests.frontdoor_client import ws_recv, ws_send
 from tests.test_frontdoor_server import FakeIdes, _cookies, bearer, ides, in_thread, open_door, token  # noqa: F401 - ides is a fixture
 
-OTHER = "127.0.0.2"  # another client address (a second router, another browser)
+
+
+def _other_address() -> str:
+    """A non-loopback IPv4 address of this host: connecting from it to 127.0.0.1 is another client
+    (every loopback address is the one client "local")."""
+    for addresses in psutil.net_if_addrs().values():
+        for address in addresses:
+            if address.family == socket.AF_INET and not address.address.startswith("127."):
+                return str(address.address)
+    return ""
+
+
+OTHER = _other_address()  # another client address (a second router, another browser)
+needs_other = pytest.mark.skipif(not OTHER, reason="this host has no non-loopback IPv4 address to be another client from")
 
 
 # ---- pure logic ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("host, key", [
-    ("192.0.2.7", "192.0.2.7"),
-    ("127.0.0.1", "127.0.0.1"),
-    ("127.0.0.2", "127.0.0.2"),  # each loopback address apart (a local router has its own)
-    ("::ffff:192.0.2.7", "192.0.2.7"),  # IPv4-mapped: the IPv4 client
-    ("2001:db8:1:2:aaaa::1", "2001:db8:1:2::/64"),
-    ("2001:db8:1:2:ffff:ffff:ffff:ffff", "2001:db8:1:2::/64"),  # any address of one host's /64: one client
-    ("2001:db8:1:3::1", "2001:db8:1:3::/64"),
-    ("fe80::1%eth0", "fe80::/64"),
-    ("?", "?"),
+@pytest.mark.parametrize("host, local, key", [
+    ("192.0.2.7", "192.0.2.1", "192.0.2.7"),
+    ("127.0.0.1", "127.0.0.1", "local"),
+    ("127.0.0.2", "127.0.0.1", "local"),  # any loopback address: a user in the pod can pick any
+    ("127.45.6.7", "10.0.0.5", "local"),
+    ("::1", "::1", "local"),
+    ("::ffff:127.0.0.3", "::ffff:10.0.0.5", "local"),
+    ("10.0.0.5", "10.0.0.5", "local"),  # the pod's own address, to itself
+    ("::ffff:10.0.0.5", "10.0.0.5", "local"),
+    ("10.0.0.5", "127.0.0.1", "10.0.0.5"),  # the pod's address to loopback: one more client, not one per port
+    ("::ffff:192.0.2.7", "::ffff:192.0.2.1", "192.0.2.7"),  # IPv4-mapped: the IPv4 client
+    ("2001:db8:1:2:aaaa::1", "2001:db8:9::1", "2001:db8:1:2::/64"),
+    ("2001:db8:1:2:ffff:ffff:ffff:ffff", "2001:db8:9::1", "2001:db8:1:2::/64"),  # any address of one host's /64: one client
+    ("2001:db8:1:3::1", "2001:db8:9::1", "2001:db8:1:3::/64"),
+    ("2001:db8:9::1", "2001:db8:9::1", "local"),
+    ("fe80::1%eth0", "fe80::2%eth0", "fe80::/64"),
+    ("?", "", "?"),
 ])
-def test_client_key(host: str, key: str) -> None:
-    assert client_key(host) == key
+def test_client_key(host: str, local: str, key: str) -> None:
+    assert client_key(host, local) == key
 
 
 def test_rejection_limiter_allows_a_burst_then_one_per_interval() -> None:
@@ -144,6 +165,7 @@ def theia_cookie(user: str) -> str:
 NO_CREDENTIALS = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
 
 
+@needs_other
 async def test_connections_without_credentials_are_capped_per_address(nursery: trio.Nursery, tmp_path: Path, ides: FakeIdes) -> None:
     door = await open_door(nursery, tmp_path, ides, max_unauthenticated=5)
     before = limit_count("unauthenticated")
@@ -206,6 +228,7 @@ async def test_a_connection_without_credentials_gets_a_short_idle_timeout(nurser
     assert limit_count("unauthenticated_idle") - before >= 1
 
 
+@needs_other
 async def test_rejected_tokens_are_rate_limited_per_address_before_any_check(nursery: trio.Nursery, tmp_path: Path, ides: FakeIdes) -> None:
     door = await open_door(nursery, tmp_path, ides, rejected_tokens=5, rejected_tokens_interval="60s")
     port = door.port

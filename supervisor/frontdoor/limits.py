@@ -1,34 +1,53 @@
 """What one client can hold of the front door. Pure logic: no I/O, no clock reads (``now`` is passed in).
 
-- :func:`client_key`: whom a peer address counts as. IPv4 addresses (also IPv4-mapped IPv6, and
-  each loopback address: a local router has its own) count one by one; IPv6 addresses by their
-  /64, the block one host is normally given (it can pick any address in it).
+- :func:`client_key`: whom a peer address counts as. Every loopback address and the connection's
+  own local address are one client, ``"local"``: users' processes share the pod's network and can
+  pick any 127.x source address (counted apart, each would be a fresh client to them). Other IPv4
+  addresses (also IPv4-mapped IPv6) count one by one; IPv6 addresses by their /64, the block one
+  host is normally given (it can pick any address in it).
 - :class:`RejectionLimiter`: a token bucket per client for *rejected tokens*. Each rejection takes
   one; while the bucket is empty, requests from that client that would need a token's signature
   checked are answered 429 without parsing it. Valid sessions (the cookie's HMAC, tokens verified
   before) are not held back.
 - :class:`Slots`: counted places per key under a limit (unauthenticated connections per client,
-  WebSockets and requests in flight per user).
+  connections, WebSockets and requests in flight per user).
+- :class:`Waiting`: connections that could be closed to make room (no credentials yet, waiting
+  for a request), by client; the one to close is the oldest of the client holding the most.
 """
 
 from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass, field
+from typing import Generic, TypeVar
 
 #: IPv6 clients are counted by this prefix (one host's usual allocation).
 IPV6_PREFIX = 64
+#: The client every process of the pod can connect as (see :func:`client_key`).
+LOCAL = "local"
+
+T = TypeVar("T")
 
 
-def client_key(host: str) -> str:
-    """The key ``host`` (a peer's address as the socket gives it) is counted under."""
+def _address(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     try:
         address = ipaddress.ip_address(host.partition("%")[0])
     except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+def client_key(host: str, local: str = "") -> str:
+    """The key ``host`` (a peer's address as the socket gives it) is counted under; ``local`` is
+    the connection's own address (a peer with the same address is in the pod)."""
+    address = _address(host)
+    if address is None:
         return host  # not an IP address (a Unix socket in tests): itself
+    if address.is_loopback or address == _address(local):
+        return LOCAL
     if isinstance(address, ipaddress.IPv6Address):
-        if address.ipv4_mapped is not None:
-            return str(address.ipv4_mapped)
         return str(ipaddress.IPv6Network((address, IPV6_PREFIX), strict=False))
     return str(address)
 
@@ -108,3 +127,32 @@ class Slots:
 
     def total(self) -> int:
         return sum(self.held.values())
+
+
+@dataclass
+class Waiting(Generic[T]):
+    """Items (connections) that may be closed to make room, by key (client), oldest first."""
+
+    by_key: dict[str, dict[T, None]] = field(default_factory=dict)
+
+    def add(self, key: str, item: T) -> None:
+        self.by_key.setdefault(key, {})[item] = None
+
+    def discard(self, key: str, item: T) -> None:
+        items = self.by_key.get(key)
+        if items is not None:
+            items.pop(item, None)
+            if not items:
+                del self.by_key[key]
+
+    def victim(self) -> T | None:
+        """The oldest item of the key holding the most (taken out), or None if there is none."""
+        if not self.by_key:
+            return None
+        key = max(self.by_key, key=lambda k: len(self.by_key[k]))
+        item = next(iter(self.by_key[key]))
+        self.discard(key, item)
+        return item
+
+    def __len__(self) -> int:
+        return sum(len(items) for items in self.by_key.values())
