@@ -20,7 +20,7 @@ import pytest
 import trio
 
 from supervisor.frontdoor.auth import Identity
-from supervisor.frontdoor.limits import RejectionLimiter, Slots, client_key
+from supervisor.frontdoor.limits import RejectionLimiter, Slots, Waiting, client_key
 from supervisor.metrics import FRONTDOOR_LIMITS
 from tests.frontdoor_client import ws_recv, ws_send
 from tests.test_frontdoor_server import FakeIdes, _cookies, bearer, ides, in_thread, open_door, token  # noqa: F401 - ides is a fixture
@@ -104,6 +104,18 @@ def test_slots() -> None:
     for _ in range(3):
         slots.give_back("u")
     assert slots.count("u") == 0 and "u" not in slots.held  # no entry left behind
+
+
+def test_waiting_gives_the_oldest_of_the_client_holding_the_most() -> None:
+    waiting: Waiting[str] = Waiting()
+    assert waiting.victim() is None
+    for key, item in (("a", "a1"), ("b", "b1"), ("b", "b2"), ("c", "c1"), ("b", "b3")):
+        waiting.add(key, item)
+    waiting.discard("b", "b2")  # went on to send a request
+    assert len(waiting) == 4
+    assert waiting.victim() == "b1"  # b holds the most: its oldest
+    assert {waiting.victim(), waiting.victim(), waiting.victim()} == {"a1", "b3", "c1"}
+    assert waiting.victim() is None and not waiting.by_key  # no key left behind
 
 
 # ---- a real front door ---------------------------------------------------------------------------
@@ -327,3 +339,120 @@ async def test_requests_in_flight_per_user_are_capped_by_the_tier(nursery: trio.
             await trio.sleep(0.01)
     assert (await in_thread(lambda: get(door.port, "/", {"Authorization": f"Bearer {token('alice')}"})))[0] == 200
     stuck[1].close()
+
+
+def hold(port: int, request: bytes = NO_CREDENTIALS, *, source: str = "127.0.0.1", status: bytes = b"") -> socket.socket:
+    """A kept-alive connection that has had one request answered (read; with ``status``)."""
+    sock = raw(port, request, source=source)
+    answer = read_answer(sock)
+    assert answer.startswith(b"HTTP/1.1 " + status), answer[:300]
+    return sock
+
+
+async def test_every_loopback_address_is_one_client(nursery: trio.Nursery, tmp_path: Path, ides: FakeIdes) -> None:
+    """A user in the pod can pick any 127.x source address: all of them count as one client."""
+    door = await open_door(nursery, tmp_path, ides, max_unauthenticated=3)
+
+    def flood() -> None:
+        held = [hold(door.port, source=f"127.0.0.{i}", status=b"401") for i in (1, 2, 3)]
+        try:
+            assert door.front.unauthenticated.held == {"local": 3}
+            over = raw(door.port, NO_CREDENTIALS, source="127.9.9.9")
+            assert read_answer(over).startswith(b"HTTP/1.1 429 ")
+            over.close()
+        finally:
+            for sock in held:
+                sock.close()
+
+    await in_thread(flood)
+
+
+async def test_connections_per_user_are_capped_by_the_tier(nursery: trio.Nursery, tmp_path: Path, ides: FakeIdes) -> None:
+    """A user's own token cannot hold the front door's connections: at most the tier's
+    max_connections kept alive at once; one more gets 429 and is closed; other users are served."""
+    door = await open_door(nursery, tmp_path, ides)
+    door.front.config.tiers["free"].__dict__["max_connections"] = 3
+    before = limit_count("connections")
+    alice = b"GET / HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + token("alice").encode() + b"\r\n\r\n"
+
+    def flood() -> None:
+        held = [raw(door.port, alice) for _ in range(3)]
+        try:
+            for sock in held:
+                assert read_answer(sock).startswith(b"HTTP/1.1 200 ")
+            over = raw(door.port, alice)
+            answer = read_answer(over)
+            assert answer.startswith(b"HTTP/1.1 429 ") and b"\r\nconnection: close\r\n" in answer.lower(), answer
+            assert json.loads(answer.partition(b"\r\n\r\n")[2])["reason"] == "too_many_connections"
+            assert closed(over)
+            over.close()
+            assert door.front.user_connections.count("alice") == 3
+            assert get(door.port, "/", bearer("bob"))[0] == 200  # another user, same address
+            # The held connections keep working (they are alice's already).
+            held[0].sendall(alice)
+            assert read_answer(held[0]).startswith(b"HTTP/1.1 200 ")
+            # A connection that moves to another user's credentials moves its place.
+            held[1].sendall(b"GET / HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + token("bob").encode() + b"\r\n\r\n")
+            assert read_answer(held[1]).startswith(b"HTTP/1.1 200 ")
+            assert door.front.user_connections.count("alice") == 2
+            again = raw(door.port, alice)
+            held.append(again)
+            assert read_answer(again).startswith(b"HTTP/1.1 200 ")
+        finally:
+            for sock in held:
+                sock.close()
+
+    await in_thread(flood)
+    assert limit_count("connections") - before == 1
+    with trio.fail_after(5):  # every place given back once the connections are gone
+        while door.front.user_connections.total():
+            await trio.sleep(0.01)
+
+
+@needs_other
+async def test_when_every_connection_is_taken_an_idle_one_without_credentials_makes_room(
+        nursery: trio.Nursery, tmp_path: Path, ides: FakeIdes) -> None:
+    """All max_connections open: a new connection is served by closing a connection that has
+    presented no credentials and waits for a request - the oldest of the client holding the
+    most; never a signed-in one, never one in the middle of a request. None left: 503."""
+    door = await open_door(nursery, tmp_path, ides, max_connections=6, header_timeout="30s")
+    before = limit_count("evicted")
+    signed = b"GET / HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + token("alice").encode() + b"\r\n\r\n"
+    bob = b"GET / HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + token("bob").encode() + b"\r\n\r\n"
+
+    def flood() -> None:
+        socks: list[socket.socket] = []
+        try:
+            other = socket.create_connection(("127.0.0.1", door.port), timeout=5, source_address=(OTHER, 0))
+            socks.append(other)  # another client's connection, nothing sent yet
+            attacker = [hold(door.port, status=b"401") for _ in range(3)]  # idle after a 401
+            socks += attacker
+            half = raw(door.port, b"GET / HTTP/1.1\r\nHost: x\r\n")  # in the middle of a request head
+            browser = hold(door.port, signed, status=b"200")  # signed in, kept alive
+            socks += [half, browser]
+            deadline = time.monotonic() + 5
+            while len(door.front.waiting) != 4 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert door.front.connections == 6 and len(door.front.waiting) == 4
+            # New connections are served; the attacker's oldest idle ones are closed for them.
+            for n in range(2):
+                socks.append(hold(door.port, bob, source=OTHER, status=b"200"))
+                assert closed(attacker[n])
+            # Then the two left (one each): one, then the other.
+            socks.append(hold(door.port, bob, source=OTHER, status=b"200"))
+            socks.append(hold(door.port, bob, source=OTHER, status=b"200"))
+            assert closed(other) and closed(attacker[2])
+            # Never the half-sent request nor the signed-in connection.
+            assert not closed(half, timeout=0.3) and not closed(browser, timeout=0.3)
+            browser.sendall(signed)
+            assert read_answer(browser).startswith(b"HTTP/1.1 200 ")
+            # Nothing left to close: 503 and closed.
+            refused = raw(door.port, signed)
+            socks.append(refused)
+            assert read_answer(refused).startswith(b"HTTP/1.1 503 ") and closed(refused)
+        finally:
+            for sock in socks:
+                sock.close()
+
+    await in_thread(flood)
+    assert limit_count("evicted") - before == 4
