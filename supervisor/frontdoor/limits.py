@@ -12,7 +12,8 @@
 - :class:`Slots`: counted places per key under a limit (unauthenticated connections per client,
   connections, WebSockets and requests in flight per user).
 - :class:`Waiting`: connections that could be closed to make room (no credentials yet, waiting
-  for a request), by client; the one to close is the oldest of the client holding the most.
+  for a request), by client; the one to close is the oldest of a client, or of the client holding
+  the most.
 """
 
 from __future__ import annotations
@@ -145,11 +146,15 @@ class Waiting(Generic[T]):
             if not items:
                 del self.by_key[key]
 
-    def victim(self) -> T | None:
-        """The oldest item of the key holding the most (taken out), or None if there is none."""
-        if not self.by_key:
+    def victim(self, key: str | None = None) -> T | None:
+        """The oldest item of ``key`` (default: of the key holding the most), taken out; None if
+        there is none."""
+        if key is None:
+            if not self.by_key:
+                return None
+            key = max(self.by_key, key=lambda k: len(self.by_key[k]))
+        elif key not in self.by_key:
             return None
-        key = max(self.by_key, key=lambda k: len(self.by_key[k]))
         item = next(iter(self.by_key[key]))
         self.discard(key, item)
         return item

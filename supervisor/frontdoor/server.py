@@ -295,7 +295,7 @@ class FrontDoor:
             await _refuse_connection(stream, b"503 Service Unavailable", b"")
             return
         key = client_key(host, local)
-        if not self.unauthenticated.take(key, self.http.max_unauthenticated):
+        if not self.unauthenticated.take(key, self.http.max_unauthenticated) and not self._make_room(key):
             # Not logged one by one (a flood would flood the log): counted.
             FRONTDOOR_LIMITS.labels(limit="unauthenticated").inc()
             answer = json_answer(429, "too_many_connections", "too many connections from this address without credentials",
@@ -319,15 +319,19 @@ class FrontDoor:
             connection.give_back()
             await connection.close()
 
-    def _make_room(self) -> bool:
-        """All ``max_connections`` are open: close one that has presented no credentials and is
-        waiting for a request, from the client holding the most (a browser opens a new connection
-        for a request when its idle one is closed); False if there is none."""
-        victim = self.waiting.victim()
+    def _make_room(self, key: str | None = None) -> bool:
+        """All ``max_connections`` are open, or (``key``) that client holds ``max_unauthenticated``
+        connections without credentials: close one that has presented none and is waiting for a
+        request - that client's oldest, or the oldest of the client holding the most (a browser
+        opens a new connection for a request when its idle one is closed). It gives its place
+        back at once (taken for the newcomer if ``key``); False if there is none."""
+        victim = self.waiting.victim(key)
         if victim is None:
             return False
         FRONTDOOR_LIMITS.labels(limit="evicted").inc()
         victim.evict()
+        if key is not None:
+            self.unauthenticated.take(key, self.http.max_unauthenticated)
         return True
 
     # ---- cold start ------------------------------------------------------------------------------
@@ -637,10 +641,12 @@ class _Connection:
             self.front.unauthenticated.give_back(self.key)
 
     def evict(self) -> None:
-        """Close this connection (waiting for a request without credentials) to make room."""
+        """Close this connection (waiting for a request without credentials) to make room; its
+        place is given back now."""
         if self.waiting is not None:
             self.evicted = True
             self.waiting.cancel()
+            self.give_back()
 
     def _token_limit(self, tokens: list[str]) -> Answer | None:
         """429 if a token here would need its signature checked and this client has had too
