@@ -18,6 +18,8 @@ from pathlib import Path
 import psutil
 import pytest
 import trio
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from supervisor.frontdoor.auth import Identity
 from supervisor.frontdoor.limits import RejectionLimiter, Slots, Waiting, client_key
@@ -116,6 +118,36 @@ def test_waiting_gives_the_oldest_of_the_client_holding_the_most() -> None:
     assert waiting.victim() == "b1"  # b holds the most: its oldest
     assert {waiting.victim(), waiting.victim(), waiting.victim()} == {"a1", "b3", "c1"}
     assert waiting.victim() is None and not waiting.by_key  # no key left behind
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["add", "discard", "victim", "victim_of"]), st.integers(0, 3), st.integers(0, 5)), max_size=60))
+def test_waiting_always_gives_the_oldest_of_a_client_holding_the_most(ops: list[tuple[str, int, int]]) -> None:
+    waiting: Waiting[tuple[int, int]] = Waiting()
+    model: dict[int, list[tuple[int, int]]] = {}  # key -> items, oldest first
+    for op, k, i in ops:
+        key, item = str(k), (k, i)
+        if op == "add":
+            waiting.add(key, item)
+            if item not in model.setdefault(k, []):
+                model[k].append(item)
+        elif op == "discard":
+            waiting.discard(key, item)
+            if item in model.get(k, []):
+                model[k].remove(item)
+        else:
+            got = waiting.victim(key if op == "victim_of" else None)
+            held = {key_: items for key_, items in model.items() if items}
+            if op == "victim_of":
+                assert got == (held[k][0] if k in held else None)
+            elif not held:
+                assert got is None
+            else:
+                assert got is not None and len(held[got[0]]) == max(len(items) for items in held.values())
+                assert got == held[got[0]][0]
+            if got is not None:
+                model[got[0]].remove(got)
+        assert len(waiting) == sum(len(items) for items in model.values())
 
 
 # ---- a real front door ---------------------------------------------------------------------------

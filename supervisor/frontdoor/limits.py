@@ -132,30 +132,53 @@ class Slots:
 
 @dataclass
 class Waiting(Generic[T]):
-    """Items (connections) that may be closed to make room, by key (client), oldest first."""
+    """Items (connections) that may be closed to make room, by key (client), oldest first.
+    Adding, discarding and choosing are O(1): a flood from many clients must not make each new
+    connection cost more."""
 
     by_key: dict[str, dict[T, None]] = field(default_factory=dict)
+    _by_count: dict[int, dict[str, None]] = field(default_factory=dict)  # keys holding n items (n >= 1)
+    _most: int = 0  # the largest n with keys in _by_count
+
+    def _move(self, key: str, old: int, new: int) -> None:
+        if old:
+            keys = self._by_count[old]
+            del keys[key]
+            if not keys:
+                del self._by_count[old]
+        if new:
+            self._by_count.setdefault(new, {})[key] = None
+        if new > self._most:
+            self._most = new
+        while self._most and self._most not in self._by_count:
+            self._most -= 1
 
     def add(self, key: str, item: T) -> None:
-        self.by_key.setdefault(key, {})[item] = None
+        items = self.by_key.setdefault(key, {})
+        if item not in items:
+            items[item] = None
+            self._move(key, len(items) - 1, len(items))
 
     def discard(self, key: str, item: T) -> None:
         items = self.by_key.get(key)
-        if items is not None:
-            items.pop(item, None)
-            if not items:
-                del self.by_key[key]
+        if items is None or item not in items:
+            return
+        del items[item]
+        self._move(key, len(items) + 1, len(items))
+        if not items:
+            del self.by_key[key]
 
     def victim(self, key: str | None = None) -> T | None:
         """The oldest item of ``key`` (default: of the key holding the most), taken out; None if
         there is none."""
         if key is None:
-            if not self.by_key:
+            if not self._most:
                 return None
-            key = max(self.by_key, key=lambda k: len(self.by_key[k]))
-        elif key not in self.by_key:
+            key = next(iter(self._by_count[self._most]))
+        items = self.by_key.get(key)
+        if not items:
             return None
-        item = next(iter(self.by_key[key]))
+        item = next(iter(items))
         self.discard(key, item)
         return item
 
