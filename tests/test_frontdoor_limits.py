@@ -15,7 +15,6 @@ import socket
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 import trio
 from hypothesis import given, settings
@@ -24,22 +23,10 @@ from hypothesis import strategies as st
 from supervisor.frontdoor.auth import Identity
 from supervisor.frontdoor.limits import RejectionLimiter, Slots, Waiting, client_key
 from supervisor.metrics import FRONTDOOR_LIMITS
-from tests.frontdoor_client import ws_recv, ws_send
+from tests.frontdoor_client import outside_address, ws_recv, ws_send
 from tests.test_frontdoor_server import FakeIdes, _cookies, bearer, ides, in_thread, open_door, token  # noqa: F401 - ides is a fixture
 
-
-
-def _other_address() -> str:
-    """A non-loopback IPv4 address of this host: connecting from it to 127.0.0.1 is another client
-    (every loopback address is the one client "local")."""
-    for addresses in psutil.net_if_addrs().values():
-        for address in addresses:
-            if address.family == socket.AF_INET and not address.address.startswith("127."):
-                return str(address.address)
-    return ""
-
-
-OTHER = _other_address()  # another client address (a second router, another browser)
+OTHER = outside_address()  # another client (a browser outside the pod)
 needs_other = pytest.mark.skipif(not OTHER, reason="this host has no non-loopback IPv4 address to be another client from")
 
 
