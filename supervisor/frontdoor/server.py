@@ -623,9 +623,7 @@ class _Connection:
                 )
             self._give_back_owner()
             self.owner = identity.user
-        if self.unauthenticated:
-            self.unauthenticated = False
-            front.unauthenticated.give_back(self.key)
+        self._leave_unauthenticated()
         return None
 
     def _give_back_owner(self) -> None:
@@ -633,12 +631,15 @@ class _Connection:
             self.front.user_connections.give_back(self.owner)
             self.owner = None
 
-    def give_back(self) -> None:
-        """The connection is closing: give back the place it holds (its client's or its user's)."""
-        self._give_back_owner()
+    def _leave_unauthenticated(self) -> None:
         if self.unauthenticated:
             self.unauthenticated = False
             self.front.unauthenticated.give_back(self.key)
+
+    def give_back(self) -> None:
+        """The connection is closing: give back the place it holds (its client's or its user's)."""
+        self._give_back_owner()
+        self._leave_unauthenticated()
 
     def evict(self) -> None:
         """Close this connection (waiting for a request without credentials) to make room; its
