@@ -24,7 +24,7 @@ from supervisor.frontdoor.auth import Identity
 from supervisor.frontdoor.limits import RejectionLimiter, Slots, Waiting, client_key
 from supervisor.metrics import FRONTDOOR_LIMITS
 from tests.frontdoor_client import outside_address, ws_recv, ws_send
-from tests.test_frontdoor_server import FakeIdes, _cookies, bearer, ides, in_thread, open_door, token  # noqa: F401 - ides is a fixture
+from tests.test_frontdoor_server import Door, FakeIdes, _cookies, bearer, ides, in_thread, open_door, token  # noqa: F401 - ides is a fixture
 
 OTHER = outside_address()  # another client (a browser outside the pod)
 needs_other = pytest.mark.skipif(not OTHER, reason="this host has no non-loopback IPv4 address to be another client from")
@@ -203,14 +203,10 @@ async def test_connections_without_credentials_are_capped_per_address(nursery: t
     the newcomer gets 429 and is closed. Other clients, and valid credentials, are not held back."""
     door = await open_door(nursery, tmp_path, ides, max_unauthenticated=5, header_timeout="30s")
     before = limit_count("unauthenticated"), limit_count("evicted")
-    half = b"GET / HTTP/1.1\r\nHost: x\r\n"  # a request head not finished yet
 
     def flood() -> None:
-        held = [raw(door.port, half) for _ in range(5)]
+        held = [mid_request(door) for _ in range(5)]
         try:
-            deadline = time.monotonic() + 5
-            while door.front.unauthenticated.total() < 5 and time.monotonic() < deadline:
-                time.sleep(0.01)
             for _ in range(3):
                 over = raw(door.port, NO_CREDENTIALS)
                 answer = read_answer(over)
@@ -370,6 +366,25 @@ async def test_requests_in_flight_per_user_are_capped_by_the_tier(nursery: trio.
     stuck[1].close()
 
 
+def mid_request(door: Door) -> socket.socket:
+    """A connection in the middle of a request head without credentials, as the front door sees
+    it: registered as waiting idle once accepted, no longer once the first bytes arrived."""
+    waiting = door.front.waiting
+
+    def settle(count: int) -> None:
+        deadline = time.monotonic() + 5
+        while len(waiting) != count:
+            assert time.monotonic() < deadline, f"{len(waiting)} connections waiting idle, not {count}"
+            time.sleep(0.005)
+
+    before = len(waiting)
+    sock = socket.create_connection(("127.0.0.1", door.port), timeout=5)
+    settle(before + 1)
+    sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n")
+    settle(before)
+    return sock
+
+
 def hold(port: int, request: bytes = NO_CREDENTIALS, *, source: str = "127.0.0.1", status: bytes = b"") -> socket.socket:
     """A kept-alive connection that has had one request answered (read; with ``status``)."""
     sock = raw(port, request, source=source)
@@ -456,12 +471,13 @@ async def test_when_every_connection_is_taken_an_idle_one_without_credentials_ma
             socks.append(other)  # another client's connection, nothing sent yet
             attacker = [hold(door.port, status=b"401") for _ in range(3)]  # idle after a 401
             socks += attacker
-            half = raw(door.port, b"GET / HTTP/1.1\r\nHost: x\r\n")  # in the middle of a request head
             browser = hold(door.port, signed, status=b"200")  # signed in, kept alive
-            socks += [half, browser]
+            socks.append(browser)
             deadline = time.monotonic() + 5
             while len(door.front.waiting) != 4 and time.monotonic() < deadline:
                 time.sleep(0.01)
+            half = mid_request(door)
+            socks.append(half)
             assert door.front.connections == 6 and len(door.front.waiting) == 4
             # New connections are served; the attacker's oldest idle ones are closed for them.
             for n in range(2):

@@ -133,12 +133,13 @@ class Slots:
 @dataclass
 class Waiting(Generic[T]):
     """Items (connections) that may be closed to make room, by key (client), oldest first.
-    Adding, discarding and choosing are O(1): a flood from many clients must not make each new
+    Every operation is O(1): a flood from many clients must not make each new
     connection cost more."""
 
     by_key: dict[str, dict[T, None]] = field(default_factory=dict)
     _by_count: dict[int, dict[str, None]] = field(default_factory=dict)  # keys holding n items (n >= 1)
     _most: int = 0  # the largest n with keys in _by_count
+    _size: int = 0
 
     def _move(self, key: str, old: int, new: int) -> None:
         if old:
@@ -157,6 +158,7 @@ class Waiting(Generic[T]):
         items = self.by_key.setdefault(key, {})
         if item not in items:
             items[item] = None
+            self._size += 1
             self._move(key, len(items) - 1, len(items))
 
     def discard(self, key: str, item: T) -> None:
@@ -164,6 +166,7 @@ class Waiting(Generic[T]):
         if items is None or item not in items:
             return
         del items[item]
+        self._size -= 1
         self._move(key, len(items) + 1, len(items))
         if not items:
             del self.by_key[key]
@@ -183,4 +186,4 @@ class Waiting(Generic[T]):
         return item
 
     def __len__(self) -> int:
-        return sum(len(items) for items in self.by_key.values())
+        return self._size
