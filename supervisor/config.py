@@ -361,9 +361,8 @@ class HttpConfig:
     max_connections: int = setting(10_000, "Most client connections at once; above it new ones get 503 and are closed.", _int(1, 10_000_000))
     max_unauthenticated: int = setting(
         64, "Most connections one client address (an IPv6 /64; every loopback address and the pod's own are one) may hold "
-        "before a request on them presents valid credentials; one more closes the client's oldest idle one of them, or, "
-        "if all are in the middle of a request, gets 429 too_many_connections and is closed. Behind a proxy every "
-        "browser has the proxy's address: raise it.", _int(1, 10_000_000)
+        "before a request on them presents valid credentials; above it new ones get 429 too_many_connections and are "
+        "closed. Behind a proxy every browser has the proxy's address: raise it.", _int(1, 10_000_000)
     )
     unauthenticated_timeout: float = setting(
         10.0, "A connection on which no request has presented valid credentials yet is closed after this long without a "

@@ -40,11 +40,11 @@ UPSTREAM_REJECTIONS = Counter(
 UPSTREAM_REJECTIONS.labels(reason="peer_uid")
 FRONTDOOR_LIMITS = Counter(
     f"{PREFIX}_frontdoor_limits",
-    "Times a front-door limit held a client back, by limit: unauthenticated (connection over [http] max_unauthenticated "
-    "while none of the client's is idle: answered 429 and closed), unauthenticated_idle (closed after unauthenticated_timeout), rejected_tokens (429 "
+    "Times a front-door limit held a client back, by limit: unauthenticated (connection over [http] max_unauthenticated, "
+    "answered 429 and closed), unauthenticated_idle (closed after unauthenticated_timeout), rejected_tokens (429 "
     "too_many_rejections), connections, websockets and requests (429 too_many_connections over the tier's "
     "max_connections, max_websockets, max_requests), evicted (a connection without credentials waiting for a request "
-    "closed to make room: its client at max_unauthenticated, or all [http] max_connections open), relay_memory (the WebSocket relay's pending bytes went over "
+    "closed to make room for another client's: all [http] max_connections open), relay_memory (the WebSocket relay's pending bytes went over "
     "[http] relay_memory: reads cut to 4 KiB).",
     ["limit"], registry=REGISTRY,
 )

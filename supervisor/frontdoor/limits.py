@@ -12,8 +12,8 @@
 - :class:`Slots`: counted places per key under a limit (unauthenticated connections per client,
   connections, WebSockets and requests in flight per user).
 - :class:`Waiting`: connections that could be closed to make room (no credentials yet, waiting
-  for a request), by client; the one to close is the oldest of a client, or of the client holding
-  the most.
+  for a request), by client; the one to close is the oldest of the client holding the most - never
+  the newcomer's own client's (closing its own would only make a flood churn).
 """
 
 from __future__ import annotations
@@ -171,16 +171,18 @@ class Waiting(Generic[T]):
         if not items:
             del self.by_key[key]
 
-    def victim(self, key: str | None = None) -> T | None:
-        """The oldest item of ``key`` (default: of the key holding the most), taken out; None if
-        there is none."""
-        if key is None:
-            if not self._most:
-                return None
-            key = next(iter(self._by_count[self._most]))
-        items = self.by_key.get(key)
-        if not items:
+    def victim(self, unless: str = "") -> T | None:
+        """The oldest item of a key holding the most, other than ``unless``, taken out; None if
+        there is none (or ``unless`` alone holds the most)."""
+        if not self._most:
             return None
+        keys = iter(self._by_count[self._most])
+        key = next(keys)
+        if key == unless:
+            key = next(keys, "")
+            if not key:
+                return None
+        items = self.by_key[key]
         item = next(iter(items))
         self.discard(key, item)
         return item

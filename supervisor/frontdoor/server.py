@@ -290,11 +290,11 @@ class FrontDoor:
         except (OSError, TypeError, ValueError):
             host = peer = "?"
             local = ""
-        if self.connections >= self.http.max_connections and not self._make_room():
+        key = client_key(host, local)
+        if self.connections >= self.http.max_connections and not self._make_room(key):
             log.warning("front door: %d connections open (max_connections); refusing %s", self.connections, peer)
             await _refuse_connection(stream, b"503 Service Unavailable", b"")
             return
-        key = client_key(host, local)
         if not self.unauthenticated.take(key, self.http.max_unauthenticated) and not self._make_room(key):
             # Not logged one by one (a flood would flood the log): counted.
             FRONTDOOR_LIMITS.labels(limit="unauthenticated").inc()
@@ -319,19 +319,17 @@ class FrontDoor:
             connection.give_back()
             await connection.close()
 
-    def _make_room(self, key: str | None = None) -> bool:
-        """All ``max_connections`` are open, or (``key``) that client holds ``max_unauthenticated``
-        connections without credentials: close one that has presented none and is waiting for a
-        request - that client's oldest, or the oldest of the client holding the most (a browser
-        opens a new connection for a request when its idle one is closed). It gives its place
-        back at once (taken for the newcomer if ``key``); False if there is none."""
-        victim = self.waiting.victim(key)
+    def _make_room(self, key: str) -> bool:
+        """All ``max_connections`` are open: for a newcomer from client ``key``, close a connection
+        that has presented no credentials and is waiting for a request, the oldest of the client
+        holding the most - unless that is ``key`` itself (closing its own connections for its new
+        ones would only make a flood churn, at more cost than refusing them). A browser opens a
+        new connection when its idle one is closed. False if there is none to close."""
+        victim = self.waiting.victim(unless=key)
         if victim is None:
             return False
         FRONTDOOR_LIMITS.labels(limit="evicted").inc()
         victim.evict()
-        if key is not None:
-            self.unauthenticated.take(key, self.http.max_unauthenticated)
         return True
 
     # ---- cold start ------------------------------------------------------------------------------
