@@ -4,7 +4,10 @@
   own local address are one client, ``"local"``: users' processes share the pod's network and can
   pick any 127.x source address (counted apart, each would be a fresh client to them). Other IPv4
   addresses (also IPv4-mapped IPv6) count one by one; IPv6 addresses by their /64, the block one
-  host is normally given (it can pick any address in it).
+  host is normally given (it can pick any address in it). So a user in the pod is at most one
+  client per address of the pod (from one of them to loopback or to another: a handful), not
+  one as for the probes (which also count connections *to* loopback as local) - a client from
+  outside the pod must stay something a test on one host can be (a host address to 127.0.0.1).
 - :class:`RejectionLimiter`: a token bucket per client for *rejected tokens*. Each rejection takes
   one; while the bucket is empty, requests from that client that would need a token's signature
   checked are answered 429 without parsing it. Valid sessions (the cookie's HMAC, tokens verified
