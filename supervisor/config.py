@@ -289,6 +289,11 @@ class TierConfig:
         128, "Most HTTP requests of the user in flight through the front door at once (a cold start's wait included); "
         "one more gets 429 too_many_connections.", _int(1, 1_000_000)
     )
+    max_connections: int = setting(
+        256, "Most client connections the user may hold to the front door at once (kept alive, in flight or WebSockets; a "
+        "connection is the user's from its first request with the user's credentials); a request that would make one more "
+        "gets 429 too_many_connections and the connection is closed.", _int(1, 1_000_000)
+    )
     idle: dict[str, Any] = setting({}, "Per-tier overrides of [idle].", lambda v: dict(_table(v)))
 
 
@@ -355,9 +360,9 @@ class HttpConfig:
     max_header_bytes: int = setting(32 * 2**10, "Largest request head (request line and headers); a larger one gets 431.", parse_size)
     max_connections: int = setting(10_000, "Most client connections at once; above it new ones get 503 and are closed.", _int(1, 10_000_000))
     max_unauthenticated: int = setting(
-        64, "Most connections one client address (an IPv6 /64; each loopback address apart) may hold before a request on them "
-        "presents valid credentials; above it new ones get 429 too_many_connections and are closed. Behind a proxy every "
-        "browser has the proxy's address: raise it.", _int(1, 10_000_000)
+        64, "Most connections one client address (an IPv6 /64; every loopback address and the pod's own are one) may hold "
+        "before a request on them presents valid credentials; above it new ones get 429 too_many_connections and are "
+        "closed. Behind a proxy every browser has the proxy's address: raise it.", _int(1, 10_000_000)
     )
     unauthenticated_timeout: float = setting(
         10.0, "A connection on which no request has presented valid credentials yet is closed after this long without a "
@@ -369,6 +374,10 @@ class HttpConfig:
         "Session cookies and tokens accepted before are not held back.", _int(1, 1_000_000)
     )
     rejected_tokens_interval: float = setting(1.0, "See rejected_tokens.", parse_duration)
+    relay_memory: int = setting(
+        128 * 2**20, "Bytes the WebSocket relay may hold read and not yet taken by the other side, over all connections; "
+        "above it every connection is read 4 KiB at a time (and without the C fast path) until it is half that.", parse_size
+    )
     max_cold_starts: int = setting(8, "Most IDE cold starts in flight at once; a request that would start one more gets 429.", _int(1, 100_000))
     start_timeout: float = setting(30.0, "How long a request is held while its user's IDE starts; then a 'starting' page that retries.", parse_duration)
     retry_after: float = setting(5.0, "Retry-After of 503 (pod full, draining, still starting) and 429 answers.", parse_duration)

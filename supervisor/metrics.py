@@ -42,11 +42,14 @@ FRONTDOOR_LIMITS = Counter(
     f"{PREFIX}_frontdoor_limits",
     "Times a front-door limit held a client back, by limit: unauthenticated (connection over [http] max_unauthenticated, "
     "answered 429 and closed), unauthenticated_idle (closed after unauthenticated_timeout), rejected_tokens (429 "
-    "too_many_rejections), websockets and requests (429 too_many_connections over the tier's max_websockets, "
-    "max_requests).",
+    "too_many_rejections), connections, websockets and requests (429 too_many_connections over the tier's "
+    "max_connections, max_websockets, max_requests), evicted (a connection without credentials waiting for a request "
+    "closed to make room for another client's: all [http] max_connections open), relay_memory (the WebSocket relay's pending bytes went over "
+    "[http] relay_memory: reads cut to 4 KiB).",
     ["limit"], registry=REGISTRY,
 )
-FRONTDOOR_LIMIT_NAMES = ("unauthenticated", "unauthenticated_idle", "rejected_tokens", "websockets", "requests")
+FRONTDOOR_LIMIT_NAMES = ("unauthenticated", "unauthenticated_idle", "rejected_tokens", "connections", "websockets", "requests",
+                         "evicted", "relay_memory")
 for _limit in FRONTDOOR_LIMIT_NAMES:
     FRONTDOOR_LIMITS.labels(limit=_limit)
 PROBE_CONNECTIONS_CLOSED = Counter(

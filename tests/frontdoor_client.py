@@ -4,7 +4,8 @@
 - :class:`Client`: HTTP/1.1 over one TCP connection (``http.client``), keep-alive, bodies read
   in pieces so a 20 MB answer is never held;
 - :func:`ws_connect` / :func:`ws_send` / :func:`ws_recv`: a WebSocket over a raw socket
-  (handshake by hand, masked client frames), to see the front door's 101 and the bytes after it.
+  (handshake by hand, masked client frames), to see the front door's 101 and the bytes after it;
+- :func:`outside_address`: where to connect from to be a client from outside the pod.
 """
 
 from __future__ import annotations
@@ -24,6 +25,20 @@ import jwt
 
 ISSUER = "https://auth.test"
 AUDIENCE = "workspace"
+
+
+def outside_address() -> str:
+    """A non-loopback IPv4 address of this host ("" if there is none). Connecting from it to the
+    front door on 127.0.0.1 is a client of its own, as a browser outside the pod is: every
+    loopback address (and the pod's address to itself) is the one client "local" that users'
+    terminals share (supervisor/frontdoor/limits.py)."""
+    import psutil
+
+    for addresses in psutil.net_if_addrs().values():
+        for address in addresses:
+            if address.family == socket.AF_INET and not address.address.startswith("127."):
+                return str(address.address)
+    return ""
 
 
 def mint(key: Any, user: str = "alice", *, alg: str = "HS256", tier: str = "free", ttl: float = 3600,

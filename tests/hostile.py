@@ -28,13 +28,14 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from tests.frontdoor_client import ISSUER, mint
+from tests.frontdoor_client import ISSUER, mint, outside_address
 from tests.harness import SYSTEM_PYTHON, Daemon, poll
 
 STUB = Path(__file__).parent / "fixtures" / "ide_shell_stub.py"
 DISK = "64m"
-#: Where the victim's requests come from (a router's address), apart from the attacker's 127.0.0.1.
-VICTIM_SOURCE = "127.0.0.2"
+#: Where the victim's requests come from: outside the pod, a client apart from the attacker's
+#: terminal (every loopback address is one client to the front door's per-address limits).
+VICTIM_SOURCE = outside_address() or "127.0.0.2"
 
 
 def http_status(port: int, target: str, *, timeout: float = 1.0, source: str = "127.0.0.1") -> tuple[int, float]:

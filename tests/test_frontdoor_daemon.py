@@ -30,7 +30,7 @@ import pytest
 
 from supervisor.frontdoor import fastrelay
 from tests.conftest import is_root, pure_cgroup_v2, v1_controllers_mounted
-from tests.frontdoor_client import ISSUER, Client, WebSocket, mint, ws_connect, ws_recv, ws_send
+from tests.frontdoor_client import ISSUER, Client, WebSocket, mint, outside_address, ws_connect, ws_recv, ws_send
 from tests.harness import SYSTEM_PYTHON, Daemon, poll
 
 pytestmark = pytest.mark.skipif(
@@ -433,3 +433,59 @@ def test_slowloris_and_malformed_requests_are_cut_off_while_others_are_served(fd
             answer = sock.recv(100)
         assert answer.startswith(b"HTTP/1.1 " + status), answer
     assert fd.client().get("/", headers=bearer("fd-ivy")).status == 200
+
+
+@pytest.mark.skipif(not outside_address(), reason="this host has no non-loopback IPv4 address for a client outside the pod")
+def test_one_client_flooding_the_front_door_leaves_another_user_served(shared_dir: Path) -> None:
+    """From inside the pod: connections kept alive with the user's own token, garbage tokens, and
+    hundreds of connections without credentials from any loopback address, against a front door
+    of 45 connections - another user's new connections from outside are still served (an idle
+    connection of the flood closed for each), and every limit answers and counts."""
+    d = FrontDoorDaemon(shared_dir, http__max_connections=45, http__max_unauthenticated=30, http__rejected_tokens=10,
+                        http__rejected_tokens_interval="60s", **{"tiers.free__max_connections": 20}).start()
+    outside = outside_address()
+    held: list[socket.socket] = []
+
+    def request(head: bytes, source: str = "127.0.0.1") -> bytes:
+        sock = socket.create_connection(("127.0.0.1", d.port), timeout=10, source_address=(source, 0))
+        held.append(sock)
+        try:
+            sock.sendall(head)
+            return sock.recv(4096)[:12]
+        except (ConnectionResetError, BrokenPipeError):
+            return b""
+
+    try:
+        victim = b"GET / HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + token("fd-victim").encode() + b"\r\n\r\n"
+        assert request(victim, outside) == b"HTTP/1.1 200"
+        attacker = token("fd-attacker")
+        own = b"GET / HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + attacker.encode() + b"\r\n\r\n"
+        assert request(own) == b"HTTP/1.1 200"
+        for sock in held:
+            sock.close()
+        held.clear()
+        limits = {name: d.metric("workspace_supervisor_frontdoor_limits_total", limit=name)
+                  for name in ("connections", "unauthenticated", "evicted", "rejected_tokens")}
+        # The attacker's own token: 20 connections kept alive, then 429 and closed.
+        answers = [request(own) for _ in range(40)]
+        assert answers[:20] == [b"HTTP/1.1 200"] * 20 and set(answers[20:]) == {b"HTTP/1.1 429"}, answers
+        # Garbage tokens: 10 checked, then 429 before any check.
+        garbage = f"GET / HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {attacker[:-8]}AAAAAAAA\r\n\r\n".encode()
+        answers = [request(garbage) for _ in range(12)]
+        assert answers == [b"HTTP/1.1 401"] * 10 + [b"HTTP/1.1 429"] * 2, answers
+        # Without credentials from 300 loopback addresses (one client, "local"): served until all
+        # 45 connections are open, then refused (never by closing its own for them).
+        answers = [request(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", f"127.0.{i // 250}.{i % 250 + 2}") for i in range(300)]
+        served = answers.count(b"HTTP/1.1 401")
+        assert 0 < served <= 15 and answers == [b"HTTP/1.1 401"] * served + [b"HTTP/1.1 503"] * (300 - served), answers
+        # The other user's new connections from outside are served: an idle one of the flood closed for each.
+        assert [request(victim, outside) for _ in range(10)] == [b"HTTP/1.1 200"] * 10
+        after = {name: d.metric("workspace_supervisor_frontdoor_limits_total", limit=name) for name in limits}
+        assert after["connections"] - limits["connections"] == 20
+        assert after["rejected_tokens"] - limits["rejected_tokens"] == 2
+        assert after["evicted"] - limits["evicted"] == 10
+        assert after["unauthenticated"] == limits["unauthenticated"]  # (the global limit came first)
+    finally:
+        for sock in held:
+            sock.close()
+        d.cleanup()

@@ -22,7 +22,8 @@ from wsproto.connection import Connection, ConnectionType
 from wsproto.events import BytesMessage, Ping, TextMessage
 
 from supervisor.frontdoor import fastrelay
-from supervisor.frontdoor.relay import CLOSE_GOING_AWAY, CLOSE_POLICY, FrameBoundaries, Relay, _Direction, close_frame
+from supervisor.frontdoor.relay import CLOSE_GOING_AWAY, CLOSE_POLICY, TIGHT_READ, FrameBoundaries, Relay, _Direction, close_frame
+from supervisor.metrics import FRONTDOOR_LIMITS
 
 T = TypeVar("T")
 
@@ -512,27 +513,92 @@ async def test_a_peer_that_never_reads_holds_back_the_sender_not_the_daemons_mem
     (``buffer_size``) per direction, and the browser's sending stalls (backpressure); then the
     IDE reads and gets every byte."""
     frames = client_frames(BytesMessage(os.urandom(16 * 2**20)))
-    sent = [0]
-
-    def browser_sends() -> None:
-        ends.browser.setblocking(False)
-        idle_since = time.monotonic()
-        while time.monotonic() - idle_since < 0.5:  # until nothing more is taken for half a second
-            try:
-                n = ends.browser.send(frames[sent[0]:sent[0] + 65536])
-            except BlockingIOError:
-                time.sleep(0.01)
-                continue
-            sent[0] += n
-            idle_since = time.monotonic()
-
     async with trio.open_nursery() as nursery:
         nursery.start_soon(ends.carry, relay)
-        await in_thread(browser_sends)
-        assert sent[0] < len(frames), "the browser could send everything although the IDE never read"
+        sent = await in_thread(lambda: send_until_stalled(ends.browser, frames))
+        assert sent < len(frames), "the browser could send everything although the IDE never read"
         assert 0 < relay.pending_bytes <= relay.buffer_size
-        ends.browser.setblocking(True)
-        nursery.start_soon(in_thread, lambda: ends.browser.sendall(frames[sent[0]:]))
+        nursery.start_soon(in_thread, lambda: ends.browser.sendall(frames[sent:]))
         assert await in_thread(lambda: read_exactly(ends.ide, len(frames))) == frames
         assert relay.pending_bytes == 0
         nursery.cancel_scope.cancel()
+
+
+def send_until_stalled(sock: socket.socket, data: bytes, quiet: float = 0.5) -> int:
+    """Send ``data`` until the peer takes nothing more for ``quiet`` seconds; how much it took."""
+    sock.setblocking(False)
+    sent = 0
+    idle_since = time.monotonic()
+    try:
+        while time.monotonic() - idle_since < quiet and sent < len(data):
+            try:
+                sent += sock.send(data[sent:sent + 65536])
+            except BlockingIOError:
+                time.sleep(0.01)
+                continue
+            idle_since = time.monotonic()
+    finally:
+        sock.setblocking(True)
+    return sent
+
+
+def fast_directions(relay: Relay) -> int:
+    """How many directions the C fast path passes on now (a snapshot of the relay thread's state)."""
+    return sum(direction.fast >= 0 for link in list(relay._links) for direction in (link.up, link.down))
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "python"])
+async def test_over_its_memory_budget_the_relay_reads_little_and_every_connection_still_flows(fast: bool) -> None:
+    """IDEs that never read while their browsers send: each stalled direction holds one read.
+    Past ``memory`` bytes over all connections the relay reads 4 KiB at a time (C included):
+    every further stalled direction holds at most that; another connection's round trips still
+    arrive intact; once the IDEs read, every byte arrives and the relay reads whole buffers again."""
+    if fast and not fast_path_built():
+        pytest.skip("no C compiler: the relay's C fast path was not built")
+    relay = Relay(buffer_size=64 * 1024, fast_path=fast, memory=16 * 1024)
+    relay.start()
+    stalled: list[tuple[Ends, int]] = []
+    before = FRONTDOOR_LIMITS.labels(limit="relay_memory")._value.get()
+    frames = client_frames(BytesMessage(os.urandom(8 * 2**20)))
+    try:
+        async with trio.open_nursery() as nursery:
+            async def stall() -> None:
+                ends = Ends()
+                nursery.start_soon(ends.carry, relay)
+                stalled.append((ends, await in_thread(lambda: send_until_stalled(ends.browser, frames, 0.2))))
+
+            while not relay.tight:
+                assert len(stalled) < 20, f"never over the budget: {relay.pending_bytes} bytes held"
+                await stall()
+            assert FRONTDOOR_LIMITS.labels(limit="relay_memory")._value.get() - before == 1
+            held = relay.pending_bytes
+            assert held <= 16 * 1024 + 64 * 1024
+            for _ in range(6):
+                await stall()
+            assert relay.tight and relay.pending_bytes - held <= 6 * TIGHT_READ
+            assert not fast_directions(relay), "the C fast path (whole-buffer reads) is still on while over the budget"
+            # Another connection still flows, both ways, intact.
+            other = Ends()
+            stalled.append((other, 0))
+            message = client_frames(BytesMessage(os.urandom(2**20)))
+            answer = server_frame(os.urandom(2**20))
+            nursery.start_soon(other.carry, relay)
+            nursery.start_soon(in_thread, lambda: other.browser.sendall(message))
+            nursery.start_soon(in_thread, lambda: other.ide.sendall(answer))
+            assert await in_thread(lambda: read_exactly(other.ide, len(message))) == message
+            assert await in_thread(lambda: read_exactly(other.browser, len(answer))) == answer
+            # The IDEs read: everything arrives, nothing is held, reads are whole again.
+            for ends, sent in stalled:
+                assert await in_thread(lambda: read_exactly(ends.ide, sent)) == frames[:sent]
+            with trio.fail_after(5):
+                while relay.pending_bytes or relay.tight:
+                    await trio.sleep(0.01)
+            if fast:  # C carries the idle connections again (relay thread state: polled)
+                with trio.fail_after(5):
+                    while not fast_directions(relay):
+                        await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+    finally:
+        relay.stop()
+        for ends, _ in stalled:
+            ends.close()

@@ -39,6 +39,13 @@ the bytes read. Without the built library the loop does everything itself.
 
 The relay owns duplicates of the two sockets (``socket.dup``): the trio side may close its own
 objects whenever it likes, the connection lasts until the relay closes its copies.
+
+Memory (:class:`Memory`): a direction is not read while its destination has not taken all of the
+last read, so a peer that never reads holds back its sender (in the kernel's socket buffers), and
+the relay holds at most one read per direction. Over all connections, past ``memory`` bytes held,
+every read is cut to :data:`TIGHT_READ` bytes (the fast path, which reads whole buffers, is off)
+until the relay holds half of that again: connections keep flowing, each direction that stalls
+then holds at most that much more.
 """
 
 from __future__ import annotations
@@ -59,6 +66,7 @@ import trio
 
 from supervisor.frontdoor import fastrelay
 from supervisor.frontdoor.wsactivity import ClientFrames
+from supervisor.metrics import FRONTDOOR_LIMITS
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +82,8 @@ CLOSE_GRACE = 2.0
 #: WebSocket close codes (RFC 6455 7.4.1): the browser sees 1008, the IDE 1001 (going away).
 CLOSE_POLICY = 1008
 CLOSE_GOING_AWAY = 1001
+#: Bytes per read while the relay holds more than its memory budget (see :class:`Memory`).
+TIGHT_READ = 4096
 
 
 def close_frame(code: int, reason: str, *, masked: bool) -> bytes:
@@ -132,20 +142,55 @@ class FrameBoundaries:
 
 
 @dataclass(eq=False)
+class Memory:
+    """The relay's read buffer, and the bytes it holds read and not yet passed on (``held``,
+    over every connection) against ``budget``: over it, reads are cut to :data:`TIGHT_READ`
+    bytes (``tight``) until ``held`` is at most half the budget."""
+
+    budget: int
+    full: memoryview  # the read buffer (shared by every connection)
+    held: int = 0
+    tight: bool = False
+
+    @property
+    def view(self) -> memoryview:
+        """Where the next read goes (its size is how much may be read)."""
+        return self.full[:TIGHT_READ] if self.tight else self.full
+
+    def add(self, n: int) -> None:
+        self.held += n
+        if self.tight:
+            self.tight = self.held > self.budget // 2
+        elif self.held > self.budget:
+            self.tight = True
+            FRONTDOOR_LIMITS.labels(limit="relay_memory").inc()
+
+
+@dataclass(eq=False)
 class _Direction:
-    """Bytes from ``src`` to ``dst``: one read buffer, and what of it ``dst`` has not taken yet."""
+    """Bytes from ``src`` to ``dst``: read into the relay's buffer, and what of a read ``dst``
+    has not taken yet (``pending``, counted in :class:`Memory`)."""
 
     src: socket.socket
     dst: socket.socket
     inspect: Callable[[memoryview], None]
-    view: memoryview  # the read buffer (the relay's, shared)
-    pending: bytes = b""  # read (or queued by the relay) but not yet sent
+    memory: Memory
+    _pending: bytes = b""  # read (or queued by the relay) but not yet sent
     eof: bool = False  # src ended (or is no longer read): pass EOF on once pending is sent
     done: bool = False  # EOF passed on
     discard: bool = False  # read src but drop what arrives (the connection is closing)
     moved: int = 0  # bytes passed on and not yet counted in the metrics
     error: OSError | None = None  # a socket broke (seen by Relay._pass_on)
     fast: int = -1  # the fast path's flags for src while it passes src on (-1: it does not)
+
+    @property
+    def pending(self) -> bytes:
+        return self._pending
+
+    @pending.setter
+    def pending(self, data: bytes) -> None:
+        self.memory.add(len(data) - len(self._pending))
+        self._pending = data
 
     @property
     def reading(self) -> bool:
@@ -175,9 +220,8 @@ class _Direction:
         changed (the common case: no bookkeeping to do). Raises OSError if a socket broke."""
         if self.eof or self.pending:
             return False  # (a hang-up is reported even when not asked for: read once dst took the rest)
-        view = self.view
         try:
-            n = self.src.recv_into(view)
+            n = self.src.recv_into(self.memory.view)
         except BlockingIOError:
             return True
         if n == 0:
@@ -194,7 +238,7 @@ class _Direction:
     def forward(self, n: int) -> bool:
         """Pass on the ``n`` bytes just read into the buffer: True if ``dst`` took them all; what
         it did not take becomes ``pending``; a broken socket goes to ``error`` (False)."""
-        chunk = self.view[:n]
+        chunk = self.memory.full[:n]
         self.inspect(chunk)
         self.moved += n
         try:
@@ -241,7 +285,8 @@ class Relay:
     """The relay thread (see the module docstring). :meth:`start` once, :meth:`stop` at the end;
     :meth:`carry` from trio tasks."""
 
-    def __init__(self, *, buffer_size: int = 256 * 2**10, report_every: float = 0.05, fast_path: bool = True) -> None:
+    def __init__(self, *, buffer_size: int = 256 * 2**10, report_every: float = 0.05, fast_path: bool = True,
+                 memory: int = 128 * 2**20) -> None:
         self.buffer_size = buffer_size
         self.report_every = report_every
         self._epoll = select.epoll()
@@ -259,6 +304,8 @@ class Relay:
         # what a destination does not take at once is kept apart (pending).
         buffer = bytearray(buffer_size)
         self._buffer = memoryview(buffer)
+        self._memory = Memory(memory, self._buffer)
+        self._fast_tight = False  # the fast path was turned off for every connection: memory.tight
         self._fast: fastrelay.FastPath | None = None
         #: Which loop carries the bytes, for the log.
         self.mode = "pure-Python relay (fast path off in the configuration)"
@@ -273,10 +320,13 @@ class Relay:
 
     @property
     def pending_bytes(self) -> int:
-        """Bytes read and not yet passed on, over every connection (at most two reads of
-        ``buffer_size`` each: a direction is not read while it has any). Read from the trio
-        thread without a lock: ``list`` copies the set under the GIL; the sum is a snapshot."""
-        return sum(len(link.up.pending) + len(link.down.pending) for link in list(self._links))
+        """Bytes read and not yet passed on, over every connection (see :class:`Memory`)."""
+        return self._memory.held
+
+    @property
+    def tight(self) -> bool:
+        """Whether reads are cut short: more than the memory budget was held (:class:`Memory`)."""
+        return self._memory.tight
 
     # ---- the trio side ---------------------------------------------------------------------------
 
@@ -326,8 +376,8 @@ class Relay:
         frames = ClientFrames(lambda size: None, markers)
         link = Link(
             client=c, ide=i, frames=frames, boundaries=boundaries, expires=expires, linger=linger,
-            up=_Direction(c, i, frames.feed, self._buffer),
-            down=_Direction(i, c, boundaries.feed, self._buffer),
+            up=_Direction(c, i, frames.feed, self._memory),
+            down=_Direction(i, c, boundaries.feed, self._memory),
             on_end=on_end, on_input=on_input, to_ide=to_ide, to_client=to_client, pending=pending, client_fd=c.fileno(),
         )
         frames.on_input = lambda size: self._input(link)
@@ -419,13 +469,17 @@ class Relay:
                 if not done:
                     self._ready(link, fd, mask)
                 self._fast_sync(link)
+            if self._memory.tight != self._fast_tight:  # before C reads whole buffers again (or so that it does)
+                self._fast_tight = self._memory.tight
+                for link in self._links:
+                    self._fast_sync(link)
 
     def _fast_sync(self, link: Link) -> None:
         """Let the fast path pass on each direction of ``link`` that needs no decision now."""
         fast = self._fast
         if fast is None or link.ended:
             return
-        plain = not (link.expiring or link.closing)
+        plain = not (link.expiring or link.closing or self._memory.tight)
         frames = link.frames
         up_flags = fastrelay.UP | (fastrelay.JUDGING if frames.judging else 0)
         for direction, flags, at_boundary in ((link.up, up_flags, frames.at_boundary and frames.understood),
@@ -454,7 +508,7 @@ class Relay:
         if direction.eof or direction.pending or direction.discard:
             return False
         try:
-            n = direction.src.recv_into(direction.view)
+            n = direction.src.recv_into(direction.memory.view)
         except BlockingIOError:
             return True
         except OSError as exc:
@@ -671,6 +725,7 @@ class Relay:
         self._count(link)
         link.ended = True
         self._links.discard(link)
+        link.up.pending = link.down.pending = b""  # no longer held
         for direction, sock in ((link.up, link.client), (link.down, link.ide)):
             fd = sock.fileno()
             if fd >= 0:

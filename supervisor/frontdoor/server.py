@@ -47,7 +47,7 @@ from supervisor.errors import CapacityExceeded, Draining, InvalidTransition, Sup
 from supervisor.frontdoor.admission import ColdStarts, SessionTable
 from supervisor.frontdoor.answers import Answer, html_page, json_answer, redirect, retry_after_header, retry_later, starting_page, unauthorized, wants_html
 from supervisor.frontdoor.auth import AuthError, Authenticator, Credentials, Identity, credentials
-from supervisor.frontdoor.limits import RejectionLimiter, Slots, client_key
+from supervisor.frontdoor.limits import RejectionLimiter, Slots, Waiting, client_key
 from supervisor.frontdoor.proxy import (
     ClientGone,
     Exchange,
@@ -208,8 +208,11 @@ class FrontDoor:
         self.relay: Relay | None = None  # while serving
         self.browsers = BrowserPolicy.from_config(config.http, config.auth)
         # What one client can hold (see .limits): connections not yet authenticated, per client
-        # address; rejected tokens, per client address; WebSockets and requests, per user.
+        # address (and which of them may be closed to make room); rejected tokens, per client
+        # address; connections, WebSockets and requests, per user.
         self.unauthenticated = Slots()
+        self.waiting: Waiting[_Connection] = Waiting()
+        self.user_connections = Slots()
         self.rejections = RejectionLimiter(
             burst=config.http.rejected_tokens, rate=1.0 / max(config.http.rejected_tokens_interval, 1e-3)
         )
@@ -247,7 +250,7 @@ class FrontDoor:
         self.addresses = [tuple(listener.socket.getsockname()[:2]) for listener in listeners]
         for address in self.addresses:
             log.info("front door listening on %s", _format_address(*address))
-        self.relay = Relay(buffer_size=self.http.buffer_size, fast_path=self.http.relay_fast_path)
+        self.relay = Relay(buffer_size=self.http.buffer_size, fast_path=self.http.relay_fast_path, memory=self.http.relay_memory)
         self.relay.start()
         log.info("front door WebSockets: %s", self.relay.mode)
         try:
@@ -283,14 +286,16 @@ class FrontDoor:
         try:
             host, port = stream.socket.getpeername()[:2]
             peer = f"{host}:{port}"
+            local = str(stream.socket.getsockname()[0])
         except (OSError, TypeError, ValueError):
             host = peer = "?"
-        if self.connections >= self.http.max_connections:
+            local = ""
+        key = client_key(host, local)
+        if self.connections >= self.http.max_connections and not self._make_room(key):
             log.warning("front door: %d connections open (max_connections); refusing %s", self.connections, peer)
             await _refuse_connection(stream, b"503 Service Unavailable", b"")
             return
-        key = client_key(host)
-        if not self.unauthenticated.take(key, self.http.max_unauthenticated):
+        if not self.unauthenticated.take(key, self.http.max_unauthenticated) and not self._make_room(key):
             # Not logged one by one (a flood would flood the log): counted.
             FRONTDOOR_LIMITS.labels(limit="unauthenticated").inc()
             answer = json_answer(429, "too_many_connections", "too many connections from this address without credentials",
@@ -311,8 +316,21 @@ class FrontDoor:
                 log.warning("front door: connection from %s failed: %s: %s", peer, type(exc).__name__, str(exc)[:200], exc_info=log.isEnabledFor(logging.DEBUG))
         finally:
             self.connections -= 1
-            connection.leave_unauthenticated()  # if no request ever presented valid credentials
+            connection.give_back()
             await connection.close()
+
+    def _make_room(self, key: str) -> bool:
+        """All ``max_connections`` are open: for a newcomer from client ``key``, close a connection
+        that has presented no credentials and is waiting for a request, the oldest of the client
+        holding the most - unless that is ``key`` itself (closing its own connections for its new
+        ones would only make a flood churn, at more cost than refusing them). A browser opens a
+        new connection when its idle one is closed. False if there is none to close."""
+        victim = self.waiting.victim(unless=key)
+        if victim is None:
+            return False
+        FRONTDOOR_LIMITS.labels(limit="evicted").inc()
+        victim.evict()
+        return True
 
     # ---- cold start ------------------------------------------------------------------------------
 
@@ -422,6 +440,9 @@ class _Connection:
         self.peer = peer
         self.key = key  # the client as .limits counts it
         self.unauthenticated = True  # holds a place in front.unauthenticated until a request presents valid credentials
+        self.owner: str | None = None  # the user holding a place in front.user_connections for it
+        self.waiting: trio.CancelScope | None = None  # while in front.waiting: cancelled to close it
+        self.evicted = False
         self.client = HttpStream(stream, h11.SERVER, buffer_size=self.http.buffer_size, max_head=self.http.max_header_bytes)
         self.upstream: Upstream | None = None
 
@@ -474,12 +495,22 @@ class _Connection:
                 return event
             if event is not h11.NEED_DATA:
                 return None  # ConnectionClosed
+            evictable = self.unauthenticated and not conn.trailing_data[0]  # nothing of a request here yet
             with trio.move_on_at(deadline) as scope:
+                if evictable:
+                    self.waiting = scope
+                    self.front.waiting.add(self.key, self)
                 try:
                     data = bytes(await self.client.stream.receive_some(self.client.buffer_size))
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     return None
+                finally:
+                    if evictable:
+                        self.waiting = None
+                        self.front.waiting.discard(self.key, self)
             if scope.cancelled_caught:
+                if self.evicted:
+                    return None  # evicted (FrontDoor._make_room): closed without an answer, as an idle keep-alive connection is
                 if started:
                     log.info("front door: %s sent no complete request head within %gs: cut off", self.peer, self.http.header_timeout)
                     await self._send_canned(408, "request_timeout", "the request head did not arrive in time")
@@ -544,7 +575,9 @@ class _Connection:
             if tokens:
                 front.rejections.rejected(self.key, front.clock())
             return await self._refuse(request, creds.target, unauthorized(exc.reason, exc.message, exc.hint))
-        self.leave_unauthenticated()
+        if (over := self._claim(identity)) is not None:
+            await self._refuse(request, creds.target, over, identity)
+            return False
         refusal = self._browser_refusal(request, identity, source) or self._admission_refusal(identity)
         if refusal is not None:
             return await self._refuse(request, creds.target, refusal, identity)
@@ -570,12 +603,49 @@ class _Connection:
 
     # ---- limits (see .limits) --------------------------------------------------------------------
 
-    def leave_unauthenticated(self) -> None:
-        """A request on this connection presented valid credentials: it no longer counts against
-        its client's ``max_unauthenticated``."""
+    def _claim(self, identity: Identity) -> Answer | None:
+        """A request on this connection presented valid credentials: the connection no longer
+        counts against its client's ``max_unauthenticated`` but against the user's tier's
+        ``max_connections`` (moved if it served another user before); 429 (to be closed) if the
+        user already holds them all."""
+        front = self.front
+        tier = front.config.tiers.get(identity.tier)
+        if self.owner != identity.user and tier is not None:  # (an unknown tier: 403 follows)
+            if not front.user_connections.take(identity.user, tier.max_connections):
+                FRONTDOOR_LIMITS.labels(limit="connections").inc()
+                return json_answer(
+                    429, "too_many_connections",
+                    f"user {identity.user} already has {tier.max_connections} connections open, the most the {identity.tier} tier allows",
+                    "close other tabs or connections of this workspace, then retry",
+                    headers=(retry_after_header(self.http.retry_after), (b"connection", b"close")),
+                )
+            self._give_back_owner()
+            self.owner = identity.user
+        self._leave_unauthenticated()
+        return None
+
+    def _give_back_owner(self) -> None:
+        if self.owner is not None:
+            self.front.user_connections.give_back(self.owner)
+            self.owner = None
+
+    def _leave_unauthenticated(self) -> None:
         if self.unauthenticated:
             self.unauthenticated = False
             self.front.unauthenticated.give_back(self.key)
+
+    def give_back(self) -> None:
+        """The connection is closing: give back the place it holds (its client's or its user's)."""
+        self._give_back_owner()
+        self._leave_unauthenticated()
+
+    def evict(self) -> None:
+        """Close this connection (waiting for a request without credentials) to make room; its
+        place is given back now."""
+        if self.waiting is not None:
+            self.evicted = True
+            self.waiting.cancel()
+            self.give_back()
 
     def _token_limit(self, tokens: list[str]) -> Answer | None:
         """429 if a token here would need its signature checked and this client has had too
@@ -683,7 +753,9 @@ class _Connection:
         except AuthError as exc:
             self.front.rejections.rejected(self.key, self.front.clock())
             return await self._refuse(request, path, unauthorized(exc.reason, exc.message, exc.hint))
-        self.leave_unauthenticated()
+        if (over := self._claim(identity)) is not None:
+            await self._refuse(request, path, over, identity)
+            return False
         refusal = self.front.browsers.host_refusal(request.headers, identity.user) or self._admission_refusal(identity)
         if refusal is not None:
             return await self._refuse(request, path, refusal, identity)
