@@ -254,6 +254,7 @@ while True:
 
 def _flood(world: Pod, script: str, what: str) -> None:
     baseline = world.victim_rtt()
+    (world.attacker.workspace / ".flood").unlink(missing_ok=True)  # an earlier flood's: measure this one's
     shell = world.attacker.detach(f"python3 -I -S - <<'EOF'\n{script}\nEOF")
     try:
         held = world.wait_ready_file(world.attacker, ".flood", 30)
