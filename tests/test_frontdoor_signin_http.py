@@ -6,6 +6,7 @@ scripts refused, the redirect kept on the origin, and one host per user."""
 from __future__ import annotations
 
 import re
+import socket
 from pathlib import Path
 from typing import Any, AsyncIterator
 from urllib.parse import urlencode
@@ -167,3 +168,22 @@ async def test_one_host_per_user(nursery: trio.Nursery, tmp_path: Path, ides: Fa
         assert (answer.status, answer.json()["reason"]) == (403, "wrong_host"), host
         assert answer.header("set-cookie") is None
     assert door.ides.starts == ["alice"]
+
+
+async def test_a_refusal_before_the_body_arrived_says_connection_close(door: Door) -> None:
+    """A keep-alive client whose request is refused before its body arrived is told the connection
+    ends (it must not send its next request on it; found as a broken pipe under load)."""
+    browser = await signed_in(door, "alice")
+    cookie = "; ".join(f"{k}={v}" for k, v in browser.cookies.items())
+
+    def refused_head_only() -> bytes:
+        with socket.create_connection((door.host, door.port), timeout=10) as sock:
+            sock.sendall(f"POST /echo HTTP/1.1\r\nHost: {door.host}:{door.port}\r\nCookie: {cookie}\r\n"
+                         "Origin: http://bob.example\r\nContent-Length: 5\r\n\r\n".encode())  # the body never comes
+            answer = b""
+            while b"\r\n\r\n" not in answer:
+                answer += sock.recv(4096)
+            return answer.split(b"\r\n\r\n", 1)[0].lower()
+
+    head = await in_thread(refused_head_only)
+    assert head.startswith(b"http/1.1 403") and b"\r\nconnection: close" in head, head

@@ -917,20 +917,26 @@ class _Connection:
         return await self._answer(request, answer)
 
     async def _answer(self, request: h11.Request, answer: Answer) -> bool:
-        """Send one of the front door's own answers; True if the connection may carry another request."""
+        """Send one of the front door's own answers; True if the connection may carry another request.
+
+        What has arrived of the request's body is discarded first; if the rest has not arrived,
+        the answer says ``Connection: close`` (the connection cannot carry another request, and a
+        keep-alive client must not send one on it)."""
         timeout = self.http.idle_timeout
+        complete = self._discard_request_body()
+        head = answer.head() if complete else [*answer.head(), (b"connection", b"close")]
         try:
             if self.client.conn.our_state is not h11.SEND_RESPONSE:
                 return False  # something was already sent (e.g. a 100 Continue then a failure)
-            await self.client.send(h11.Response(status_code=answer.status, headers=answer.head()), timeout)
+            await self.client.send(h11.Response(status_code=answer.status, headers=head), timeout)
             if request.method != b"HEAD" and answer.body:
                 await self.client.send(h11.Data(data=answer.body), timeout)
             await self.client.send(h11.EndOfMessage(), timeout)
         except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError, h11.LocalProtocolError):
             return False
-        return self._drain_request()
+        return complete and self.client.conn.our_state is h11.DONE
 
-    def _drain_request(self) -> bool:
+    def _discard_request_body(self) -> bool:
         """Discard what is left of the request if it is already here; False if more would have to be read."""
         conn = self.client.conn
         while conn.their_state is h11.SEND_BODY:
@@ -940,7 +946,7 @@ class _Connection:
                 return False
             if event is h11.NEED_DATA or isinstance(event, h11.ConnectionClosed):
                 return False
-        return conn.their_state is h11.DONE and conn.our_state is h11.DONE
+        return conn.their_state is h11.DONE
 
 
 def _tokens(creds: Credentials) -> list[str]:
