@@ -99,14 +99,19 @@ def redirect(location: bytes, set_cookie: bytes, *, headers: tuple[tuple[bytes, 
     )
 
 
+def header(headers: Sequence[tuple[bytes, bytes]], name: bytes) -> bytes | None:
+    """The first value of header ``name`` (lower-case), or None."""
+    for key, value in headers:
+        if key == name:
+            return value
+    return None
+
+
 def wants_html(method: bytes, headers: Sequence[tuple[bytes, bytes]]) -> bool:
     """True for a browser navigating to a page (where an HTML answer helps a person)."""
     if method not in (b"GET", b"HEAD"):
         return False
-    for name, value in headers:
-        if name == b"sec-fetch-mode":
-            return value == b"navigate"
-    for name, value in headers:
-        if name == b"accept":
-            return b"text/html" in value
-    return False
+    if (mode := header(headers, b"sec-fetch-mode")) is not None:
+        return mode == b"navigate"
+    accept = header(headers, b"accept")
+    return accept is not None and b"text/html" in accept

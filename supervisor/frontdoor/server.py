@@ -427,7 +427,11 @@ class FrontDoor:
         return answer
 
 
-#: Longest a rate-limited client's answer is held back (:meth:`_Connection._hold_back`).
+#: How long a client over its rejected-token budget waits for its 429 (whose Retry-After is at
+#: least 1 s) - a tarpit: answered at once and closed, a flooding client reconnects and asks again
+#: at once, and that churn (accept, parse, answer) costs the front door's loop more than the
+#: signature checks it was spared, and every other user's round trip with it. Held, each of its
+#: connections asks at most once a second, at the cost of an idle task.
 HOLD_BACK = 1.0
 
 
@@ -566,7 +570,7 @@ class _Connection:
         creds = credentials(request.headers, request.target, front.cookie_name)
         tokens = _tokens(creds)
         if (limited := self._token_limit(tokens)) is not None:
-            await self._hold_back(limited)
+            await trio.sleep(HOLD_BACK)
             await self._refuse(request, creds.target, limited)
             return False  # and closed: a flood pays for a new connection (under max_unauthenticated)
         try:
@@ -660,17 +664,6 @@ class _Connection:
         return json_answer(429, "too_many_rejections", "too many invalid tokens came from this address",
                            "wait, then sign in again with a fresh token",
                            headers=(retry_after_header(wait), (b"connection", b"close")))
-
-    @staticmethod
-    async def _hold_back(limited: Answer) -> None:
-        """Hold a rate-limited client's answer for its Retry-After, at most :data:`HOLD_BACK` (a
-        tarpit): answered at once and closed, a flooding client reconnects and asks again at once,
-        and that churn (accept, parse, answer) costs the front door's loop more than the signature
-        checks it was spared - every other user's round trip with it. Held, each of its connections
-        asks at most once a second, at the cost of an idle task."""
-        for name, value in limited.headers:
-            if name == b"retry-after":
-                await trio.sleep(min(float(value), HOLD_BACK))
 
     async def _route_within_limits(self, request: h11.Request, identity: Identity, source: str, target: bytes) -> bool:
         """:meth:`_route` while the user holds fewer than its tier's ``max_websockets`` WebSockets

@@ -29,7 +29,7 @@ from typing import Iterable, Literal, Sequence
 from urllib.parse import parse_qs
 
 from supervisor.config import AuthConfig, HttpConfig, normal_origin
-from supervisor.frontdoor.answers import Answer, json_answer, same_origin_path
+from supervisor.frontdoor.answers import Answer, header, json_answer, same_origin_path
 from supervisor.metrics import AUTH_REJECTIONS
 
 HeaderSeq = Sequence[tuple[bytes, bytes]]
@@ -45,14 +45,6 @@ for _reason in REASONS:
 
 TokenUse = Literal["sign_in", "request", "refuse"]
 SignInStep = Literal["refresh", "fresh", "confirm"]
-
-
-def header(headers: HeaderSeq, name: bytes) -> bytes | None:
-    """The first value of header ``name`` (lower-case), or None."""
-    for key, value in headers:
-        if key == name:
-            return value
-    return None
 
 
 def token_use(method: bytes, headers: HeaderSeq, upgrade: bool) -> TokenUse:
