@@ -294,6 +294,10 @@ class TierConfig:
         "connection is the user's from its first request with the user's credentials); a request that would make one more "
         "gets 429 too_many_connections and the connection is closed.", _int(1, 1_000_000)
     )
+    tmp_size: int = setting(
+        256 * 2**20, "Size of each of the user's private /tmp, /var/tmp and /dev/shm ([isolation] mount); their "
+        "pages count against the tier's memory.", parse_size,
+    )
     idle: dict[str, Any] = setting({}, "Per-tier overrides of [idle].", lambda v: dict(_table(v)))
 
 
@@ -337,6 +341,42 @@ class DaemonConfig:
         parse_duration,
     )
     usage_interval: float = setting(10.0, "How often cgroup usage is sampled.", parse_duration)
+
+
+#: The mechanisms of a user's private view of the machine ([isolation]; README "Each user's own view").
+ISOLATION_MECHANISMS = ("network", "pid", "mount", "ipc", "uts", "identity", "seccomp")
+_mechanism = _choice("on", "auto", "off")
+
+
+@dataclass(frozen=True)
+class IsolationConfig:
+    """How each user's tree is kept apart from the others and from the pod. Every mechanism is
+    ``on`` (the daemon refuses to start when the kernel or the pod's privileges cannot give it),
+    ``auto`` (used when available, a warning otherwise) or ``off``."""
+
+    network: str = setting(
+        "on", "Own network namespace: own loopback, outbound through a user-mode stack (slirp4netns) "
+        "filtered by [network]; the user's ports reach their browser at /port/<N>/. Needs mount.", _mechanism,
+    )
+    pid: str = setting("on", "Own PID namespace and /proc: a user sees only their own processes; `init` reaps orphans. Needs mount.", _mechanism)
+    mount: str = setting(
+        "on", "Own mount namespace: private /tmp, /var/tmp and /dev/shm (tmpfs of the tier's tmp_size, charged "
+        "to the user), the daemon's run, state and log directories hidden, the rest of the image read-only "
+        "except the workspace root (read_only_root).", _mechanism,
+    )
+    ipc: str = setting("on", "Own System V IPC and POSIX message queues.", _mechanism)
+    uts: str = setting("on", "Own hostname (see hostname).", _mechanism)
+    identity: str = setting(
+        "on", "The user's uid and gid resolve to their name and HOME: a per-user /etc/passwd, /etc/group and "
+        "/etc/hosts in their mount namespace (never an edit of the pod's files). Needs mount.", _mechanism,
+    )
+    seccomp: str = setting("on", "A system-call filter denies what no IDE session needs (supervisor/seccomp.py).", _mechanism)
+    init: Path = setting(
+        Path("/usr/bin/tini"), "PID 1 of each user's PID namespace: reaps orphans, passes signals on to the IDE "
+        "and exits with its status (Debian's tini).", _path,
+    )
+    hostname: str = setting("{user}", "A user's hostname (uts); placeholder {user}. At most 64 bytes once expanded.", _str)
+    read_only_root: bool = setting(True, "With mount: everything but the workspace root and the private tmpfs mounts is read-only.", _bool)
 
 
 @dataclass(frozen=True)
@@ -451,6 +491,7 @@ class Config:
     control: ControlConfig = field(default_factory=ControlConfig)
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
     cgroups: CgroupsConfig = field(default_factory=CgroupsConfig)
+    isolation: IsolationConfig = field(default_factory=IsolationConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
     registry: RegistryConfig = field(default_factory=RegistryConfig)
@@ -610,6 +651,13 @@ def _check_consistency(config: Config) -> None:
     if not config.workspace.root.is_absolute():
         raise ConfigError(f"workspace.root must be an absolute path, not {str(config.workspace.root)!r}")
     _check_auth(config.auth)
+    iso = config.isolation
+    for mechanism in ("network", "pid", "identity"):
+        if getattr(iso, mechanism) != "off" and iso.mount == "off":
+            raise ConfigError(
+                f"isolation.{mechanism} needs isolation.mount (a private /proc, resolv.conf or passwd is mounted)",
+                hint=f'set isolation.mount = "on" (or "auto"), or isolation.{mechanism} = "off"',
+            )
     placeholders = {"{user}", "{workspace}", "{home}"}
     for arg in [*config.ide.command, *config.ide.env.values()]:
         if "{socket}" in arg:

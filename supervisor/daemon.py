@@ -33,7 +33,10 @@ from supervisor.cgroups.detect import detect
 from supervisor.config import Config
 from supervisor.control import HANDLERS, ControlServer, pod_verbs, why_handler
 from supervisor.drain import Drainer
-from supervisor.errors import SupervisorError
+from supervisor import isolation
+from supervisor.errors import IsolationUnavailable, SupervisorError
+from supervisor.launchpool import PrepareNetwork
+from supervisor.sandbox import PodFiles, Sandbox
 from supervisor.idle import Stage
 from supervisor.manager import SessionManager
 from supervisor.probes import PodProbes, ProbeServer
@@ -41,6 +44,7 @@ from supervisor.publisher import Publisher
 from supervisor.reclaim import IdleService
 
 log = logging.getLogger("supervisor")
+PR_SET_CHILD_SUBREAPER = 36
 
 
 async def wait_for_shutdown(default_mode: str, drainer: Drainer, drain_deadline: float) -> str:
@@ -83,7 +87,8 @@ async def run_daemon(
     driver = detect(config.cgroups)
     metrics.configure(tiers=config.tiers, ready_timeout=config.ide.ready_timeout, version=__version__,
                       cgroup_version=driver.version)
-    manager = SessionManager(config, driver)
+    sandbox = build_sandbox(config)
+    manager = SessionManager(config, driver, sandbox=sandbox, prepare_network=network_preparer(config) if sandbox.mechanisms.network else None)
     publisher = Publisher(config, manager)
     drainer = Drainer(manager, publisher)
     probes = PodProbes(manager, publisher, drainer)
@@ -122,6 +127,43 @@ async def run_daemon(
             log.info("detaching: %d user(s) keep running for the next daemon", manager.pod.occupied())
         nursery.cancel_scope.cancel()
     log.info("workspace-supervisor stopped")
+
+
+def build_sandbox(config: Config) -> Sandbox:
+    """Check which ``[isolation]`` mechanisms this pod can give (raises IsolationUnavailable for a
+    required one it cannot) and fix every user's view: the pod's identity files, the compiled
+    system-call filter. With a PID namespace the daemon becomes a child subreaper: a user's
+    namespace init is handed to it by the launcher that forked it."""
+    decision = isolation.decide(config.isolation, isolation.probe(config.isolation))
+    for warning in decision.warnings:
+        log.warning("%s", warning)
+    if decision.errors:
+        raise IsolationUnavailable("; ".join(decision.errors))
+    mechanisms = decision.mechanisms
+    for name, in_force in vars(mechanisms).items():
+        metrics.ISOLATION.labels(mechanism=name).set(1 if in_force else 0)
+    if mechanisms.pid and ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        raise IsolationUnavailable(f"prctl(PR_SET_CHILD_SUBREAPER): {os.strerror(ctypes.get_errno())}")
+    program = b""
+    if mechanisms.seccomp:
+        from supervisor import seccomp
+
+        program = seccomp.compile_filter()
+    daemon = config.daemon
+    hidden = isolation.hidden_paths([daemon.run_dir, daemon.state_dir, daemon.log_dir, config.control.socket.parent])
+    log.info("isolation in force: %s", ", ".join(n for n, on in vars(mechanisms).items() if on) or "none")
+    return Sandbox(
+        mechanisms, hostname_template=config.isolation.hostname, init=(str(config.isolation.init), "--"),
+        read_only_root=config.isolation.read_only_root, pod_files=PodFiles.read(), hidden=tuple(hidden),
+        tenant_uids=range(config.users.uid_min, config.users.uid_max + 1), seccomp_program=program,
+    )
+
+
+def network_preparer(config: Config) -> PrepareNetwork:
+    """What makes a launcher's new network namespace usable: supervisor.netstack with [network]."""
+    from supervisor import netstack
+
+    return netstack.preparer(config)
 
 
 async def trim_memory(interval: float) -> None:

@@ -84,3 +84,8 @@ class UnknownTier(SupervisorError):
 class LaunchError(SupervisorError):
     reason = "launch_failed"
     hint = "see the user's log with `workspacectl tail USER`"
+
+
+class IsolationUnavailable(SupervisorError):
+    reason = "isolation_unavailable"
+    hint = "give the pod what the message names, or lower the named [isolation] mechanism to \"auto\" or \"off\""

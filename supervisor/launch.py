@@ -17,7 +17,7 @@ import re
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Mapping
 
 from supervisor import logfiles
 from supervisor.errors import LaunchError
@@ -47,6 +47,9 @@ class LaunchSpec:
     cwd: Path
     procs_files: list[str]
     log_path: Path
+    #: The user's own view (namespaces, mounts, init, system-call filter) as
+    #: :func:`supervisor.sandbox.view` plans it for the launcher; None: the pod's view.
+    view: dict[str, Any] | None = None
 
 
 def expand_argv(template: list[str], values: Mapping[str, str]) -> list[str]:
@@ -66,6 +69,7 @@ def build_spec(
     home: Path,
     procs_files: list[str],
     log_path: Path,
+    view: dict[str, Any] | None = None,
 ) -> LaunchSpec:
     values = {"user": user, "workspace": str(workspace), "home": str(home)}
     env = {
@@ -80,7 +84,7 @@ def build_spec(
     env.update({k: _PLACEHOLDER.sub(lambda m: values[m.group(1)], v) for k, v in extra_env.items()})
     return LaunchSpec(
         user=user, uid=uid, gid=gid, argv=expand_argv(command, values), env=env,
-        cwd=workspace, procs_files=list(procs_files), log_path=log_path,
+        cwd=workspace, procs_files=list(procs_files), log_path=log_path, view=view,
     )
 
 

@@ -86,14 +86,124 @@ def join_fresh_session_keyring(libc: "ctypes.CDLL") -> None:
             raise OSError(err, "keyctl(KEYCTL_JOIN_SESSION_KEYRING)")
 
 
+def install_seccomp(program: bytes) -> None:  # replaced by the system-call filter section
+    raise OSError("the system-call filter is not built into this launcher")
+
+
+# ---- the user's own view of the machine (namespaces and mounts; supervisor.sandbox plans it) ------
+
+CLONE_NEWNS = 0x00020000
+CLONE_NEWUTS = 0x04000000
+CLONE_NEWIPC = 0x08000000
+CLONE_NEWPID = 0x20000000
+CLONE_NEWNET = 0x40000000
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 0x1, 0x2, 0x4, 0x8
+MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 0x20, 0x1000, 0x4000, 0x40000
+AT_RECURSIVE = 0x8000
+MOUNT_ATTR_RDONLY = 0x1
+SYS_MOUNT_SETATTR = 442  # the same number on every architecture (new system calls are unified)
+
+
+def _check(result: int, what: str) -> None:
+    if result != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+
+
+def enter_namespaces(libc: "ctypes.CDLL", flags: int) -> None:
+    """Leave the daemon's namespaces for new ones (``CLONE_NEW*`` bits; a new PID namespace is for
+    the children). The new mount namespace stops sharing mount events with the pod's."""
+    if not flags:
+        return
+    _check(libc.unshare(ctypes.c_int(flags)), f"unshare(0x{flags:x})")
+    if flags & CLONE_NEWNS:
+        _check(libc.mount(None, b"/", None, ctypes.c_ulong(MS_REC | MS_PRIVATE), None), "make / private")
+
+
+def _mount(libc: "ctypes.CDLL", source: "bytes | None", target: bytes, fstype: "bytes | None", flags: int, data: "bytes | None" = None) -> None:
+    _check(libc.mount(source, target, fstype, ctypes.c_ulong(flags), data), f"mount {target.decode(errors='replace')}")
+
+
+def _set_read_only(libc: "ctypes.CDLL", path: bytes, read_only: bool) -> None:
+    """Set (or clear) read-only on the mount at ``path`` and every mount below it (mount_setattr)."""
+
+    class MountAttr(ctypes.Structure):
+        _fields_ = [("attr_set", ctypes.c_uint64), ("attr_clr", ctypes.c_uint64), ("propagation", ctypes.c_uint64), ("userns_fd", ctypes.c_uint64)]
+
+    attr = MountAttr(MOUNT_ATTR_RDONLY if read_only else 0, 0 if read_only else MOUNT_ATTR_RDONLY, 0, 0)
+    result = libc.syscall(ctypes.c_long(SYS_MOUNT_SETATTR), ctypes.c_int(-100), path, ctypes.c_uint(AT_RECURSIVE), ctypes.byref(attr), ctypes.c_size_t(ctypes.sizeof(attr)))
+    _check(0 if result == 0 else -1, f"mount_setattr {path.decode(errors='replace')} read-only={read_only}")
+
+
+def build_view(libc: "ctypes.CDLL", plan: dict) -> None:
+    """Make the user's view, in their namespaces, still as root (the order matters):
+
+    1. the paths that must stay reachable (the workspace root) become mounts of their own;
+    2. with ``read_only``, every mount is made read-only, then those paths writable again;
+    3. a new /proc (this process is PID 1 of the user's PID namespace), tmpfs on /tmp, /var/tmp,
+       /dev/shm; a kept path that a tmpfs covered (a workspace root below /tmp) is bound back;
+    4. the daemon's directories are covered by empty read-only tmpfs;
+    5. the per-user files (passwd, group, hosts, resolv.conf) are bound read-only over the pod's;
+    6. the hostname.
+    """
+    keep = []
+    for path in plan["keep"]:
+        fd = os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        keep.append((path, fd))
+        _mount(libc, path, path, None, MS_BIND | MS_REC)
+    if plan["read_only"]:
+        _set_read_only(libc, b"/", True)
+        for path, _fd in keep:
+            _set_read_only(libc, path, False)
+    if plan["proc"]:
+        _mount(libc, b"proc", b"/proc", b"proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    for path, options in plan["tmpfs"]:
+        if os.path.isdir(path):
+            _mount(libc, b"tmpfs", path, b"tmpfs", MS_NOSUID | MS_NODEV, options)
+    for path, fd in keep:
+        try:
+            same = os.path.samestat(os.stat(path), os.fstat(fd))
+        except FileNotFoundError:
+            same = False
+        if not same:
+            os.makedirs(path, 0o755, exist_ok=True)
+            _mount(libc, b"/proc/self/fd/%d" % fd, path, None, MS_BIND | MS_REC)
+        os.close(fd)
+    for path in plan["hide"]:
+        if os.path.isdir(path):
+            _mount(libc, b"tmpfs", path, b"tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC, b"size=4k,mode=000")
+    if plan["files"]:
+        staging = b"/tmp/.wsup-view-%d" % os.getpid()  # the user's own tmpfs, before any user code
+        os.mkdir(staging, 0o700)
+        for target, content in plan["files"]:
+            source = staging + b"/" + os.path.basename(target)
+            fd = os.open(source, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            try:
+                os.write(fd, content)
+                os.fchmod(fd, 0o644)
+            finally:
+                os.close(fd)
+            _mount(libc, source, target, None, MS_BIND)
+            _mount(libc, None, target, None, MS_REMOUNT | MS_BIND | MS_RDONLY)
+            os.unlink(source)  # the mount keeps the file
+        os.rmdir(staging)
+    if plan["hostname"]:
+        name = plan["hostname"]
+        _check(libc.sethostname(name, ctypes.c_size_t(len(name))), "sethostname")
+
+
 def fail(sock: "socket", what: str, exc: BaseException) -> None:
+    fail_with(sock, f"{what}: {exc}".encode("utf-8", "replace"))
+
+
+def fail_with(sock: "socket", message: bytes) -> None:
     try:
-        sock.send(b"E" + f"{what}: {exc}".encode("utf-8", "replace"))
+        sock.send(b"E" + message)
     finally:
         os._exit(127)
 
 
-def prepare(sock: "socket", procs_files: list) -> None:
+def prepare(sock: "socket", flags: int, procs_files: list) -> None:
     for path in procs_files:
         fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
         try:
@@ -101,6 +211,7 @@ def prepare(sock: "socket", procs_files: list) -> None:
         finally:
             os.close(fd)
     libc = ctypes.CDLL(None, use_errno=True)
+    enter_namespaces(libc, flags)
     if libc.prctl(PR_SET_NO_NEW_PRIVS, ctypes.c_ulong(1), ctypes.c_ulong(0), ctypes.c_ulong(0), ctypes.c_ulong(0)) != 0:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS)")
     for name in ("SIGPIPE", "SIGXFZ", "SIGXFSZ"):
@@ -119,8 +230,12 @@ def receive(sock: "socket") -> tuple:
     return marshal.loads(data), fds
 
 
-def become(spec: tuple, fds: list) -> None:
-    argv, env, cwd, uid, gid = spec
+def become(sock: "socket", spec: tuple, fds: list) -> None:
+    """Become the user's tree. Without a PID namespace this process execs the IDE (same pid: the
+    daemon sees end-of-file). With one, it forks the namespace's PID 1, which builds the view and
+    execs the init (and the init the IDE); this process then tells the daemon ``X<pid>`` and exits,
+    and the daemon (a child subreaper) is the new process's parent from then on."""
+    argv, env, cwd, uid, gid, plan = spec
     if len(fds) != 2:
         raise OSError(f"the launch message came with {len(fds)} file descriptors, not 2 (log, socket)")
     log_fd, listen_fd = fds
@@ -132,14 +247,44 @@ def become(spec: tuple, fds: list) -> None:
     else:
         os.dup2(listen_fd, LISTEN_FD)  # inheritable
         os.close(listen_fd)
+    if plan is None or not plan["pid"]:
+        become_ide(argv, env, cwd, uid, gid, plan)
+    report_read, report_write = os.pipe2(os.O_CLOEXEC)
+    pid = os.fork()
+    if pid == 0:  # PID 1 of the user's namespace
+        os.close(report_read)
+        try:
+            become_ide(argv, env, cwd, uid, gid, plan)
+        except BaseException as exc:  # noqa: BLE001 - reported through the pipe
+            os.write(report_write, f"exec {argv[0]!r}: {exc}".encode("utf-8", "replace")[:4096])
+        os._exit(127)
+    os.close(report_write)
+    report = b""
+    while chunk := os.read(report_read, 4096):
+        report += chunk
+    if report:
+        fail_with(sock, report)
+    sock.send(b"X%d" % pid)
+    sock.recv(1)  # the daemon closes its end once it holds the init (a pidfd, its status kept)
+    os._exit(0)
+
+
+def become_ide(argv: list, env: list, cwd: bytes, uid: int, gid: int, plan: "dict | None") -> None:
+    """Build the view (if any), drop to the user and exec (the init, which starts the IDE)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if plan is not None:
+        build_view(libc, plan)
+        argv = plan["init"] + argv
     os.chdir(cwd)
     os.umask(0o077)
     set_ide_rlimits()
     os.setgroups([])
     os.setresgid(gid, gid, gid)
     os.setresuid(uid, uid, uid)
-    join_fresh_session_keyring(ctypes.CDLL(None, use_errno=True))
+    join_fresh_session_keyring(libc)
     environ = dict(item.split(b"=", 1) for item in env)
+    if plan is not None and plan["seccomp"]:
+        install_seccomp(plan["seccomp"])
     execvpe(argv, environ)
 
 
@@ -171,7 +316,7 @@ def main() -> None:
     sock = socket(AF_UNIX, SOCK_SEQPACKET, 0, fd)
     os.set_inheritable(fd, False)  # it was inherited: the IDE must not get it
     try:
-        prepare(sock, sys.argv[2:])
+        prepare(sock, int(sys.argv[2]), sys.argv[3:])
     except BaseException as exc:  # noqa: BLE001 - reported to the daemon, then exit
         fail(sock, "launcher set-up", exc)
     sock.send(b"R")
@@ -180,7 +325,7 @@ def main() -> None:
     except BaseException as exc:  # noqa: BLE001
         fail(sock, "launch message", exc)
     try:
-        become(spec, fds)
+        become(sock, spec, fds)
     except BaseException as exc:  # noqa: BLE001
         fail(sock, f"exec {spec[0][0]!r}", exc)
 

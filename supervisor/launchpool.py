@@ -30,7 +30,7 @@ import socket
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Awaitable, Callable, Protocol
 
 import trio
 
@@ -38,11 +38,17 @@ from supervisor import launch
 from supervisor.launch import LaunchSpec
 from supervisor.cgroups.base import Limits, SpareGroups
 from supervisor.errors import CgroupError, LaunchError
+from supervisor.launcher_child import CLONE_NEWNET
 
 log = logging.getLogger(__name__)
 
 CHILD = Path(__file__).with_name("launcher_child.py")
 LAUNCHER_FD = 4  # the launcher's end of its socket, in the launcher (fd 3 is for the IDE's socket)
+
+
+#: Makes the new network namespace of the launcher ``pid`` usable (supervisor.netstack), charging
+#: what it starts to the groups of ``procs_files``; raises LaunchError.
+PrepareNetwork = Callable[[int, list[str]], Awaitable[None]]
 
 
 class PoolDriver(SpareGroups, Protocol):
@@ -55,7 +61,7 @@ class PoolDriver(SpareGroups, Protocol):
 class Launcher:
     """One ready launcher: its spare group, pid, pidfd and the daemon's end of its socket."""
 
-    spare: str
+    spare: str | None  # None: started straight in a user's groups (launch_fresh)
     pid: int
     pidfd: int
     sock: socket.socket
@@ -72,14 +78,20 @@ class LauncherPool:
     settle_pause = 0.005
 
     def __init__(
-        self, driver: PoolDriver, size: int, *, reap: Callable[[int], object], python: str = sys.executable
+        self, driver: PoolDriver | None, size: int, *, reap: Callable[[int], object], python: str = sys.executable,
+        clone_flags: int = 0, prepare_network: PrepareNetwork | None = None,
     ) -> None:
-        self.driver = driver
-        self.size = size
+        self.driver = driver  # None: no spare groups (cgroup v2), every launch is launch_fresh()
+        self.size = size if driver is not None else 0
         self.reap = reap  # the daemon reaper's pop(pid): collects a dead launcher's exit status
         self.python = python
+        #: The namespaces every launcher enters when it starts (supervisor.sandbox), and what makes
+        #: a new network namespace usable (supervisor.netstack), given a pid in it and the cgroups.
+        self.clone_flags = clone_flags
+        self.prepare_network = prepare_network
         self.ready: list[Launcher] = []
         self._pids: set[int] = set()  # launchers alive (or not yet reaped) and not handed over
+        self._handed: set[int] = set()  # PID namespace inits launched and not yet settled()
         self._wake = trio.Event()
         self._in_flight: set[int] = set()  # pids launched and not yet ready (see settled())
         self._settled = trio.Event()
@@ -88,10 +100,11 @@ class LauncherPool:
         self.fallbacks = 0
 
     def owns(self, pid: int) -> bool:
-        return pid in self._pids
+        return pid in self._pids or pid in self._handed
 
     def settled(self, pid: int) -> None:
         """The start of ``pid`` is over (ready, failed or gone): refills may run again."""
+        self._handed.discard(pid)
         if pid in self._in_flight:
             self._in_flight.discard(pid)
             if not self._in_flight:
@@ -105,7 +118,7 @@ class LauncherPool:
 
     async def serve(self, *, task_status: trio.TaskStatus[LauncherPool] = trio.TASK_STATUS_IGNORED) -> None:
         """Remove spare groups a killed daemon left, then keep the pool full until cancelled."""
-        for spare in self.driver.spares():
+        for spare in self.driver.spares() if self.driver is not None else []:
             log.info("launcher pool: removing leftover spare group %s", spare)
             self._remove_spare(spare)
         try:
@@ -140,20 +153,30 @@ class LauncherPool:
             self._wake = trio.Event()
 
     async def _spawn_one(self) -> Launcher | None:
+        assert self.driver is not None
         spare = secrets.token_hex(6)
         try:
             procs_files = self.driver.create_spare(spare)
         except CgroupError as exc:
             log.warning("launcher pool: cannot create a spare cgroup: %s", exc)
             return None
+        try:
+            return await self._start_launcher(spare, procs_files)
+        except LaunchError as exc:
+            log.warning("launcher pool: %s", exc)
+            return None
+
+    async def _start_launcher(self, spare: str | None, procs_files: list[str]) -> Launcher:
+        """A launcher inside ``procs_files``' groups, in its namespaces (their network made usable),
+        ready for its launch message; raises LaunchError (nothing left running, the spare removed)."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             pid, pidfd = self._posix_spawn(theirs.fileno(), procs_files)
         except OSError as exc:
-            log.warning("launcher pool: cannot spawn a launcher (%s %s): %s", self.python, CHILD, exc)
             ours.close()
-            self._remove_spare(spare)
-            return None
+            if spare is not None:
+                self._remove_spare(spare)
+            raise LaunchError(f"cannot spawn a launcher ({self.python} {CHILD}): {exc}") from exc
         finally:
             theirs.close()
         ours.setblocking(False)
@@ -162,15 +185,16 @@ class LauncherPool:
         try:
             with trio.move_on_after(self.spawn_timeout):
                 answer = await _receive(ours)
-        except BaseException:  # cancelled (daemon shutting down): leave nothing behind
+            if answer == b"R" and self.prepare_network is not None and self.clone_flags & CLONE_NEWNET:
+                await self.prepare_network(pid, procs_files)
+        except BaseException:  # cancelled (daemon shutting down), or no network: leave nothing behind
             self._kill_and_remove(launcher)
             raise
         if answer == b"R":
             return launcher
         why = answer[1:].decode("utf-8", "replace") if answer.startswith(b"E") else "no answer" if not answer else repr(answer)
-        log.warning("launcher pool: a launcher did not come up: %s", why)
         self._discard(launcher)
-        return None
+        raise LaunchError(f"a launcher did not come up: {why}")
 
     def _posix_spawn(self, fd: int, procs_files: list[str]) -> tuple[int, int]:
         """Start a launcher with its socket as fd 4 (LAUNCHER_FD) and /dev/null as stdio.
@@ -180,7 +204,7 @@ class LauncherPool:
         launcher closes every other inherited descriptor itself.
         """
         pid = os.posix_spawn(
-            self.python, [self.python, "-I", "-S", str(CHILD), str(LAUNCHER_FD), *procs_files],
+            self.python, [self.python, "-I", "-S", str(CHILD), str(LAUNCHER_FD), str(self.clone_flags), *procs_files],
             {"PATH": launch.BASE_PATH, "LANG": "C.UTF-8"},
             file_actions=[
                 (os.POSIX_SPAWN_DUP2, fd, LAUNCHER_FD),
@@ -218,7 +242,21 @@ class LauncherPool:
             if launcher.pid in self._pids:  # not handed over: nothing to wait for
                 self.settled(launcher.pid)
 
+    async def launch_fresh(self, spec: LaunchSpec, listen_fd: int) -> int:
+        """Start ``spec``'s IDE through a launcher started now, straight in the user's groups
+        (``spec.procs_files``, already under the user's limits): the path when no launcher is
+        ready, or there are no spare groups (cgroup v2), and the user's tree gets namespaces.
+        Raises LaunchError (nothing left running) like :meth:`launch`."""
+        launcher = await self._start_launcher(None, spec.procs_files)
+        self._in_flight.add(launcher.pid)
+        try:
+            return await self._exec(launcher, spec, listen_fd)
+        finally:
+            if launcher.pid in self._pids:
+                self.settled(launcher.pid)
+
     async def _launch(self, launcher: Launcher, spec: LaunchSpec, limits: Limits, listen_fd: int) -> int | None:
+        assert self.driver is not None and launcher.spare is not None
         try:
             self.driver.assign_spare(launcher.spare, spec.user)
         except CgroupError as exc:
@@ -240,16 +278,37 @@ class LauncherPool:
                 log.warning("user=%s launcher pool: the launcher went away (%s); starting the ordinary way", spec.user, exc)
                 return None
             raise LaunchError(f"cannot start the IDE for {spec.user}: {exc}") from exc
+        return await self._exec(launcher, spec, listen_fd, sent=True)
+
+    async def _exec(self, launcher: Launcher, spec: LaunchSpec, listen_fd: int, *, sent: bool = False) -> int:
+        """Send the launch message (unless ``sent``) and wait for the outcome: end of file (the
+        launcher exec'd: it is the IDE), ``X<pid>`` (it forked the PID namespace's init ``pid``,
+        which the daemon inherits as the launcher exits) or ``E<why>``."""
+        if not sent:
+            try:
+                self._send(launcher, spec, listen_fd)
+            except OSError as exc:
+                self._discard(launcher, remove_spare=False)
+                raise LaunchError(f"cannot start the IDE for {spec.user}: {exc}") from exc
         answer: bytes | None = None
         with trio.move_on_after(self.exec_timeout):
             answer = await _receive(launcher.sock)
+        if answer is None:
+            self._discard(launcher, remove_spare=False)
+            raise LaunchError(f"cannot start the IDE for {spec.user}: the launcher did not exec within {self.exec_timeout:g} s")
+        if answer.startswith(b"X") and answer[1:].isdigit():
+            pid = int(answer[1:])
+            # The launcher waits for us to close its socket before it exits; until then nobody
+            # can reap the init, and from then on its exit status is kept for the daemon.
+            self._handed.add(pid)
+            self._in_flight.add(pid)  # the daemon's settled(pid) names the init from now on
+            self._discard(launcher, remove_spare=False)
+            self.launched += 1
+            return pid
         if answer:
             self._discard(launcher, remove_spare=False)
             why = answer[1:].decode("utf-8", "replace") if answer.startswith(b"E") else repr(answer)
             raise LaunchError(f"cannot start the IDE for {spec.user}: {why}")
-        if answer is None:
-            self._discard(launcher, remove_spare=False)
-            raise LaunchError(f"cannot start the IDE for {spec.user}: the launcher did not exec within {self.exec_timeout:g} s")
         # End of file: the close-on-exec socket closed, the launcher is the IDE now.
         launcher.sock.close()
         os.close(launcher.pidfd)
@@ -259,11 +318,13 @@ class LauncherPool:
 
     @staticmethod
     def _send(launcher: Launcher, spec: LaunchSpec, listen_fd: int) -> None:
-        env = {**spec.env, "LISTEN_PID": str(launcher.pid)}  # the launcher's pid becomes the IDE's
+        env = dict(spec.env)
+        if spec.view is None or not spec.view["pid"]:
+            env["LISTEN_PID"] = str(launcher.pid)  # the launcher's pid becomes the IDE's
         message = marshal.dumps((
             [os.fsencode(a) for a in spec.argv],
             [os.fsencode(f"{k}={v}") for k, v in env.items()],
-            os.fsencode(spec.cwd), spec.uid, spec.gid,
+            os.fsencode(spec.cwd), spec.uid, spec.gid, spec.view,
         ))
         log_fd = launch.open_log(spec.log_path)
         try:
@@ -293,7 +354,7 @@ class LauncherPool:
         os.close(launcher.pidfd)
         self.reap(launcher.pid)
         self._pids.discard(launcher.pid)
-        if remove_spare:
+        if remove_spare and launcher.spare is not None:
             self._remove_spare(launcher.spare)
 
     def _kill_and_remove(self, launcher: Launcher) -> None:
@@ -302,6 +363,8 @@ class LauncherPool:
         self._finish(launcher, True, wait=True)
 
     def _remove_spare(self, spare: str) -> None:
+        if self.driver is None:
+            return
         try:
             self.driver.remove_spare(spare)
         except CgroupError as exc:

@@ -33,7 +33,8 @@ from supervisor.cgroups import CgroupDriver, Limits, SpareGroups
 from supervisor.cgroups.base import Usage
 from supervisor.config import Config, TierConfig
 from supervisor.errors import CgroupError, InvalidTransition, SupervisorError, UnknownUser, UnsafePath
-from supervisor.launchpool import LauncherPool
+from supervisor.launchpool import LauncherPool, PrepareNetwork
+from supervisor.sandbox import Account, Mechanisms, Sandbox
 from supervisor.paths import UserPaths, ensure_user_dirs, resolve_uid, user_paths, validate_user_id
 from supervisor.sessions import (
     LIVE,
@@ -181,18 +182,26 @@ class SessionManager:
     """Runs every user's IDE; the single owner of users' processes and cgroups."""
 
     def __init__(
-        self, config: Config, driver: CgroupDriver, *, clock: Callable[[], float] = time.monotonic
+        self, config: Config, driver: CgroupDriver, *, clock: Callable[[], float] = time.monotonic,
+        sandbox: Sandbox | None = None, prepare_network: PrepareNetwork | None = None,
     ) -> None:
         self.config = config
         self.driver = driver
         self.clock = clock
+        #: Each user's own view of the machine (supervisor.sandbox); mechanisms all off: the pod's.
+        self.sandbox = sandbox or Sandbox(Mechanisms())
         self.pod = Pod(capacity=config.pod.capacity)
         self.runtimes: dict[str, UserRuntime] = {}
         self.reaper = Reaper(self._is_managed)
         #: Launchers already inside spare cgroups (v1 only: see supervisor.launchpool); None when off.
+        #: With a sandbox every start goes through a launcher (a fresh one when none is ready).
         self.pool: LauncherPool | None = None
-        if config.ide.launcher_pool > 0 and isinstance(driver, SpareGroups):
-            self.pool = LauncherPool(driver, config.ide.launcher_pool, reap=self.reaper.pop)
+        spares = driver if config.ide.launcher_pool > 0 and isinstance(driver, SpareGroups) else None
+        if spares is not None or self.sandbox.mechanisms.any:
+            self.pool = LauncherPool(
+                spares, config.ide.launcher_pool, reap=self.reaper.pop,
+                clone_flags=self.sandbox.mechanisms.clone_flags(), prepare_network=prepare_network,
+            )
         self.store = StateStore(config.daemon.state_dir)
         self.policy = RestartPolicy(
             healthy_after=config.restart.healthy_after,
@@ -636,17 +645,23 @@ class SessionManager:
         listener = idesocket.listen(self.config.daemon.run_dir, user)  # a fresh one every spawn
         try:
             limits = limits_for(tier, starting=True)
+            account = Account(user=user, uid=rt.uid, gid=rt.gid, home=rt.paths.home, shell=self.config.ide.shell)
             spec = launch.build_spec(
                 user=user, uid=rt.uid, gid=rt.gid,
                 command=self.config.ide.command, extra_env=self.config.ide.env, shell=self.config.ide.shell,
                 workspace=rt.paths.workspace, home=rt.paths.home,
                 procs_files=self.driver.procs_files(user), log_path=rt.log_path,
+                view=self.sandbox.view_for(account, self.config.workspace.root, tier.tmp_size),
             )
-            # A ready launcher whose spare group becomes the user's; else join the group before exec.
+            # A ready launcher whose spare group becomes the user's; else join the group before exec
+            # (a user with a view of their own: through a launcher started in the group now).
             pid = await self.pool.launch(spec, limits, listener.fileno()) if self.pool is not None else None
             if pid is None:
                 self.driver.create(user, limits)
-                pid = launch.spawn(spec, listener.fileno())
+                if spec.view is not None and self.pool is not None:
+                    pid = await self.pool.launch_fresh(spec, listener.fileno())
+                else:
+                    pid = launch.spawn(spec, listener.fileno())
         finally:
             listener.close()  # the IDE has its own copy now
         self.cgroup_error = None
@@ -853,6 +868,7 @@ class SessionManager:
             "oom_kills": self.oom_kills_total,
             "orphans_reaped": self.reaper.orphans_reaped,
             "launcher_pool": self.pool.info() if self.pool is not None else None,
+            "isolation": self.sandbox.describe(),
             "state_files_unsaved": dict(sorted(self.store.failing.items())),
             "uptime_s": round(time.time() - self.started_wall, 3),
             "pid": os.getpid(),

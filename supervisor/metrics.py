@@ -99,6 +99,12 @@ STATE_SAVE_FAILURES = Counter(
     registry=REGISTRY,
 )
 
+ISOLATION = Gauge(
+    f"{PREFIX}_isolation_in_force",
+    "1 for each mechanism of a user's own view ([isolation]: network, pid, mount, ipc, uts, identity, seccomp) in "
+    "force for every user of this pod, else 0 (off, or 'auto' and unavailable: see the daemon's start-up log).",
+    ["mechanism"], registry=REGISTRY,
+)
 SPAWN_BUCKETS = (0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 45.0, 60.0, 90.0, 120.0, 180.0, 300.0)
 
 

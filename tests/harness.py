@@ -14,6 +14,8 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from supervisor.config import ISOLATION_MECHANISMS
+
 STUB = Path(__file__).parent / "fixtures" / "ide_stub.py"
 #: Timeouts stretch inside the emulated VM of the cgroup v2 tier (integration/vm/guest-run sets it).
 SLOW = 8.0 if os.environ.get("WSUP_VM_TIER") else 1.0
@@ -42,10 +44,13 @@ class Daemon:
         self.base = Path(tempfile.mkdtemp(prefix="wsup-test-", dir="/tmp"))
         os.chmod(self.base, 0o755)
         self.name = f"wsup-test-{uuid.uuid4().hex[:8]}"
-        stub = self.base / "ide_stub.py"
+        (self.base / "workspace").mkdir(mode=0o755)
+        # Inside the workspace root: the one path below /tmp a user's own view keeps ([isolation] mount).
+        stub = self.base / "workspace" / ".stub" / "ide_stub.py"
+        stub.parent.mkdir(mode=0o755)
         shutil.copy(STUB, stub)
         os.chmod(stub, 0o644)
-        (self.base / "workspace").mkdir(mode=0o755)
+        self.stub_dir = stub.parent
         self.socket = self.base / "run" / "control.sock"
         sections: dict[str, dict[str, Any]] = {
             "pod": {"id": "test-pod", "capacity": 10},
@@ -61,6 +66,8 @@ class Daemon:
             # Port 0: a free port, shown by `workspacectl pod` as "probes"; a registry of its own.
             "probes": {"listen": "127.0.0.1:0"},
             "registry": {"path": str(self.base / "registry.db"), "heartbeat": "250ms", "lease": "3s"},
+            # Off unless a test turns a mechanism on (tests/test_isolation.py, the hostile suite).
+            "isolation": {name: "off" for name in ISOLATION_MECHANISMS},
         }
         for key, value in overrides.items():
             section, _, name = key.partition("__")

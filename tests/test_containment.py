@@ -39,7 +39,7 @@ def misbehaving(**overrides: Any) -> Daemon:
     d = Daemon(**overrides)
     shutil.copy(MISBEHAVE, d.base / MISBEHAVE.name)
     os.chmod(d.base / MISBEHAVE.name, 0o644)
-    d.config.write_text(d.config.read_text().replace(str(d.base / "ide_stub.py"), str(d.base / MISBEHAVE.name)))
+    d.config.write_text(d.config.read_text().replace(str(d.stub_dir / "ide_stub.py"), str(d.base / MISBEHAVE.name)))
     return d
 
 
