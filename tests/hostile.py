@@ -128,11 +128,9 @@ class Tenant:
 class Pod:
     """The daemon, its tmpfs, and the two tenants; see the module docstring."""
 
-    def __init__(self) -> None:
+    def __init__(self, **overrides: Any) -> None:
         self.shared = Path(tempfile.mkdtemp(prefix="wsup-hostile-", dir="/tmp"))
         os.chmod(self.shared, 0o755)
-        shutil.copy(STUB, self.shared / "ide_shell_stub.py")
-        os.chmod(self.shared / "ide_shell_stub.py", 0o644)
         key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
         self.private_key = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                              serialization.NoEncryption())
@@ -142,6 +140,11 @@ class Pod:
         self.disk.mkdir()
         subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={DISK},mode=755", "tmpfs", str(self.disk)], check=True)
         (self.disk / "workspace").mkdir(mode=0o755)
+        # The IDE inside the workspace root: the one path below /tmp a user's own view keeps.
+        stub = self.disk / "workspace" / ".stub" / "ide_shell_stub.py"
+        stub.parent.mkdir(mode=0o755)
+        shutil.copy(STUB, stub)
+        os.chmod(stub, 0o644)
         self.daemon = Daemon(**{
             "pod__capacity": 10,
             "workspace__root": str(self.disk / "workspace"),
@@ -153,10 +156,11 @@ class Pod:
             "http__listen": "127.0.0.1:0",
             "auth__public_key_file": str(self.shared / "jwt.pem"),
             "auth__issuer": ISSUER,
-            "ide__command": [SYSTEM_PYTHON, "-I", "-S", str(self.shared / "ide_shell_stub.py"), "{user}"],
+            "ide__command": [SYSTEM_PYTHON, "-I", "-S", str(stub), "{user}"],
             # The attacker's tier walks the idle ladder's first rung (which reads its processes'
             # command lines) after 1 s; the victim's keeps the defaults.
             "tiers.starter__idle": {"lsp_pause_after": "1s"},
+            **overrides,
         })
         self.attacker = Tenant(self, "attacker", "starter")
         self.victim = Tenant(self, "victim", "free")

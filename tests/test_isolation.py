@@ -1,0 +1,195 @@
+"""Each user's own view of the machine, on the real kernel: two tenants with terminals
+(``tests/hostile.py``: the stand-in IDE runs shell as its user) in one daemon with every
+``[isolation]`` mechanism this machine can give. What one tenant does in its terminal must stay
+invisible to the other, and everything that signals, freezes, stops or re-adopts a user must
+work on the namespace's init as it did on a bare IDE.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from supervisor import isolation
+from supervisor.config import ISOLATION_MECHANISMS, IsolationConfig
+from supervisor.paths import user_paths
+from tests.harness import Daemon, poll
+from tests.hostile import Pod
+
+import importlib.util
+_TMP = {m: "off" for m in ("network", "seccomp") if importlib.util.find_spec(f"supervisor.{'netstack' if m == 'network' else m}") is None}
+MISSING = {**isolation.probe(IsolationConfig(**_TMP)), **{m: "not merged" for m in _TMP}} if os.geteuid() == 0 else {"all": "not root"}
+CORE = ("pid", "mount", "ipc", "uts", "identity")
+pytestmark = pytest.mark.skipif(
+    os.geteuid() != 0 or any(m in MISSING for m in CORE),
+    reason=f"needs root and the kernel's namespaces: {MISSING}",
+)
+#: Every mechanism this machine can give (network and seccomp when their tools are here).
+ON = {name: "off" if name in MISSING else "on" for name in ISOLATION_MECHANISMS}
+
+
+@pytest.fixture(scope="module")
+def pod() -> Iterator[Pod]:
+    pod = Pod(**{f"isolation__{name}": value for name, value in ON.items()})
+    try:
+        yield pod.start()
+    finally:
+        pod.cleanup()
+
+
+def sh_ok(tenant, script: str) -> str:  # type: ignore[no-untyped-def]
+    rc, out = tenant.sh(script)
+    assert rc == 0, out
+    return out
+
+
+def test_pod_shows_the_mechanisms_in_force(pod: Pod) -> None:
+    shown = pod.daemon.ctl_json("pod")["pod"]["isolation"]
+    assert shown == {name: value == "on" for name, value in ON.items()}
+    metrics = subprocess.run(["curl", "-s", f"http://127.0.0.1:{pod.probes_port}/metrics"], capture_output=True, text=True).stdout
+    for name, value in ON.items():
+        assert f'workspace_supervisor_isolation_in_force{{mechanism="{name}"}} {1.0 if value == "on" else 0.0}' in metrics
+
+
+def test_a_user_sees_only_their_own_processes(pod: Pod) -> None:
+    victim_pid = pod.victim.status()["pid"]
+    out = sh_ok(pod.attacker, "ps -eo pid=,user=,args=")
+    rows = [line.split(None, 2) for line in out.strip().splitlines()]
+    assert rows[0][0] == "1" and "tini" in rows[0][2], out  # the namespace's init
+    assert {row[1] for row in rows} == {"attacker"}, out
+    assert "victim" not in out
+    # Not even by the daemon's pid numbers: the victim's init has no entry in the attacker's /proc.
+    assert sh_ok(pod.attacker, f"test -e /proc/{victim_pid} && echo seen || echo unseen").strip() == "unseen"
+
+
+def test_status_shows_the_init_as_the_daemon_sees_it(pod: Pod) -> None:
+    pid = int(pod.victim.status()["pid"])
+    cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    assert cmdline[0].endswith(b"tini")
+    nspid = next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith("NSpid:"))
+    assert nspid.split()[1:] == [str(pid), "1"]  # the daemon's number, and 1 in the user's namespace
+
+
+def test_identity_hostname_and_home(pod: Pod) -> None:
+    out = sh_ok(pod.victim, "whoami; id -un; id -gn; hostname; getent passwd $(id -u); echo ~")
+    whoami, user, group, host, entry, tilde = out.strip().splitlines()
+    home = str(user_paths(pod.disk / "workspace", 4, "victim").home)
+    assert (whoami, user, group, host) == ("victim", "victim", "victim", "victim")
+    fields = entry.split(":")
+    assert fields[0] == "victim" and fields[5] == tilde == home
+    assert "attacker" not in sh_ok(pod.victim, "cat /etc/passwd /etc/group")
+
+
+def test_tmp_shm_and_ipc_are_private(pod: Pod) -> None:
+    mark = os.urandom(6).hex()
+    sh_ok(pod.attacker, f"echo {mark} > /tmp/mark; echo {mark} > /var/tmp/mark; echo {mark} > /dev/shm/mark; "
+                        f"ipcmk -M 4096 -p 0666 >/dev/null; ipcmk -Q -p 0666 >/dev/null")
+    seen = sh_ok(pod.victim, "cat /tmp/mark /var/tmp/mark /dev/shm/mark 2>&1; ipcs -m -q")
+    assert mark not in seen and "0x" not in seen, seen
+    assert not Path("/tmp/mark").exists() and not Path("/dev/shm/mark").exists()
+    host = subprocess.run(["ipcs", "-m", "-q"], capture_output=True, text=True).stdout
+    assert str(pod.attacker.status()["uid"]) not in host
+
+
+def test_tmp_is_sized_by_tier_and_charged_to_the_user(pod: Pod) -> None:
+    out = sh_ok(pod.victim, "df -B1 --output=size /tmp /var/tmp /dev/shm | tail -n +2")
+    assert [int(v) for v in out.split()] == [256 * 2**20] * 3  # the free tier's tmp_size default
+    group = next(d for d in pod.daemon.cgroup_dirs("victim") if (d / "memory.usage_in_bytes").exists() or (d / "memory.current").exists())
+    usage_file = group / ("memory.current" if (group / "memory.current").exists() else "memory.usage_in_bytes")
+    before = int(usage_file.read_text())
+    sh_ok(pod.victim, "head -c 40000000 /dev/zero > /dev/shm/ballast")
+    assert int(usage_file.read_text()) - before >= 38_000_000  # the tmpfs pages are the user's
+    sh_ok(pod.victim, "rm /dev/shm/ballast")
+
+
+def test_the_daemon_is_hidden_and_the_image_read_only(pod: Pod) -> None:
+    base = pod.daemon.base
+    hidden = [pod.disk / "state", pod.disk / "log", base / "run"]
+    out = sh_ok(pod.attacker, " ; ".join(f"ls -A {p} 2>&1 | head -1" for p in hidden) + "; touch /usr/x /etc/x 2>&1; "
+                "touch ~/home-ok && echo home-writable; touch ./ws-ok && echo workspace-writable")
+    assert "victim" not in out and ".sock" not in out and "ide" not in out.split("touch")[0], out
+    assert out.count("Read-only file system") == 2, out
+    assert "home-writable" in out and "workspace-writable" in out
+
+
+def test_orphans_are_reaped_in_the_namespace(pod: Pod) -> None:
+    out = sh_ok(pod.attacker, "for i in 1 2 3; do (sh -c 'exit 0' &) ; done; sleep 0.5; ps -eo stat= | grep -c '^Z' || true")
+    assert out.strip() == "0", out
+
+
+def test_pause_resume_and_signals_reach_the_tree(pod: Pod) -> None:
+    d = pod.daemon
+    assert d.ctl("pause", "attacker").returncode == 0
+    poll(lambda: pod.attacker.status()["state"] == "PAUSED", 10, "PAUSED")
+    assert d.ctl("resume", "attacker").returncode == 0
+    poll(lambda: pod.attacker.status()["state"] == "RUNNING", 10, "RUNNING")
+    assert sh_ok(pod.attacker, "echo alive").strip() == "alive"
+
+
+def test_stop_and_restart_end_the_whole_namespace(pod: Pod) -> None:
+    d = pod.daemon
+    pid = int(pod.attacker.status()["pid"])
+    pod.attacker.detach("sleep 600")
+    assert d.ctl("stop", "attacker").returncode == 0
+    poll(lambda: pod.attacker.status()["state"] == "STOPPED", 15, "STOPPED")
+    assert not Path(f"/proc/{pid}").exists()
+    assert not any((g / "cgroup.procs").read_text().strip() for g in d.cgroup_dirs("attacker") if (g / "cgroup.procs").exists())
+    pod.fresh_attacker()
+    assert int(pod.attacker.status()["pid"]) != pid
+    assert sh_ok(pod.attacker, "whoami").strip() == "attacker"
+
+
+def test_users_are_readopted_after_a_daemon_restart(pod: Pod) -> None:
+    d = pod.daemon
+    pid = int(pod.victim.status()["pid"])
+    d.kill(signal.SIGKILL)
+    d.start()
+    pod._find_ports()
+    status = poll(lambda: (s := pod.victim.status())["state"] == "RUNNING" and s, 15, "the victim re-adopted")
+    assert int(status["pid"]) == pid
+    assert sh_ok(pod.victim, "whoami").strip() == "victim"  # through the new daemon's front door
+    assert d.ctl("restart", "victim").returncode == 0
+    poll(lambda: pod.victim.status()["state"] == "RUNNING" and int(pod.victim.status()["pid"]) != pid, 20, "restarted")
+    pod.baseline()
+
+
+@pytest.mark.parametrize("problem", ["no init", "no CAP_SYS_ADMIN"])
+def test_a_required_mechanism_that_is_unavailable_stops_the_start(problem: str) -> None:
+    overrides = {"isolation__pid": "on", "isolation__mount": "on"}
+    wrapper: list[str] = []
+    if problem == "no init":
+        overrides["isolation__init"] = "/nonexistent/tini"
+        expected = "no init at /nonexistent/tini"
+    else:
+        wrapper = ["setpriv", "--bounding-set=-sys_admin", "--inh-caps=-sys_admin", "--"]
+        expected = "lacks CAP_SYS_ADMIN"
+    d = Daemon(**overrides)
+    try:
+        with pytest.raises(AssertionError, match="daemon exited early"):
+            d.start(wrapper=wrapper)
+        log = d.log_text()
+        assert 'isolation.pid is "on" but this pod cannot give it' in log and expected in log, log[-2000:]
+        assert d.proc is not None and d.proc.returncode == 1
+    finally:
+        d.cleanup()
+
+
+def test_auto_falls_back_with_a_warning() -> None:
+    d = Daemon(isolation__pid="auto", isolation__mount="on", isolation__init="/nonexistent/tini")
+    try:
+        d.start()
+        assert d.ctl_json("pod")["pod"]["isolation"]["pid"] is False
+        assert "isolation.pid is not in force: no init at /nonexistent/tini" in d.log_text()
+    finally:
+        d.cleanup()
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-v"]))
