@@ -135,7 +135,7 @@ def launcher() -> Iterator[tuple[socket.socket, subprocess.Popen[bytes]]]:
     from supervisor.launchpool import CHILD
 
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    proc = subprocess.Popen([sys.executable, "-I", "-S", str(CHILD), str(theirs.fileno())], pass_fds=(theirs.fileno(),),
+    proc = subprocess.Popen([sys.executable, "-I", "-S", str(CHILD), str(theirs.fileno()), "0"], pass_fds=(theirs.fileno(),),
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     theirs.close()
     try:
