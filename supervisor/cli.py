@@ -127,7 +127,7 @@ def print_pod(pod: dict[str, Any]) -> None:
     width = max(len(k) for k in pod)
     for key, value in pod.items():
         if isinstance(value, dict):
-            value = ", ".join(f"{k}={v}" for k, v in value.items() if v)
+            value = ", ".join(k if v is True else f"{k}={v}" for k, v in value.items() if v) or "-"
         print(f"{key.ljust(width)}  {value}")
 
 
