@@ -84,3 +84,8 @@ class UnknownTier(SupervisorError):
 class LaunchError(SupervisorError):
     reason = "launch_failed"
     hint = "see the user's log with `workspacectl tail USER`"
+
+
+class SeccompUnavailable(SupervisorError):
+    reason = "seccomp_unavailable"
+    hint = 'install libseccomp2 (Debian/Ubuntu: apt-get install libseccomp2), or set [isolation] seccomp = "off"'
