@@ -18,6 +18,7 @@ import ctypes
 import errno
 import functools
 import os
+import re
 from dataclasses import dataclass
 from types import ModuleType
 
@@ -183,6 +184,9 @@ def compile_filter() -> bytes:
 
 PR_SET_SECCOMP = 22
 SECCOMP_MODE_FILTER = 2
+#: Before 4.8 a ptrace tracer could change a system call after the filter had allowed it; the
+#: profile allows ptrace for debuggers, so such a kernel does not hold the filter.
+MIN_KERNEL = (4, 8)
 
 
 def check() -> list[str]:
@@ -205,7 +209,17 @@ def check() -> list[str]:
         missing.append("kernel seccomp filter mode: prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER) "
                        "is refused (a kernel with CONFIG_SECCOMP_FILTER, and a pod seccomp "
                        "profile that allows prctl, are needed)")
+    release = os.uname().release
+    if kernel_version(release) < MIN_KERNEL:
+        missing.append(f"kernel {release}: seccomp needs Linux >= 4.8 (older kernels let a "
+                       "ptrace tracer change a system call after the filter allowed it)")
     return missing
+
+
+def kernel_version(release: str) -> tuple[int, int]:
+    """``(major, minor)`` of a ``uname -r`` string such as ``6.1.0-18-amd64``."""
+    found = re.match(r"(\d+)\.(\d+)", release)
+    return (int(found[1]), int(found[2])) if found else (0, 0)
 
 
 def _filter_mode_available() -> bool:

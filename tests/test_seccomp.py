@@ -259,3 +259,11 @@ def test_install_refuses_what_is_not_a_program() -> None:
     result = run_child(b"\0" * 7, probes=False)
     code, message = result["install_error"]
     assert code == errno.EINVAL and "not a classic BPF program" in message
+
+
+@pytest.mark.parametrize("release, version", [
+    ("6.18.44-fc-v1147", (6, 18)), ("4.7.0", (4, 7)), ("6.1.0-18-amd64", (6, 1)), ("5.10", (5, 10)),
+    ("4.19rc1", (4, 19)), ("unknown", (0, 0)),
+])
+def test_kernel_version(release: str, version: tuple[int, int]) -> None:
+    assert seccomp.kernel_version(release) == version
