@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from types import ModuleType
 
 from .errors import SeccompUnavailable
+from .launcher_child import PR_SET_SECCOMP, SECCOMP_MODE_FILTER
 
 #: libseccomp's answer for a name it does not know (``__NR_SCMP_ERROR``).
 UNKNOWN_SYSCALL = -1
@@ -182,8 +183,6 @@ def compile_filter() -> bytes:
         return file.read()
 
 
-PR_SET_SECCOMP = 22
-SECCOMP_MODE_FILTER = 2
 #: Before 4.8 a ptrace tracer could change a system call after the filter had allowed it; the
 #: profile allows ptrace for debuggers, so such a kernel does not hold the filter.
 MIN_KERNEL = (4, 8)
