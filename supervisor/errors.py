@@ -89,3 +89,8 @@ class LaunchError(SupervisorError):
 class IsolationUnavailable(SupervisorError):
     reason = "isolation_unavailable"
     hint = "give the pod what the message names, or lower the named [isolation] mechanism to \"auto\" or \"off\""
+
+
+class SeccompUnavailable(SupervisorError):
+    reason = "seccomp_unavailable"
+    hint = 'install libseccomp2 (Debian/Ubuntu: apt-get install libseccomp2), or set [isolation] seccomp = "off"'

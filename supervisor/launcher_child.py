@@ -37,6 +37,42 @@ MSG_CMSG_CLOEXEC = 0x40000000
 MAX_MESSAGE = 1 << 20
 LISTEN_FD = 3
 
+# ---- system-call filter --------------------------------------------------------------------------
+
+PR_SET_SECCOMP = 22
+SECCOMP_MODE_FILTER = 2
+BPF_MAXINSNS = 4096
+SOCK_FILTER_SIZE = 8  # struct sock_filter: u16 code, u8 jt, u8 jf, u32 k
+
+
+class SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+
+def install_seccomp(program: bytes) -> None:
+    """Install ``program`` (classic BPF from :func:`supervisor.seccomp.compile_filter`) as this
+    thread's seccomp filter; it stays across exec and into every child. Needs no_new_privs (or
+    CAP_SYS_ADMIN). Call it from the one thread that execs, as the very last step before exec:
+    everything after it runs under the filter (no keyrings, no mounts, ...)."""
+    count, rest = divmod(len(program), SOCK_FILTER_SIZE)
+    if rest or not 0 < count <= BPF_MAXINSNS:
+        raise OSError(errno.EINVAL, f"system-call filter: {len(program)} bytes are not a classic BPF "
+                      f"program of 1 to {BPF_MAXINSNS} instructions")
+    buffer = ctypes.create_string_buffer(program, len(program))
+    fprog = SockFprog(count, ctypes.cast(buffer, ctypes.c_void_p))
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_SECCOMP, ctypes.c_ulong(SECCOMP_MODE_FILTER), ctypes.byref(fprog),
+                  ctypes.c_ulong(0), ctypes.c_ulong(0)) != 0:
+        err = ctypes.get_errno()
+        why = {
+            errno.EACCES: "no_new_privs is not set and the process lacks CAP_SYS_ADMIN",
+            errno.EINVAL: "the kernel lacks seccomp filter support (CONFIG_SECCOMP_FILTER) or "
+                          "rejected the program",
+            errno.ENOMEM: "too many filters or instructions already stacked on this process",
+        }.get(err, os.strerror(err))
+        raise OSError(err, f"prctl(PR_SET_SECCOMP): the system-call filter was refused: {why}")
+
+
 # ---- IDE hygiene (both launch paths) -------------------------------------------------------------
 
 #: Open files an IDE may have (soft = hard; at most the daemon's own hard limit, so no privilege is
@@ -84,10 +120,6 @@ def join_fresh_session_keyring(libc: "ctypes.CDLL") -> None:
         err = ctypes.get_errno()
         if err not in (errno.ENOSYS, errno.EPERM):
             raise OSError(err, "keyctl(KEYCTL_JOIN_SESSION_KEYRING)")
-
-
-def install_seccomp(program: bytes) -> None:  # replaced by the system-call filter section
-    raise OSError("the system-call filter is not built into this launcher")
 
 
 # ---- the user's own view of the machine (namespaces and mounts; supervisor.sandbox plans it) ------
