@@ -160,6 +160,16 @@ def test_users_are_readopted_after_a_daemon_restart(pod: Pod) -> None:
     pod.baseline()
 
 
+@pytest.mark.skipif("seccomp" in MISSING, reason=f"no system-call filter here: {MISSING.get('seccomp')}")
+def test_the_system_call_filter_denies_what_no_ide_needs(pod: Pod) -> None:
+    out = sh_ok(pod.attacker, "grep ^Seccomp: /proc/self/status; unshare -U true 2>&1; unshare -n true 2>&1; "
+                "python3 -c 'import ctypes, os; libc = ctypes.CDLL(None, use_errno=True); "
+                "print(libc.mount(b\"none\", b\"/tmp\", b\"tmpfs\", 0, None), os.strerror(ctypes.get_errno()))'; echo done")
+    assert "Seccomp:\t2" in out, out
+    assert out.count("Operation not permitted") == 3, out  # unshare -U, unshare -n, mount
+    assert out.strip().endswith("done")
+
+
 @pytest.mark.parametrize("problem", ["no init", "no CAP_SYS_ADMIN"])
 def test_a_required_mechanism_that_is_unavailable_stops_the_start(problem: str) -> None:
     overrides = {"isolation__pid": "on", "isolation__mount": "on"}
