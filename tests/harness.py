@@ -159,6 +159,16 @@ def started(**overrides: Any) -> Iterator[Daemon]:
         d.cleanup()
 
 
+def isolation_available() -> tuple[dict[str, str], dict[str, str]]:
+    """Daemon overrides (``isolation__<name>``) turning on every ``[isolation]`` mechanism this
+    machine can give and off the rest, and why each of those is missing."""
+    from supervisor import isolation
+    from supervisor.config import IsolationConfig
+
+    missing = isolation.probe(IsolationConfig()) if os.geteuid() == 0 else {m: "not root" for m in ISOLATION_MECHANISMS}
+    return {f"isolation__{name}": "off" if name in missing else "on" for name in ISOLATION_MECHANISMS}, missing
+
+
 def remove_cgroup_tree(group: Path) -> list[Path]:
     """Thaw, kill whatever is left in, and remove ``group`` and every cgroup below it; returns the
     groups that could not be removed (benchmarks clean up with it too)."""

@@ -17,27 +17,23 @@ from typing import Iterator
 
 import pytest
 
-from supervisor import isolation
-from supervisor.config import ISOLATION_MECHANISMS, IsolationConfig
 from supervisor.paths import user_paths
-from tests.harness import Daemon, poll
+from tests.harness import Daemon, isolation_available, poll
 from tests.hostile import Pod
 
-import importlib.util
-_TMP = {m: "off" for m in ("network", "seccomp") if importlib.util.find_spec(f"supervisor.{'netstack' if m == 'network' else m}") is None}
-MISSING = {**isolation.probe(IsolationConfig(**_TMP)), **{m: "not merged" for m in _TMP}} if os.geteuid() == 0 else {"all": "not root"}
+ISOLATION, MISSING = isolation_available()
 CORE = ("pid", "mount", "ipc", "uts", "identity")
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0 or any(m in MISSING for m in CORE),
     reason=f"needs root and the kernel's namespaces: {MISSING}",
 )
 #: Every mechanism this machine can give (network and seccomp when their tools are here).
-ON = {name: "off" if name in MISSING else "on" for name in ISOLATION_MECHANISMS}
+ON = {name.removeprefix("isolation__"): value for name, value in ISOLATION.items()}
 
 
 @pytest.fixture(scope="module")
 def pod() -> Iterator[Pod]:
-    pod = Pod(**{f"isolation__{name}": value for name, value in ON.items()})
+    pod = Pod(**ISOLATION)
     try:
         yield pod.start()
     finally:

@@ -34,10 +34,9 @@ from cryptography.hazmat.primitives import serialization  # noqa: E402
 from cryptography.hazmat.primitives.asymmetric import rsa  # noqa: E402
 from theia_users import missing_requirements, theia_command  # noqa: E402
 
-from supervisor import isolation  # noqa: E402
-from supervisor.config import ISOLATION_MECHANISMS, IsolationConfig  # noqa: E402
+from supervisor.config import ISOLATION_MECHANISMS  # noqa: E402
 from tests.frontdoor_client import AUDIENCE, ISSUER, Client, mint  # noqa: E402
-from tests.harness import Daemon, poll  # noqa: E402
+from tests.harness import Daemon, isolation_available, poll  # noqa: E402
 
 USER = "bench-iso"
 
@@ -98,8 +97,8 @@ def main() -> int:
     if why:
         print(f"cannot run: {why}", file=sys.stderr)
         return 2
-    missing = isolation.probe(IsolationConfig())
-    on = {name: "off" if name in missing else "on" for name in ISOLATION_MECHANISMS}
+    overrides, missing = isolation_available()
+    on = {name.removeprefix("isolation__"): value for name, value in overrides.items()}
     if missing:
         log(f"not available here, left off: {missing}")
     keys = Path(tempfile.mkdtemp(prefix="wsup-bench-iso-"))

@@ -3,11 +3,12 @@
 //   node e2e.mjs PLAN.json RESULT.json
 //
 // PLAN: {"executable": "/usr/bin/chromium", "base": "http://127.0.0.1:PORT", "artifacts": DIR,
-//        "timeout_ms": N, "users": [{"name", "token", "file", "marker", "whoami", "command"}]}
+//        "timeout_ms": N, "users": [{"name", "token", "file", "marker", "whoami", "command", "port_path"}]}
 // Every user gets its own browser context (its own cookie jar, as a separate browser profile) in one
 // headless Chromium, and concurrently: signs in with `/?token=...`, waits for the Theia workbench
 // and its own seeded file in the explorer, opens the file in the editor, opens a terminal and runs
-// `command` in it, waiting (as root, on disk) until `whoami` holds two lines. Screenshots of each
+// `command` in it, waiting (as root, on disk) until `whoami` holds two lines, then (with
+// `port_path`) loads the dev server the command started through the front door's /port/<N>/. Screenshots of each
 // step go to ARTIFACTS/<user>-<n>-<step>.png. RESULT gets, per user, timings, what the explorer
 // listed, the editor text, both cookies of the context and any page errors; the Python test
 // (test_browser_e2e.py) judges them and checks the files on disk.
@@ -192,6 +193,22 @@ async function runUser(browser, user) {
     await sleep(500); // let the terminal paint the prompt again for the screenshot
     out.screenshots.push(await shot(page, user, '3-terminal'));
     log(`${user.name}: terminal command ran (typed ${typed}x) after ${out.steps.terminal}s`);
+    // 5. The dev server the command started, in the browser through the front door's /port/<N>/
+    //    (the user's own loopback): retried until it listens, in a second tab of the same session.
+    if (user.port_path) {
+      const tab = await context.newPage();
+      const until = Date.now() + 30000;
+      for (;;) {
+        const answer = await tab.goto(plan.base + user.port_path, { waitUntil: 'load' }).catch((err) => ({ status: () => 0, err }));
+        out.port_status = answer.status();
+        out.port_text = out.port_status ? (await tab.locator('body').innerText()).slice(0, 2000) : String(answer.err);
+        if (out.port_status === 200 || Date.now() > until) break;
+        await sleep(250);
+      }
+      out.screenshots.push(await shot(tab, user, '3b-port'));
+      await tab.close();
+      log(`${user.name}: ${user.port_path} answered ${out.port_status}`);
+    }
     out.cookies = Object.fromEntries((await context.cookies()).map((c) => [c.name, c.value]));
     out.cookie_flags = Object.fromEntries((await context.cookies()).map((c) => [c.name, { httpOnly: c.httpOnly, sameSite: c.sameSite, secure: c.secure }]));
     out.ok = true;

@@ -49,9 +49,11 @@ sys.path.insert(0, str(REPO))
 from supervisor.paths import ensure_user_dirs, resolve_uid, user_paths  # noqa: E402
 from tests.conftest import is_root, pure_cgroup_v2, v1_controllers_mounted  # noqa: E402
 from tests.frontdoor_client import AUDIENCE, ISSUER, Client, mint, ws_connect  # noqa: E402
-from tests.harness import Daemon, poll  # noqa: E402
+from tests.harness import Daemon, isolation_available, poll  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
+#: Every [isolation] mechanism this machine can give, on (CI: all of them).
+ISOLATION, ISOLATION_MISSING = isolation_available()
 THEIA = REPO / "images" / "theia"
 BUILT = THEIA / "app" / "lib" / "backend" / "main.js"
 CHROMIUM = Path("/usr/bin/chromium")
@@ -60,7 +62,13 @@ PLAYWRIGHT = HERE / "node_modules" / "playwright-core" / "package.json"
 ARTIFACTS = REPO / "artifacts" / "browser-e2e"
 USERS = ("e2e-alice", "e2e-bob")
 TIER = "pro"  # 1 CPU: Theia's start and the workbench load are CPU-bound (free is 0.2 CPU)
-COMMAND = "id -u > whoami.txt; pwd >> whoami.txt; cat whoami.txt"
+#: Port of the dev server each user starts in their terminal: the same for both, each on their
+#: own loopback ([isolation] network), reached through the front door's /port/<N>/.
+DEV_PORT = 8765
+#: Typed into each user's terminal: who and where (read from disk), the prompt as bash renders
+#: it, and a dev server in the background serving the workspace.
+COMMAND = (f"(python3 -m http.server {DEV_PORT} --bind 127.0.0.1 >/dev/null 2>&1 &); "
+           "printf '%s\\n' \"${PS1@P}\" > prompt.txt; id -u > whoami.txt; pwd >> whoami.txt; cat whoami.txt")
 #: Set to an installed prefix (e.g. /opt/theia) to use it instead of installing the checkout's build.
 THEIA_PREFIX_ENV = "BROWSER_E2E_THEIA"
 
@@ -99,7 +107,8 @@ def theia_prefix() -> Iterator[Path]:
     if given:
         yield Path(given)
         return
-    prefix = Path(tempfile.mkdtemp(prefix="wsup-e2e-theia-", dir="/tmp"))
+    # Not below /tmp: a user's own view has a private /tmp ([isolation] mount).
+    prefix = Path(tempfile.mkdtemp(prefix="wsup-e2e-theia-", dir="/opt"))
     os.chmod(prefix, 0o755)
     try:
         done = subprocess.run([str(THEIA / "build"), "--no-apt", "--prefix", str(prefix)], capture_output=True, text=True, timeout=600)
@@ -154,6 +163,7 @@ def setup(theia_prefix: Path) -> Iterator[Setup]:
             "--session-preference=security.workspace.trust.enabled=false",
         ],
         "restart__healthy_after": "5s",
+        **ISOLATION,
     })
     try:
         s = Setup(daemon, 0, private_key)
@@ -193,7 +203,8 @@ def drive_browsers(s: Setup, work: Path) -> dict[str, Any]:
         "timeout_ms": 90_000,
         "users": [
             {"name": user, "token": s.token(user), "file": f"{user}-notes.txt", "marker": f"marker-{user}-{s.uids[user]}",
-             "whoami": str(s.workspaces[user] / "whoami.txt"), "command": COMMAND}
+             "whoami": str(s.workspaces[user] / "whoami.txt"), "command": COMMAND,
+             "port_path": f"/port/{DEV_PORT}/{user}-notes.txt" if ISOLATION["isolation__network"] == "on" else None}
             for user in USERS
         ],
     }
@@ -250,6 +261,16 @@ def test_two_users_in_real_browsers_each_reach_only_their_own_theia(setup: Setup
         assert lines == [str(s.uids[user]), str(s.workspaces[user])], lines
         assert whoami.stat().st_uid == s.uids[user]
         assert (s.workspaces[user] / ".e2e-terminal-ready").stat().st_uid == s.uids[user]  # the driver's probe
+        # --- the prompt names the user and their host ([isolation] identity and uts) ---------------
+        prompt = (s.workspaces[user] / "prompt.txt").read_text().strip()
+        if ISOLATION["isolation__identity"] == "on" and ISOLATION["isolation__uts"] == "on":
+            assert prompt.startswith(f"{user}@{user}:"), prompt
+        assert "I have no name!" not in prompt, prompt
+        # --- the dev server started in the terminal, in the browser through /port/<N>/ ------------
+        if ISOLATION["isolation__network"] == "on":
+            assert seen["port_status"] == 200, seen
+            assert f"marker-{user}-{s.uids[user]}" in seen["port_text"], seen["port_text"]
+            assert f"marker-{other}" not in seen["port_text"]
         info = s.daemon.user(user)
         assert info["state"] == "RUNNING" and info["tier"] == TIER, info
         assert Path(info["workspace"]) == s.workspaces[user]
