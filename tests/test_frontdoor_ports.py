@@ -85,3 +85,13 @@ def test_port_range_default() -> None:
 def test_a_bad_port_range_is_refused_saying_what_is_expected(value: object) -> None:
     with pytest.raises(ConfigError, match=r"http\.port_range.*LOW-HIGH|http\.port_range.*string"):
         config_module.from_dict({"http": {"port_range": value}})
+
+
+def test_on_a_port_the_cookie_signs_in_and_token_parameters_and_app_bearers_go_on() -> None:
+    from supervisor.frontdoor.auth import Credentials
+    from supervisor.frontdoor.ports import port_credentials
+
+    with_cookie = Credentials(bearer="app-own", query_tokens=("jupyter",), cookies=("c",), target=b"/port/8888/?token=jupyter")
+    assert port_credentials(with_cookie) == Credentials(None, (), ("c",), b"/port/8888/?token=jupyter")
+    api_client = Credentials(bearer="jwt", query_tokens=("jupyter",), cookies=(), target=b"/port/8888/")
+    assert port_credentials(api_client) == Credentials("jwt", (), (), b"/port/8888/")

@@ -11,6 +11,7 @@ namespace would reach it.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import subprocess
@@ -164,7 +165,8 @@ def port_count() -> float:
     return PROXY_CONNECTIONS.labels(kind="port")._value.get()
 
 
-async def test_a_user_reaches_their_own_server_not_the_hosts(door: Door) -> None:
+async def test_a_user_reaches_their_own_server_not_the_hosts(door: Door, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
     n, before = door.port, port_count()
     browser = door.client()
     signed_in = await in_thread(lambda: browser.get("/?token=" + token("alice")))
@@ -173,10 +175,15 @@ async def test_a_user_reaches_their_own_server_not_the_hosts(door: Door) -> None
     assert page.status == 200, page.body
     # the token parameter is the server's own: passed on, never taken for credentials
     assert page.body == f"dev-server alice path=/src/main.ts?token=vite-own&x=1\n".encode()
+    cookie = f"wsup_session={browser.cookies['wsup_session']}; app=1"
     headers = dict((k.lower(), v) for k, v in (await in_thread(lambda: browser.get(
-        f"/port/{n}/headers", headers={"Cookie": f"wsup_session={browser.cookies['wsup_session']}; app=1"}))).json())
+        f"/port/{n}/headers", headers={"Cookie": cookie, "Authorization": "Bearer app-own"}))).json())
     assert headers["host"] == f"localhost:{n}"
     assert headers["cookie"] == "app=1", "the front door's cookie reached the user's server"
+    assert headers["authorization"] == "Bearer app-own"  # the app's own: the cookie signed the request in
+    logged = [record.getMessage() for record in caplog.records]
+    assert any(f"/port/{n}/src/main.ts?x=1 -> 200" in line for line in logged), logged
+    assert all("vite-own" not in line for line in logged), "the server's token reached the log"
     assert port_count() == before + 1, "two requests on one keep-alive connection: one upstream connection"
     assert "alice" in door.inputs
 

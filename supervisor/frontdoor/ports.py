@@ -8,12 +8,14 @@ namespace of a process, named by its pidfd (:func:`supervisor.netns.socket_in`).
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import socket
 from dataclasses import dataclass
 import trio
 
 from supervisor import netns
+from supervisor.frontdoor.auth import Credentials
 from supervisor.frontdoor.answers import Answer, html_page, json_answer, retry_later, same_origin_path
 
 PREFIX = b"/port/"
@@ -51,6 +53,13 @@ def parse_port_path(target: bytes) -> PortPath | None:
     if not slash:
         return PortPath(port, b"/", redirect=PREFIX + number + b"/" + sep + query)
     return PortPath(port, b"/" + rest + sep + query)
+
+
+def port_credentials(creds: Credentials) -> Credentials:
+    """What identifies the user on a ``/port/`` request: the session cookie, else a Bearer token.
+    A ``token`` parameter is the user's server's own (Jupyter's, Vite's HMR), and so is an
+    ``Authorization`` header sent with the cookie (an app's own API token): both go on to it."""
+    return dataclasses.replace(creds, query_tokens=(), bearer=None if creds.cookies else creds.bearer)
 
 
 def upstream_host(port: int) -> bytes:

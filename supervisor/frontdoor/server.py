@@ -40,7 +40,6 @@ logged after the ``token`` parameter is removed, and headers are never logged.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import time
@@ -610,8 +609,8 @@ class _Connection:
         if (handled := await self._sign_in_endpoints(request)) is not None:
             return handled
         creds = credentials(request.headers, request.target, front.cookie_name)
-        if ports.is_port_path(request.target):  # its token parameter is the user's server's (Jupyter's, Vite's)
-            creds = dataclasses.replace(creds, query_tokens=(), target=request.target)
+        if ports.is_port_path(request.target):
+            creds = ports.port_credentials(creds)
         tokens = _tokens(creds)
         if (limited := self._token_limit(tokens)) is not None:
             await trio.sleep(HOLD_BACK)
@@ -845,7 +844,7 @@ class _Connection:
         front = self.front
         user = identity.user
         navigating = wants_html(request.method, request.headers)
-        path = ports.parse_port_path(target)
+        path = ports.parse_port_path(request.target)  # (``target`` is for the log: without its token parameter)
         refusal = self._port_refusal(path, user, navigating)
         if refusal is not None or path is None:
             refusal = refusal or ports.malformed()
@@ -861,7 +860,8 @@ class _Connection:
 
         to = _Destination(f"port {port}", f"port {port}", connect, ports.server_failed(port),
                           lambda headers: ports.port_response_headers(headers, port))
-        return await self._forward(request, identity, path.target, ports.port_request_headers(self._headers(request, source), port), to)
+        headers = ports.port_request_headers(self._headers(request, source), port)
+        return await self._forward(request, identity, path.target, headers, to, shown=target)
 
     def _port_refusal(self, path: ports.PortPath | None, user: str, navigating: bool) -> Answer | None:
         """What to answer instead of carrying a request to the user's port, if anything."""
@@ -886,16 +886,18 @@ class _Connection:
                                         upgrade=upgrade_of(request))
 
     async def _forward(self, request: h11.Request, identity: Identity, target: bytes, headers: list[tuple[bytes, bytes]],
-                       to: _Destination) -> bool:
-        """Carry one request (or a WebSocket) to ``to``; True if the connection may carry another."""
+                       to: _Destination, shown: bytes | None = None) -> bool:
+        """Carry one request (or a WebSocket) to ``to`` as ``target``; True if the connection may
+        carry another. ``shown``: the request in the log, if not ``target`` (which may hold a token)."""
         front = self.front
         user = identity.user
+        logged = loggable(target if shown is None else shown)
 
         def on_input(n: int) -> None:
             front.on_input(user)
 
         if upgrade_of(request) is not None:
-            return await self._websocket(request, identity, target, headers, on_input, to)
+            return await self._websocket(request, identity, target, headers, on_input, to, logged)
         retry = True
         while True:
             reused = await self._upstream_for(user, to)
@@ -913,13 +915,13 @@ class _Connection:
                 if reused and retry and request.method in (b"GET", b"HEAD") and not has_body(request):
                     retry = False  # the IDE closed an idle kept-alive connection as we sent: once more
                     continue
-                log.warning("user=%s %s %s: %s failed: %s", user, request.method.decode(), loggable(target), to.what, exc)
+                log.warning("user=%s %s %s: %s failed: %s", user, request.method.decode(), logged, to.what, exc)
                 return await self._answer(request, to.failed)
             except BaseException:
                 await self._drop_upstream()
                 raise
             break
-        log.debug("user=%s %s %s -> %d", user, request.method.decode(), loggable(target), exchange.status)
+        log.debug("user=%s %s %s -> %d", user, request.method.decode(), logged, exchange.status)
         if not exchange.ide_reusable:
             await self._drop_upstream()
         return exchange.reusable
@@ -939,7 +941,7 @@ class _Connection:
         return False
 
     async def _websocket(self, request: h11.Request, identity: Identity, target: bytes,
-                         headers: list[tuple[bytes, bytes]], on_input: Callable[[int], None], to: _Destination) -> bool:
+                         headers: list[tuple[bytes, bytes]], on_input: Callable[[int], None], to: _Destination, logged: str) -> bool:
         await self._drop_upstream()
         user = identity.user
         upstream = await to.connect()
@@ -963,15 +965,15 @@ class _Connection:
                 expires=self._expiry(identity), keepalive_markers=self.front.keepalive_markers, answer_headers=to.answer_headers,
             )
         except UpstreamFailed as exc:
-            log.warning("user=%s upgrade %s: %s failed: %s", user, loggable(target), to.what, exc)
+            log.warning("user=%s upgrade %s: %s failed: %s", user, logged, to.what, exc)
             return await self._answer(request, to.failed)
         finally:
             if switched:
                 gauge.dec()
             await upstream.aclose()
         if exchange.ended == "expired":
-            log.info("user=%s sid=%s WebSocket %s closed: its credentials expired", user, identity.sid[:16], loggable(target))
-        log.debug("user=%s upgrade %s -> %d (%s)", user, loggable(target), exchange.status, exchange.ended or "answered")
+            log.info("user=%s sid=%s WebSocket %s closed: its credentials expired", user, identity.sid[:16], logged)
+        log.debug("user=%s upgrade %s -> %d (%s)", user, logged, exchange.status, exchange.ended or "answered")
         return False
 
     async def _connect_port(self, user: str, port: int, navigating: bool) -> Upstream | Answer:
