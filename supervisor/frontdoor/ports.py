@@ -12,11 +12,12 @@ import dataclasses
 import errno
 import socket
 from dataclasses import dataclass
+
 import trio
 
 from supervisor import netns
-from supervisor.frontdoor.auth import Credentials
 from supervisor.frontdoor.answers import Answer, html_page, json_answer, retry_later, same_origin_path
+from supervisor.frontdoor.auth import Credentials
 
 PREFIX = b"/port/"
 Headers = list[tuple[bytes, bytes]]

@@ -846,10 +846,10 @@ class _Connection:
         navigating = wants_html(request.method, request.headers)
         path = ports.parse_port_path(request.target)  # (``target`` is for the log: without its token parameter)
         refusal = self._port_refusal(path, user, navigating)
-        if refusal is not None or path is None:
-            refusal = refusal or ports.malformed()
+        if refusal is not None:
             log.info("user=%s %s %s: %d %s", user, request.method.decode(), loggable(target), refusal.status, refusal.reason)
             return await self._answer(request, refusal)
+        assert path is not None  # (a malformed one was refused)
         if front.wake is not None:
             await front.wake(user)  # an idle-frozen IDE's tree (the server with it) is thawed first
         front.on_input(user)
@@ -1110,7 +1110,8 @@ async def run_frontdoor(
     front door's table); ``on_input(user)`` is called for every request and every piece of a body
     or WebSocket the browser sends; ``await wake(user)`` before each request is passed to the IDE
     (the idle ladder's hooks). ``netns``: every IDE runs in a network namespace of its own
-    (``[isolation] network`` in force), so ``/port/<N>/`` is served. Raises ConfigError (keys or cookie secret unusable) before listening."""
+    (``[isolation] network`` in force), so ``/port/<N>/`` is served. Raises ConfigError (keys or
+    cookie secret unusable) before listening."""
     with trio.CancelScope() as scope:
         handle = FrontDoorHandle(scope)
         why_off = config.frontdoor_off
