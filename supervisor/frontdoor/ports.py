@@ -162,6 +162,19 @@ def server_failed(port: int) -> Answer:
 
 #: What makes a loopback address "not there" in a namespace: nothing listens, or no IPv6 in it.
 _ABSENT = frozenset({errno.ECONNREFUSED, errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL, errno.ENETUNREACH})
+#: Worker threads entering namespaces at once (each ~0.1 ms): a flood of port requests waits here,
+#: not in trio's default limiter, which the daemon's other blocking work (cgroup waits) shares.
+NAMESPACE_THREADS = 4
+_LIMITER: trio.lowlevel.RunVar[trio.CapacityLimiter] = trio.lowlevel.RunVar("namespace_threads")
+
+
+def _threads() -> trio.CapacityLimiter:
+    try:
+        return _LIMITER.get()
+    except LookupError:  # one per trio run, as trio's own default limiter
+        limiter = trio.CapacityLimiter(NAMESPACE_THREADS)
+        _LIMITER.set(limiter)
+        return limiter
 
 
 async def connect_loopback(pidfd: int, port: int, timeout: float) -> trio.SocketStream:
@@ -174,7 +187,7 @@ async def connect_loopback(pidfd: int, port: int, timeout: float) -> trio.Socket
     with trio.fail_after(timeout):
         for family, address in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
             try:
-                made = await trio.to_thread.run_sync(netns.socket_in, pidfd, family)
+                made = await trio.to_thread.run_sync(netns.socket_in, pidfd, family, limiter=_threads())
             except OSError as exc:
                 if exc.errno not in _ABSENT:  # (EAFNOSUPPORT: no IPv6 in there)
                     raise
