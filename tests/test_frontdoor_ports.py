@@ -66,9 +66,11 @@ def test_port_80_may_name_itself_without_a_port() -> None:
     assert rewrite_location(b"http://localhost/x", 80) == b"/port/80/x"
 
 
-def test_the_server_is_asked_with_its_own_host_name() -> None:
-    headers = [(b"host", b"pod.example:8080"), (b"accept", b"*/*"), (b"host", b"second")]
-    assert port_request_headers(headers, 5173) == [(b"host", b"localhost:5173"), (b"accept", b"*/*")]
+def test_the_server_is_asked_with_its_own_host_name_and_origin() -> None:
+    headers = [(b"host", b"pod.example:8080"), (b"accept", b"*/*"), (b"origin", b"https://pod.example:8080"), (b"host", b"second")]
+    assert port_request_headers(headers, 5173) == [
+        (b"host", b"localhost:5173"), (b"accept", b"*/*"), (b"origin", b"http://localhost:5173")]
+    assert port_request_headers([(b"accept", b"*/*")], 80) == [(b"host", b"localhost:80"), (b"accept", b"*/*")]
 
 
 @pytest.mark.parametrize("value, bounds", [("1024-65535", (1024, 65535)), (" 3000 - 3999 ", (3000, 3999)), ("8080", (8080, 8080))])

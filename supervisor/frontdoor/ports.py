@@ -71,8 +71,17 @@ def upstream_host(port: int) -> bytes:
 
 def port_request_headers(headers: Headers, port: int) -> Headers:
     """``headers`` (already filtered for the IDE: no front-door cookie or token) with ``Host``
-    replaced by :func:`upstream_host`."""
-    return [(b"host", upstream_host(port)), *((n, v) for n, v in headers if n != b"host")]
+    replaced by :func:`upstream_host`, and an ``Origin`` by ``http://`` + that: to the server the
+    page is its own (webpack-dev-server refuses a WebSocket from another origin). The front door
+    has checked the browser's Origin already where it matters (a cookie request: ``.signin``)."""
+    host = upstream_host(port)
+    out = [(b"host", host)]
+    for name, value in headers:
+        if name == b"origin":
+            out.append((name, b"http://" + host))
+        elif name != b"host":
+            out.append((name, value))
+    return out
 
 
 def rewrite_location(value: bytes, port: int) -> bytes:
