@@ -137,6 +137,7 @@ class Door:
     ides: ManagerIdes
     inputs: list[str]
     port: int
+    woken: list[str]
     clients: list[Client] = field(default_factory=list)
 
     def client(self) -> Client:
@@ -153,9 +154,14 @@ async def door(nursery: trio.Nursery, tmp_path: Path, machine: Machine) -> Async
     runtimes["paul"] = _Runtime(_Session(State.PAUSED), None)
     ides = ManagerIdes(cast(SessionManager, StandIn(config, runtimes)), netns=True)
     inputs: list[str] = []
-    front = FrontDoor(config, ides, Authenticator.from_config(config.auth, config.daemon.state_dir), on_input=inputs.append)
+    woken: list[str] = []
+
+    async def wake(user: str) -> None:
+        woken.append(user)
+
+    front = FrontDoor(config, ides, Authenticator.from_config(config.auth, config.daemon.state_dir), on_input=inputs.append, wake=wake)
     await nursery.start(front.serve)
-    door = Door(front, ides, inputs, machine.port)
+    door = Door(front, ides, inputs, machine.port, woken)
     yield door
     for client in door.clients:
         client.close()
@@ -185,7 +191,7 @@ async def test_a_user_reaches_their_own_server_not_the_hosts(door: Door, caplog:
     assert any(f"/port/{n}/src/main.ts?x=1 -> 200" in line for line in logged), logged
     assert all("vite-own" not in line for line in logged), "the server's token reached the log"
     assert port_count() == before + 1, "two requests on one keep-alive connection: one upstream connection"
-    assert "alice" in door.inputs
+    assert "alice" in door.inputs and "alice" in door.woken  # activity, and an idle-frozen tree thawed first
 
 
 async def test_a_websocket_reaches_the_users_own_server(door: Door) -> None:
@@ -214,6 +220,7 @@ async def test_another_user_with_their_own_token_gets_their_own_empty_namespace(
     ws.close()
     assert ws.status == 502
     assert b"dev-server" not in page.body + api.body + ws.head  # neither alice's nor the host's
+    assert "alice" not in door.woken + door.inputs
 
 
 async def test_without_credentials_401_and_a_token_parameter_is_not_credentials(door: Door) -> None:
