@@ -16,6 +16,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, AsyncIterator, Iterator, cast
@@ -41,8 +42,6 @@ DEV_SERVER = Path(__file__).parent / "fixtures" / "dev_server.py"
 
 
 def wait_for_file(path: Path, proc: subprocess.Popen[bytes], timeout: float = 10.0) -> str:
-    import time
-
     deadline = time.monotonic() + timeout
     while not (path.exists() and path.read_text()):
         if proc.poll() is not None:
