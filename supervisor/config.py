@@ -136,6 +136,23 @@ def _origins(value: Any) -> list[str]:
     return origins
 
 
+def port_bounds(text: str) -> tuple[int, int]:
+    """``LOW-HIGH`` (or one port) as (low, high); ValueError saying what is expected."""
+    low, sep, high = text.strip().partition("-")
+    try:
+        bounds = (int(low), int(high) if sep else int(low))
+    except ValueError:
+        raise ValueError("expected LOW-HIGH, two port numbers, e.g. 1024-65535") from None
+    if not 1 <= bounds[0] <= bounds[1] <= 65535:
+        raise ValueError("expected LOW-HIGH with 1 <= LOW <= HIGH <= 65535, e.g. 1024-65535")
+    return bounds
+
+
+def _port_range(value: Any) -> str:
+    low, high = port_bounds(_str(value))
+    return f"{low}-{high}"
+
+
 def _user_host(value: Any) -> str:
     import re
 
@@ -444,6 +461,14 @@ class HttpConfig:
         "", "One origin per user: the host each user's IDE is served at, e.g. {user}.ide.example.com; a request whose Host "
         "is not its user's is refused (403 wrong_host). Empty: every user on the front door's host(s).", _user_host
     )
+    port_range: str = setting(
+        "1024-65535", "The ports of a user's own network namespace the front door serves to that user at /port/<N>/ (with "
+        "[isolation] network; LOW-HIGH); another port gets 403 port_not_allowed.", _port_range
+    )
+
+    @property
+    def port_bounds(self) -> tuple[int, int]:
+        return port_bounds(self.port_range)
 
 
 @dataclass(frozen=True)

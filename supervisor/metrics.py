@@ -23,7 +23,7 @@ AUTH_REJECTIONS = Counter(
     f"{PREFIX}_auth_rejections", "Requests refused by the front door, by reason code.", ["reason"], registry=REGISTRY
 )
 PROXY_CONNECTIONS = Counter(
-    f"{PREFIX}_proxy_connections", "Client connections proxied to an IDE, by kind (http, websocket).", ["kind"], registry=REGISTRY
+    f"{PREFIX}_proxy_connections", "Client connections proxied to an IDE, by kind (http, websocket), or to a user's own port (port: /port/<N>/, HTTP or WebSocket).", ["kind"], registry=REGISTRY
 )
 PROXY_ACTIVE = Gauge(
     f"{PREFIX}_proxy_active_connections", "Client connections being proxied now, by kind.", ["kind"], registry=REGISTRY
@@ -67,7 +67,7 @@ COLD_STARTS = Counter(
     ["tier"], registry=REGISTRY,
 )
 
-for _kind in ("http", "websocket"):
+for _kind in ("http", "websocket", "port"):
     PROXY_CONNECTIONS.labels(kind=_kind)
     PROXY_ACTIVE.labels(kind=_kind)
 for _direction in ("client_to_ide", "ide_to_client"):

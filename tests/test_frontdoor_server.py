@@ -83,6 +83,9 @@ class FakeIdes:
                     await trio.sleep(0.01)
         return self.infos[user]
 
+    async def open_port(self, user: str, port: int) -> trio.SocketStream | None:
+        raise AssertionError("these IDEs share the host's network: /port/ must never be opened")
+
     def close(self) -> None:
         for proc in self.procs.values():
             proc.kill()
@@ -614,3 +617,12 @@ async def test_an_ide_socket_served_by_another_uid_gets_502_and_no_byte(
         while ended < 2:
             await trio.sleep(0.01)
     assert received == []
+
+
+async def test_ports_are_not_served_without_a_network_namespace_of_the_ides_own(door: Door) -> None:
+    client = door.client()
+    assert (await in_thread(lambda: client.get("/", headers=bearer()))).status == 200
+    refused = await in_thread(lambda: client.get("/port/3000/", headers=bearer()))
+    assert refused.status == 404 and refused.json()["reason"] == "ports_not_served"
+    again = await in_thread(lambda: client.get("/after", headers=bearer()))
+    assert again.status == 200 and b"path=/after" in again.body

@@ -47,6 +47,7 @@ Headers = list[tuple[bytes, bytes]]
 HeaderSeq = Sequence[tuple[bytes, bytes]]
 Event = Union[h11.Request, h11.InformationalResponse, h11.Response, h11.Data, h11.EndOfMessage, h11.ConnectionClosed]
 Counter = Callable[[int], None]
+Rewrite = Callable[[Headers], Headers]  # what the browser gets of an answer's headers (after filtering)
 
 TO_IDE = PROXY_BYTES.labels(direction="client_to_ide")
 TO_CLIENT = PROXY_BYTES.labels(direction="ide_to_client")
@@ -241,11 +242,13 @@ _UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 @dataclass
 class Upstream:
-    """A connection to one user's IDE socket, reusable for the next request of the same user."""
+    """A connection to one user's IDE socket (or to a port in the user's own network namespace),
+    reusable for the next request of the same user to the same place."""
 
     user: str
-    socket_path: Path
+    destination: Path | str  # the IDE's socket path, or :func:`Upstream.over`'s name for the place
     http: HttpStream
+    kind: str = "http"  # what it carries, for the proxy metrics: http, or port
     exchanges: int = 0
     closed: bool = field(default=False)
 
@@ -263,8 +266,14 @@ class Upstream:
             raise PeerMismatch(uid, found, pid)
         return cls(user, socket_path, HttpStream(stream, h11.CLIENT, buffer_size=buffer_size, max_head=max_head))
 
-    def reusable_for(self, user: str, socket_path: Path) -> bool:
-        return not self.closed and self.user == user and self.socket_path == socket_path and self.http.idle_and_open()
+    @classmethod
+    def over(cls, user: str, stream: trio.SocketStream, destination: str, *, kind: str, buffer_size: int, max_head: int) -> Upstream:
+        """An upstream over a stream the caller connected and vouches for (a port in ``user``'s
+        own network namespace, named ``destination`` - never equal to an IDE socket's path)."""
+        return cls(user, destination, HttpStream(stream, h11.CLIENT, buffer_size=buffer_size, max_head=max_head), kind)
+
+    def reusable_for(self, user: str, destination: Path | str) -> bool:
+        return not self.closed and self.user == user and self.destination == destination and self.http.idle_and_open()
 
     async def aclose(self) -> None:
         self.closed = True
@@ -289,7 +298,7 @@ class Exchange:
 
 async def forward_http(
     client: HttpStream, upstream: Upstream, request: h11.Request, *, target: bytes, headers: Headers,
-    cookie_name: str, idle: float, on_input: Counter, kernel_splice: bool = False,
+    cookie_name: str, idle: float, on_input: Counter, kernel_splice: bool = False, answer_headers: Rewrite | None = None,
 ) -> Exchange:
     """Forward one request to the IDE and its answer to the browser, streaming both bodies
     (large Content-Length bodies, either way, with ``os.splice`` if ``kernel_splice``).
@@ -336,7 +345,7 @@ async def forward_http(
             nursery.start_soon(_guard_client, pump_request_body)
             response = await _response_head(client, ide, idle)
             await _relay_response(client, ide, response, result, cookie_name=cookie_name, idle=idle,
-                                  method=request.method, kernel_splice=kernel_splice)
+                                  method=request.method, kernel_splice=kernel_splice, answer_headers=answer_headers)
             if not request_done:
                 nursery.cancel_scope.cancel()  # the IDE answered without reading the whole body
     except BaseExceptionGroup as group:
@@ -360,14 +369,15 @@ async def forward_http(
 
 async def _relay_response(
     client: HttpStream, ide: HttpStream, response: h11.Response, result: Exchange, *, cookie_name: str, idle: float,
-    method: bytes, kernel_splice: bool = False,
+    method: bytes, kernel_splice: bool = False, answer_headers: Rewrite | None = None,
 ) -> None:
     """Pass the IDE's answer (head, then streamed body) on to the browser; record it in ``result``."""
     result.status = response.status_code
+    headers = client_response_headers(response.headers, cookie_name=cookie_name)
     try:
         await client.send(h11.Response(
             status_code=response.status_code, reason=response.reason,
-            headers=client_response_headers(response.headers, cookie_name=cookie_name),
+            headers=answer_headers(headers) if answer_headers is not None else headers,
         ), idle)
         result.answered = True
         length = body_length(method, response) if kernel_splice else None
@@ -532,7 +542,7 @@ def first_leaf(group: BaseExceptionGroup) -> BaseException:
 async def forward_upgrade(
     client: HttpStream, upstream: Upstream, request: h11.Request, *, target: bytes, headers: Headers,
     cookie_name: str, idle: float, on_input: Counter, relay: Relay, expires: float = math.inf,
-    on_switched: Callable[[], None] | None = None, keepalive_markers: tuple[bytes, ...] = (),
+    on_switched: Callable[[], None] | None = None, keepalive_markers: tuple[bytes, ...] = (), answer_headers: Rewrite | None = None,
 ) -> Exchange:
     """Forward an upgrade handshake; on 101, hand both connections to ``relay`` until they end.
 
@@ -567,7 +577,8 @@ async def forward_upgrade(
         break
     if isinstance(answer, h11.Response):
         # Refused (Theia refuses an upgrade without its connection cookie): pass the answer on.
-        await _relay_response(client, ide, answer, result, cookie_name=cookie_name, idle=idle, method=request.method)
+        await _relay_response(client, ide, answer, result, cookie_name=cookie_name, idle=idle, method=request.method,
+                              answer_headers=answer_headers)
         return result
     if not isinstance(answer, h11.InformationalResponse):
         raise UpstreamFailed(f"the IDE answered the handshake with {type(answer).__name__}")

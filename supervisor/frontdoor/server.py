@@ -22,6 +22,13 @@ For every request on every connection (h11 parses them; bodies are streamed by :
    until the credentials that admitted it expire (``exp`` + ``[auth] leeway``): then it is
    closed with a WebSocket Close frame 1008, as new requests with them are refused.
 
+Under ``/port/<N>/`` (:mod:`.ports`) the signed-in user's own port N is served instead of the IDE:
+``localhost:N`` in the user's own network namespace (only with ``[isolation] network``; 404
+otherwise), N within ``[http] port_range`` (403 otherwise), the prefix stripped, ``Host:
+localhost:N``, a ``Location`` back under the prefix; HTTP and WebSocket as for the IDE. Nothing
+listening: 502. A ``token`` query parameter there is the user's server's own (Jupyter's, Vite's),
+never read as credentials. It never starts the IDE (nothing could listen in a new one).
+
 A user an operator paused (``workspacectl pause``, state PAUSED) is answered 503 ``paused`` with
 Retry-After at once; requests do not resume it (an idle-frozen IDE is RUNNING and is woken by them).
 
@@ -34,6 +41,7 @@ logged after the ``token`` parameter is removed, and headers are never logged.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +53,7 @@ import trio
 from supervisor.config import Config
 from supervisor.errors import CapacityExceeded, Draining, InvalidTransition, SupervisorError, UnknownTier
 from supervisor.frontdoor.admission import ColdStarts, SessionTable
+from supervisor.frontdoor import ports
 from supervisor.frontdoor.answers import Answer, html_page, json_answer, redirect, retry_after_header, retry_later, starting_page, unauthorized, wants_html
 from supervisor.frontdoor.auth import AuthError, Authenticator, Credentials, Identity, credentials
 from supervisor.frontdoor.limits import RejectionLimiter, Slots, Waiting, client_key
@@ -53,6 +62,7 @@ from supervisor.frontdoor.proxy import (
     Exchange,
     HttpStream,
     PeerMismatch,
+    Rewrite,
     Upstream,
     UpstreamFailed,
     forward_http,
@@ -107,6 +117,7 @@ class IdeInfo:
     socket_path: Path
     uid: int  # the user's: the only uid whose listening socket the front door forwards to
     reason: str = ""
+    netns: bool = False  # the IDE runs in a network namespace of its own: /port/<N>/ is served
 
 
 class Ides(Protocol):
@@ -123,19 +134,37 @@ class Ides(Protocol):
     async def wait_settled(self, user: str, timeout: float) -> IdeInfo | None:
         """Wait (at most ``timeout``) until the IDE is no longer STARTING or in BACKOFF."""
 
+    async def open_port(self, user: str, port: int) -> trio.SocketStream | None:
+        """A connection to ``localhost:port`` in the user's own network namespace (127.0.0.1,
+        else ::1); None if the user has no running IDE with a network namespace of its own.
+        Raises ConnectionRefusedError when nothing listens there, OSError or TooSlowError."""
+
 
 class ManagerIdes:
     """:class:`Ides` over the daemon's :class:`~supervisor.manager.SessionManager`."""
 
-    def __init__(self, manager: SessionManager) -> None:
+    def __init__(self, manager: SessionManager, *, netns: bool = False) -> None:
         self.manager = manager
+        self.netns = netns  # every IDE has a network namespace of its own ([isolation] network in force)
 
     def lookup(self, user: str) -> IdeInfo | None:
         rt = self.manager.runtimes.get(user)
         if rt is None:
             return None
         s = rt.session
-        return IdeInfo(state=s.state, tier=s.tier, socket_path=rt.socket_path, uid=rt.uid, reason=s.reason)
+        return IdeInfo(state=s.state, tier=s.tier, socket_path=rt.socket_path, uid=rt.uid, reason=s.reason, netns=self.netns)
+
+    async def open_port(self, user: str, port: int) -> trio.SocketStream | None:
+        rt = self.manager.runtimes.get(user)
+        if not self.netns or rt is None or rt.session.state is not State.RUNNING or rt.pidfd is None:
+            return None
+        # Duplicated now, with no checkpoint since it was read: the exit watcher closes rt.pidfd at
+        # its own checkpoints, and the number may then name another user's process.
+        pidfd = os.dup(rt.pidfd)
+        try:
+            return await ports.connect_loopback(pidfd, port, self.manager.config.http.header_timeout)
+        finally:
+            os.close(pidfd)
 
     async def start(self, user: str, tier: str) -> None:
         try:
@@ -218,6 +247,7 @@ class FrontDoor:
         )
         self.websockets = Slots()
         self.requests = Slots()
+        self.port_bounds = config.http.port_bounds
 
     @property
     def cookie_name(self) -> str:
@@ -427,6 +457,17 @@ class FrontDoor:
         return answer
 
 
+@dataclass(frozen=True)
+class _Destination:
+    """Where a request is carried: the user's IDE, or one of the user's own ports."""
+
+    name: Path | str  # an upstream connected to the same name may be reused
+    what: str  # for the log
+    connect: Callable[[], Awaitable[Upstream | Answer]]  # a new connection, or the answer to give instead
+    failed: Answer  # the answer when it breaks off before answering
+    answer_headers: Rewrite | None = None  # what the browser gets of its answers' headers
+
+
 #: How long a client over its rejected-token budget waits for its 429 (whose Retry-After is at
 #: least 1 s) - a tarpit: answered at once and closed, a flooding client reconnects and asks again
 #: at once, and that churn (accept, parse, answer) costs the front door's loop more than the
@@ -458,7 +499,7 @@ class _Connection:
         if self.upstream is not None:
             upstream, self.upstream = self.upstream, None
             await upstream.aclose()
-            PROXY_ACTIVE.labels(kind="http").dec()
+            PROXY_ACTIVE.labels(kind=upstream.kind).dec()
 
     async def run(self) -> None:
         first = True
@@ -568,6 +609,8 @@ class _Connection:
         if (handled := await self._sign_in_endpoints(request)) is not None:
             return handled
         creds = credentials(request.headers, request.target, front.cookie_name)
+        if ports.is_port_path(request.target):
+            creds = ports.port_credentials(creds)
         tokens = _tokens(creds)
         if (limited := self._token_limit(tokens)) is not None:
             await trio.sleep(HOLD_BACK)
@@ -780,6 +823,8 @@ class _Connection:
         user = identity.user
         if request.method == b"CONNECT":
             return await self._refuse(request, target, json_answer(405, "method_not_allowed", "CONNECT is not served here"), identity)
+        if ports.is_port_path(target):
+            return await self._port(request, identity, source, target)
         ide = await front.ide_for(identity, wants_html(request.method, request.headers))
         if isinstance(ide, Answer):
             log.info("user=%s %s %s: %d %s", user, request.method.decode(), loggable(target), ide.status, ide.reason)
@@ -787,64 +832,124 @@ class _Connection:
         if front.wake is not None:
             await front.wake(user)  # thaw an idle IDE before its request reaches it
         front.on_input(user)
-        upgrade = upgrade_of(request)
-        headers = upstream_request_headers(request.headers, cookie_name=front.cookie_name, drop_bearer=source == "bearer", upgrade=upgrade)
+
+        async def connect() -> Upstream | Answer:
+            return await self._connect_upstream(user, ide) or self._unavailable(user)
+
+        to = _Destination(ide.socket_path, "the IDE", connect, self._unavailable(user))
+        return await self._forward(request, identity, target, self._headers(request, source), to)
+
+    async def _port(self, request: h11.Request, identity: Identity, source: str, target: bytes) -> bool:
+        """``/port/<N>/...``: the user's own port N (see the module docstring)."""
+        front = self.front
+        user = identity.user
+        navigating = wants_html(request.method, request.headers)
+        path = ports.parse_port_path(request.target)  # (``target`` is for the log: without its token parameter)
+        refusal = self._port_refusal(path, user, navigating)
+        if refusal is not None:
+            log.info("user=%s %s %s: %d %s", user, request.method.decode(), loggable(target), refusal.status, refusal.reason)
+            return await self._answer(request, refusal)
+        assert path is not None  # (a malformed one was refused)
+        if front.wake is not None:
+            await front.wake(user)  # an idle-frozen IDE's tree (the server with it) is thawed first
+        front.on_input(user)
+        port = path.port
+
+        async def connect() -> Upstream | Answer:
+            return await self._connect_port(user, port, navigating)
+
+        to = _Destination(f"port {port}", f"port {port}", connect, ports.server_failed(port),
+                          lambda headers: ports.port_response_headers(headers, port))
+        headers = ports.port_request_headers(self._headers(request, source), port)
+        return await self._forward(request, identity, path.target, headers, to, shown=target)
+
+    def _port_refusal(self, path: ports.PortPath | None, user: str, navigating: bool) -> Answer | None:
+        """What to answer instead of carrying a request to the user's port, if anything."""
+        front = self.front
+        info = front.ides.lookup(user)
+        if path is None:
+            return ports.malformed()
+        if path.redirect is not None:
+            return ports.slash_redirect(path.redirect)
+        if not ports.in_range(path.port, front.port_bounds):
+            return ports.outside_range(path.port, front.port_bounds)
+        if info is not None and not info.netns:
+            return ports.no_namespace(path.port)
+        if info is not None and info.state is State.PAUSED:
+            return front._paused(user, navigating)
+        if info is None or info.state not in SERVING:
+            return ports.not_running(path.port, navigating)
+        return None
+
+    def _headers(self, request: h11.Request, source: str) -> list[tuple[bytes, bytes]]:
+        return upstream_request_headers(request.headers, cookie_name=self.front.cookie_name, drop_bearer=source == "bearer",
+                                        upgrade=upgrade_of(request))
+
+    async def _forward(self, request: h11.Request, identity: Identity, target: bytes, headers: list[tuple[bytes, bytes]],
+                       to: _Destination, shown: bytes | None = None) -> bool:
+        """Carry one request (or a WebSocket) to ``to`` as ``target``; True if the connection may
+        carry another. ``shown``: the request in the log, if not ``target`` (which may hold a token)."""
+        front = self.front
+        user = identity.user
+        logged = loggable(target if shown is None else shown)
 
         def on_input(n: int) -> None:
             front.on_input(user)
 
-        if upgrade is not None:
-            return await self._websocket(request, identity, ide, target, headers, on_input)
+        if upgrade_of(request) is not None:
+            return await self._websocket(request, identity, target, headers, on_input, to, logged)
         retry = True
         while True:
-            reused = await self._upstream_for(user, ide)
-            if reused is None:
-                return await self._answer(request, self._unavailable(user))
+            reused = await self._upstream_for(user, to)
+            if isinstance(reused, Answer):
+                return await self._answer(request, reused)
             assert self.upstream is not None
             try:
                 exchange = await forward_http(
                     self.client, self.upstream, request, target=target, headers=headers,
                     cookie_name=front.cookie_name, idle=self.http.idle_timeout, on_input=on_input,
-                    kernel_splice=self.http.kernel_splice,
+                    kernel_splice=self.http.kernel_splice, answer_headers=to.answer_headers,
                 )
             except UpstreamFailed as exc:
                 await self._drop_upstream()
                 if reused and retry and request.method in (b"GET", b"HEAD") and not has_body(request):
                     retry = False  # the IDE closed an idle kept-alive connection as we sent: once more
                     continue
-                log.warning("user=%s %s %s: the IDE failed: %s", user, request.method.decode(), loggable(target), exc)
-                return await self._answer(request, self._unavailable(user))
+                log.warning("user=%s %s %s: %s failed: %s", user, request.method.decode(), logged, to.what, exc)
+                return await self._answer(request, to.failed)
             except BaseException:
                 await self._drop_upstream()
                 raise
             break
-        log.debug("user=%s %s %s -> %d", user, request.method.decode(), loggable(target), exchange.status)
+        log.debug("user=%s %s %s -> %d", user, request.method.decode(), logged, exchange.status)
         if not exchange.ide_reusable:
             await self._drop_upstream()
         return exchange.reusable
 
-    async def _upstream_for(self, user: str, ide: IdeInfo) -> bool | None:
-        """Make :attr:`upstream` a connection to the user's IDE; True if an old one is reused,
-        None if the IDE cannot be reached."""
-        if self.upstream is not None and self.upstream.reusable_for(user, ide.socket_path):
+    async def _upstream_for(self, user: str, to: _Destination) -> bool | Answer:
+        """Make :attr:`upstream` a connection to ``to``; True if an old one is reused, or the
+        answer to give if it cannot be reached."""
+        if self.upstream is not None and self.upstream.reusable_for(user, to.name):
             return True
         await self._drop_upstream()
-        self.upstream = await self._connect_upstream(user, ide)
-        if self.upstream is None:
-            return None
-        PROXY_CONNECTIONS.labels(kind="http").inc()
-        PROXY_ACTIVE.labels(kind="http").inc()
+        upstream = await to.connect()
+        if isinstance(upstream, Answer):
+            return upstream
+        self.upstream = upstream
+        PROXY_CONNECTIONS.labels(kind=upstream.kind).inc()
+        PROXY_ACTIVE.labels(kind=upstream.kind).inc()
         return False
 
-    async def _websocket(self, request: h11.Request, identity: Identity, ide: IdeInfo, target: bytes,
-                         headers: list[tuple[bytes, bytes]], on_input: Callable[[int], None]) -> bool:
+    async def _websocket(self, request: h11.Request, identity: Identity, target: bytes,
+                         headers: list[tuple[bytes, bytes]], on_input: Callable[[int], None], to: _Destination, logged: str) -> bool:
         await self._drop_upstream()
         user = identity.user
-        upstream = await self._connect_upstream(user, ide)
-        if upstream is None:
-            return await self._answer(request, self._unavailable(user))
-        PROXY_CONNECTIONS.labels(kind="websocket").inc()
-        gauge = PROXY_ACTIVE.labels(kind="websocket")
+        upstream = await to.connect()
+        if isinstance(upstream, Answer):
+            return await self._answer(request, upstream)
+        kind = "websocket" if upstream.kind == "http" else upstream.kind
+        PROXY_CONNECTIONS.labels(kind=kind).inc()
+        gauge = PROXY_ACTIVE.labels(kind=kind)
         switched = False
 
         def on_switched() -> None:
@@ -857,19 +962,34 @@ class _Connection:
             exchange = await forward_upgrade(
                 self.client, upstream, request, target=target, headers=headers, cookie_name=self.front.cookie_name,
                 idle=self.http.idle_timeout, on_input=on_input, on_switched=on_switched, relay=self._relay(),
-                expires=self._expiry(identity), keepalive_markers=self.front.keepalive_markers,
+                expires=self._expiry(identity), keepalive_markers=self.front.keepalive_markers, answer_headers=to.answer_headers,
             )
         except UpstreamFailed as exc:
-            log.warning("user=%s upgrade %s: the IDE failed: %s", user, loggable(target), exc)
-            return await self._answer(request, self._unavailable(user))
+            log.warning("user=%s upgrade %s: %s failed: %s", user, logged, to.what, exc)
+            return await self._answer(request, to.failed)
         finally:
             if switched:
                 gauge.dec()
             await upstream.aclose()
         if exchange.ended == "expired":
-            log.info("user=%s sid=%s WebSocket %s closed: its credentials expired", user, identity.sid[:16], loggable(target))
-        log.debug("user=%s upgrade %s -> %d (%s)", user, loggable(target), exchange.status, exchange.ended or "answered")
+            log.info("user=%s sid=%s WebSocket %s closed: its credentials expired", user, identity.sid[:16], logged)
+        log.debug("user=%s upgrade %s -> %d (%s)", user, logged, exchange.status, exchange.ended or "answered")
         return False
+
+    async def _connect_port(self, user: str, port: int, navigating: bool) -> Upstream | Answer:
+        """A new connection to ``localhost:port`` in the user's own network namespace, or the
+        answer to give (nothing listens: 502, the page a person can act on)."""
+        try:
+            stream = await self.front.ides.open_port(user, port)
+        except ConnectionRefusedError:
+            return ports.nothing_listens(port, navigating)
+        except (OSError, trio.TooSlowError) as exc:
+            log.warning("user=%s cannot reach port %d in the workspace: %s", user, port, exc or type(exc).__name__)
+            return ports.nothing_listens(port, navigating)
+        if stream is None:
+            return ports.not_running(port, navigating)
+        return Upstream.over(user, stream, f"port {port}", kind="port", buffer_size=self.http.buffer_size,
+                             max_head=max(self.http.max_header_bytes, 64 * 1024))
 
     async def _connect_upstream(self, user: str, ide: IdeInfo) -> Upstream | None:
         """A new connection to the user's IDE, served by the user's uid (checked before a byte is
@@ -982,14 +1102,16 @@ class FrontDoorHandle:
 async def run_frontdoor(
     config: Config, manager: SessionManager, *, publisher: Publisher | None = None,
     on_input: Callable[[str], None] | None = None, wake: Callable[[str], Awaitable[None]] | None = None,
-    task_status: trio.TaskStatus[FrontDoorHandle] = trio.TASK_STATUS_IGNORED,
+    netns: bool = False, task_status: trio.TaskStatus[FrontDoorHandle] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """The daemon's front-door service: ``started`` with a :class:`FrontDoorHandle` once listening.
 
     ``publisher`` is told of every browser session that opens and ends (and counts them from the
     front door's table); ``on_input(user)`` is called for every request and every piece of a body
     or WebSocket the browser sends; ``await wake(user)`` before each request is passed to the IDE
-    (the idle ladder's hooks). Raises ConfigError (keys or cookie secret unusable) before listening."""
+    (the idle ladder's hooks). ``netns``: every IDE runs in a network namespace of its own
+    (``[isolation] network`` in force), so ``/port/<N>/`` is served. Raises ConfigError (keys or
+    cookie secret unusable) before listening."""
     with trio.CancelScope() as scope:
         handle = FrontDoorHandle(scope)
         why_off = config.frontdoor_off
@@ -1000,7 +1122,7 @@ async def run_frontdoor(
             return
         auth = Authenticator.from_config(config.auth, config.daemon.state_dir)
         on_session = _publish_sessions(config, publisher) if publisher is not None else None
-        front = FrontDoor(config, ManagerIdes(manager), auth, on_input=on_input, wake=wake, on_session=on_session)
+        front = FrontDoor(config, ManagerIdes(manager, netns=netns), auth, on_input=on_input, wake=wake, on_session=on_session)
         if publisher is not None:
             publisher.sessions_count = lambda: front.sessions.total(front.clock())
         handle.front = front
