@@ -111,7 +111,8 @@ async def run_daemon(
             # whose front door is off (routing done elsewhere) need not pay.
             from supervisor.frontdoor import run_frontdoor
 
-            await nursery.start(partial(run_frontdoor, config, manager, publisher=publisher, on_input=idle.note_input, wake=idle.wake))
+            await nursery.start(partial(run_frontdoor, config, manager, publisher=publisher, on_input=idle.note_input, wake=idle.wake,
+                                        netns=sandbox.mechanisms.network))
         else:
             log.warning("front door disabled: %s", config.frontdoor_off)
             manager.info_providers["frontdoor"] = partial(dict, enabled=False, why=config.frontdoor_off)
