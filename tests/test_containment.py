@@ -37,9 +37,9 @@ MISBEHAVE = Path(__file__).parent / "fixtures" / "ide_misbehave.py"
 def misbehaving(**overrides: Any) -> Daemon:
     """A daemon whose IDE command is ide_misbehave.py (which execs the stand-in next to it)."""
     d = Daemon(**overrides)
-    shutil.copy(MISBEHAVE, d.base / MISBEHAVE.name)
-    os.chmod(d.base / MISBEHAVE.name, 0o644)
-    d.config.write_text(d.config.read_text().replace(str(d.stub_dir / "ide_stub.py"), str(d.base / MISBEHAVE.name)))
+    shutil.copy(MISBEHAVE, d.stub_dir / MISBEHAVE.name)
+    os.chmod(d.stub_dir / MISBEHAVE.name, 0o644)
+    d.config.write_text(d.config.read_text().replace(str(d.stub_dir / "ide_stub.py"), str(d.stub_dir / MISBEHAVE.name)))
     return d
 
 
