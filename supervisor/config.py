@@ -360,6 +360,33 @@ class DaemonConfig:
     usage_interval: float = setting(10.0, "How often cgroup usage is sampled.", parse_duration)
 
 
+def _cidrs(value: Any) -> list[str]:
+    import ipaddress
+
+    items = _str_list(value)
+    for item in items:
+        ipaddress.ip_network(item.strip(), strict=False)  # ValueError names it
+    return items
+
+
+@dataclass(frozen=True)
+class NetworkConfig:
+    """A user's outbound network ([isolation] network; supervisor/netstack.py)."""
+
+    deny: list[str] = setting(
+        ["169.254.0.0/16", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10", "fc00::/7", "fe80::/10"],
+        "Destinations a user's connections are refused (cloud metadata, private and carrier-grade NAT ranges); the "
+        "pod's own addresses and the cluster's API service (KUBERNETES_SERVICE_HOST) are always added.", _cidrs,
+    )
+    allow: list[str] = setting([], "Destinations allowed even though the deny list names them (e.g. a package mirror in the cluster).", _cidrs)
+    service_cidr: str = setting("", "The cluster's service range, denied too (e.g. 10.96.0.0/12; empty: unknown).",
+                                lambda v: ",".join(_cidrs([v])) if v else "")
+    mtu: int = setting(65520, "MTU of the user's tap0 (slirp4netns).", _int(1280, 65521))
+    slirp4netns: Path = setting(Path("/usr/bin/slirp4netns"), "The user-mode network stack (Debian's slirp4netns).", _path)
+    nft: Path = setting(Path("/usr/sbin/nft"), "nftables' nft, which loads the deny list into each user's namespace.", _path)
+    ready_timeout: float = setting(5.0, "How long the deny list and slirp4netns may take to be ready for one user.", parse_duration)
+
+
 #: The mechanisms of a user's private view of the machine ([isolation]; README "Each user's own view").
 ISOLATION_MECHANISMS = ("network", "pid", "mount", "ipc", "uts", "identity", "seccomp")
 _mechanism = _choice("on", "auto", "off")
@@ -517,6 +544,7 @@ class Config:
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
     cgroups: CgroupsConfig = field(default_factory=CgroupsConfig)
     isolation: IsolationConfig = field(default_factory=IsolationConfig)
+    network: NetworkConfig = field(default_factory=NetworkConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
     registry: RegistryConfig = field(default_factory=RegistryConfig)

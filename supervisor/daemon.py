@@ -135,7 +135,7 @@ def build_sandbox(config: Config) -> Sandbox:
     required one it cannot) and fix every user's view: the pod's identity files, the compiled
     system-call filter. With a PID namespace the daemon becomes a child subreaper: a user's
     namespace init is handed to it by the launcher that forked it."""
-    decision = isolation.decide(config.isolation, isolation.probe(config.isolation))
+    decision = isolation.decide(config.isolation, isolation.probe(config))
     for warning in decision.warnings:
         log.warning("%s", warning)
     if decision.errors:

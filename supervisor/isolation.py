@@ -13,7 +13,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from supervisor.config import ISOLATION_MECHANISMS, IsolationConfig
+from supervisor.config import ISOLATION_MECHANISMS, Config, IsolationConfig
 from supervisor.launcher_child import CLONE_NEWIPC, CLONE_NEWNET, CLONE_NEWNS, CLONE_NEWPID, CLONE_NEWUTS
 from supervisor.sandbox import Mechanisms
 
@@ -80,8 +80,9 @@ def capabilities() -> int:
     return 0
 
 
-def probe(settings: IsolationConfig, python: str = sys.executable) -> dict[str, str]:
-    """What is missing for each mechanism that is not off (absent: available)."""
+def probe(config: Config, python: str = sys.executable) -> dict[str, str]:
+    """What is missing for each mechanism of ``[isolation]`` that is not off (absent: available)."""
+    settings = config.isolation
     wanted = [name for name in ISOLATION_MECHANISMS if getattr(settings, name) != "off"]
     missing: dict[str, str] = {}
     caps = capabilities()
@@ -100,7 +101,7 @@ def probe(settings: IsolationConfig, python: str = sys.executable) -> dict[str, 
     if "network" in wanted and "network" not in missing:
         from supervisor import netstack
 
-        problems = netstack.check()
+        problems = netstack.check(config.network)
         if problems:
             missing["network"] = "; ".join(problems)
     if "seccomp" in wanted:

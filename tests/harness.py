@@ -162,10 +162,9 @@ def started(**overrides: Any) -> Iterator[Daemon]:
 def isolation_available() -> tuple[dict[str, str], dict[str, str]]:
     """Daemon overrides (``isolation__<name>``) turning on every ``[isolation]`` mechanism this
     machine can give and off the rest, and why each of those is missing."""
-    from supervisor import isolation
-    from supervisor.config import IsolationConfig
+    from supervisor import config, isolation
 
-    missing = isolation.probe(IsolationConfig()) if os.geteuid() == 0 else {m: "not root" for m in ISOLATION_MECHANISMS}
+    missing = isolation.probe(config.from_dict({})) if os.geteuid() == 0 else {m: "not root" for m in ISOLATION_MECHANISMS}
     return {f"isolation__{name}": "off" if name in missing else "on" for name in ISOLATION_MECHANISMS}, missing
 
 

@@ -156,6 +156,111 @@ def test_users_are_readopted_after_a_daemon_restart(pod: Pod) -> None:
     pod.baseline()
 
 
+# ---- network -------------------------------------------------------------------------------------
+
+needs_network = pytest.mark.skipif("network" in MISSING, reason=f"no network of each user's own here: {MISSING.get('network')}")
+SERVER = "import http.server as h, sys; h.HTTPServer((sys.argv[1], int(sys.argv[2])), type('H', (h.BaseHTTPRequestHandler,), " \
+         "{'do_GET': lambda s: (s.send_response(200), s.end_headers(), s.wfile.write(sys.argv[3].encode()))})).serve_forever()"
+
+
+@pytest.fixture(scope="module")
+def outside() -> Iterator[dict[str, str]]:
+    """Another network namespace the test makes (never an outside address): a veth pair to the
+    pod's namespace with one address of an ordinary range (allowed) and one of a denied private
+    range, a server on both."""
+    tag = os.urandom(3).hex()
+    ns, host_if, peer_if = f"wsup-out-{tag}", f"wsh{tag}", f"wsp{tag}"
+    allowed, denied = "198.18.77.2", "172.31.77.2"
+
+    def run(*argv: str) -> None:
+        subprocess.run(argv, check=True, capture_output=True)
+
+    run("ip", "netns", "add", ns)
+    server = None
+    try:
+        run("ip", "link", "add", host_if, "type", "veth", "peer", "name", peer_if)
+        run("ip", "link", "set", peer_if, "netns", ns)
+        for address in ("198.18.77.1/24", "172.31.77.1/24"):
+            run("ip", "addr", "add", address, "dev", host_if)
+        run("ip", "link", "set", host_if, "up")
+        for address in (f"{allowed}/24", f"{denied}/24"):
+            run("ip", "netns", "exec", ns, "ip", "addr", "add", address, "dev", peer_if)
+        run("ip", "netns", "exec", ns, "ip", "link", "set", peer_if, "up")
+        server = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-c", SERVER, "0.0.0.0", "8080", "outside-ok"])
+        poll(lambda: subprocess.run(["curl", "-s", "-m", "1", f"http://{allowed}:8080/"], capture_output=True, text=True).stdout == "outside-ok",
+             10, "the outside server")
+        yield {"allowed": allowed, "denied": denied}
+    finally:
+        if server is not None:
+            server.kill()
+            server.wait()
+        subprocess.run(["ip", "link", "del", host_if], capture_output=True)
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+@needs_network
+def test_outbound_tcp_works_and_denied_destinations_fail_fast(pod: Pod, outside: dict[str, str]) -> None:
+    out = sh_ok(pod.victim, f"curl -s -m 5 http://{outside['allowed']}:8080/; echo; "
+                            f"s=$(date +%s%N); curl -s -m 5 http://{outside['denied']}:8080/; echo \"rc=$? ms=$(( ($(date +%s%N) - s) / 1000000 ))\"")
+    lines = out.strip().splitlines()
+    assert lines[0] == "outside-ok", out
+    rc, ms = re.match(r"rc=(\d+) ms=(\d+)", lines[-1]).groups()  # type: ignore[union-attr]
+    assert rc == "7" and int(ms) < 1000, out  # refused at once (curl 7: could not connect), not a time-out
+    assert subprocess.run(["curl", "-s", "-m", "2", f"http://{outside['denied']}:8080/"], capture_output=True, text=True).stdout == "outside-ok"
+
+
+@needs_network
+def test_the_pods_loopback_and_addresses_are_out_of_reach(pod: Pod) -> None:
+    probes = pod.probes_port  # the daemon's probe port, on the pod's 127.0.0.1
+    pod_ip = next(iter(_pod_ipv4()), None)
+    targets = [f"127.0.0.1:{probes}", f"10.0.2.2:{probes}"] + ([f"{pod_ip}:{probes}"] if pod_ip else [])
+    out = sh_ok(pod.attacker, "; ".join(f"curl -s -m 3 -o /dev/null -w '%{{http_code}} ' http://{t}/healthz" for t in targets) + "; echo")
+    assert out.split() == ["000"] * len(targets), out
+
+
+@needs_network
+def test_a_users_loopback_server_is_theirs_alone(pod: Pod) -> None:
+    port = 20000 + int.from_bytes(os.urandom(2), "big") % 20000
+    pod.victim.detach(f"exec python3 -c \"{SERVER}\" 127.0.0.1 {port} victim-dev-server")
+    poll(lambda: sh_ok(pod.victim, f"curl -s -m 1 http://127.0.0.1:{port}/ || true") == "victim-dev-server", 10, "the victim's server")
+    assert sh_ok(pod.attacker, f"curl -s -m 2 http://127.0.0.1:{port}/; echo rc=$?").strip() == "rc=7"
+    assert subprocess.run(["curl", "-s", "-m", "2", f"http://127.0.0.1:{port}/"], capture_output=True).returncode == 7
+    # The attacker may take the same port on their own loopback: it is another loopback.
+    pod.attacker.detach(f"exec python3 -c \"{SERVER}\" 127.0.0.1 {port} attacker-dev-server")
+    poll(lambda: sh_ok(pod.attacker, f"curl -s -m 1 http://127.0.0.1:{port}/ || true") == "attacker-dev-server", 10, "the attacker's server")
+    # Through the front door's /port/<N>/: each user reaches their own server only.
+    for tenant, expected in ((pod.victim, "victim-dev-server"), (pod.attacker, "attacker-dev-server")):
+        status, _, body = tenant.request("GET", f"/port/{port}/")
+        assert (status, body.decode()) == (200, expected)
+    status, _, body = pod.victim.request("GET", f"/port/{port + 1}/", headers={"Accept": "application/json"})
+    assert status == 502 and b"nothing_listens" in body
+
+
+@needs_network
+def test_the_network_stack_is_the_users_and_goes_with_the_tree(pod: Pod) -> None:
+    groups = [g for g in pod.daemon.cgroup_dirs("attacker") if (g / "cgroup.procs").exists()]
+    pids = {int(p) for g in groups for p in (g / "cgroup.procs").read_text().split()}
+    slirps = [p for p in pids if Path(f"/proc/{p}/comm").read_text().strip() == "slirp4netns"]
+    assert len(slirps) == 1, pids
+    assert d_stop(pod, "attacker")
+    poll(lambda: not Path(f"/proc/{slirps[0]}").exists(), 5, "slirp4netns killed with the tree and reaped")
+    pod.fresh_attacker()
+
+
+def d_stop(pod: Pod, user: str) -> bool:
+    assert pod.daemon.ctl("stop", user).returncode == 0
+    poll(lambda: pod.daemon.user(user)["state"] == "STOPPED", 15, f"{user} STOPPED")
+    return True
+
+
+def _pod_ipv4() -> list[str]:
+    import psutil
+    import socket
+
+    return [a.address for addrs in psutil.net_if_addrs().values() for a in addrs
+            if a.family == socket.AF_INET and not a.address.startswith("127.")]
+
+
 @pytest.mark.skipif("seccomp" in MISSING, reason=f"no system-call filter here: {MISSING.get('seccomp')}")
 def test_the_system_call_filter_denies_what_no_ide_needs(pod: Pod) -> None:
     out = sh_ok(pod.attacker, "grep ^Seccomp: /proc/self/status; unshare -U true 2>&1; unshare -n true 2>&1; "

@@ -1,0 +1,220 @@
+"""A user's network: own namespace, outbound through slirp4netns, destinations behind a deny list.
+
+The user's launcher unshares a new network namespace (:mod:`supervisor.sandbox`); before any user
+code runs, :class:`NetStack` makes it usable:
+
+1. the deny list is loaded into the namespace's own nftables (:func:`ruleset`, pure): the user has
+   no capability there, so it stays; a denied destination is refused at once (TCP reset, ICMP
+   admin-prohibited), never left to time out;
+2. slirp4netns, a user-mode TCP/IP stack, is started in the pod's namespace against the user's
+   (``--configure``: tap0 10.0.2.100/24, loopback up, DNS forwarder at 10.0.2.3;
+   ``--disable-host-loopback``: 10.0.2.2 never reaches the pod's loopback; no port forwarding at
+   all), in its own sandbox and seccomp filter, and moved into the user's cgroups: it counts against
+   the user's memory and dies with the user's tree (the daemon kills the whole group).
+
+Outbound connections leave from the pod's address as slirp4netns's own; nothing comes in.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import shutil
+import signal
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterable
+
+import psutil
+import trio
+
+from supervisor.errors import LaunchError
+from supervisor.sandbox import SLIRP_DNS
+
+if TYPE_CHECKING:
+    from supervisor.config import Config, NetworkConfig
+    from supervisor.launchpool import PrepareNetwork
+
+log = logging.getLogger(__name__)
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+CAP_NET_ADMIN = 12
+TUN = Path("/dev/net/tun")
+
+
+@dataclass(frozen=True)
+class NetworkPolicy:
+    """Where a user's connections may go: anything but ``deny``, except what ``allow`` names."""
+
+    deny: tuple[Network, ...]
+    allow: tuple[Network, ...] = ()
+
+
+def parse_networks(values: Iterable[str], where: str) -> tuple[Network, ...]:
+    """CIDRs (or bare addresses) as networks; ValueError naming the bad one."""
+    out = []
+    for value in values:
+        try:
+            out.append(ipaddress.ip_network(value.strip(), strict=False))
+        except ValueError as exc:
+            raise ValueError(f"{where}: {value!r} is not an address or CIDR ({exc})") from None
+    return tuple(out)
+
+
+def pod_addresses() -> tuple[Network, ...]:
+    """The pod's own addresses (every interface but loopback), each as a /32 or /128."""
+    found = []
+    for addresses in psutil.net_if_addrs().values():
+        for a in addresses:
+            if a.family in (socket.AF_INET, socket.AF_INET6):
+                ip = ipaddress.ip_address(a.address.split("%")[0])
+                if not ip.is_loopback:
+                    found.append(ipaddress.ip_network(ip))
+    return tuple(sorted(set(found), key=str))
+
+
+def policy_for(settings: NetworkConfig, environ: dict[str, str] | None = None) -> NetworkPolicy:
+    """``[network]`` plus what is known of the pod: its own addresses, the cluster's API service."""
+    environ = dict(os.environ) if environ is None else environ
+    deny = list(parse_networks(settings.deny, "network.deny"))
+    if settings.service_cidr:
+        deny += parse_networks([settings.service_cidr], "network.service_cidr")
+    if environ.get("KUBERNETES_SERVICE_HOST"):
+        deny += parse_networks([environ["KUBERNETES_SERVICE_HOST"]], "KUBERNETES_SERVICE_HOST")
+    deny += pod_addresses()
+    return NetworkPolicy(deny=tuple(dict.fromkeys(deny)), allow=parse_networks(settings.allow, "network.allow"))
+
+
+def ruleset(policy: NetworkPolicy) -> str:
+    """The nftables script loaded into a user's namespace (``nft -f -``)."""
+
+    def addresses(nets: Iterable[Network], version: int) -> str:
+        return ", ".join(str(n) for n in nets if n.version == version)
+
+    def named_set(name: str, kind: str, elements: str) -> str:
+        body = f"type {kind}; flags interval; auto-merge;"
+        return f"  set {name} {{ {body}{f' elements = {{ {elements} }};' if elements else ''} }}"
+
+    return "\n".join([
+        "table inet wsup {",
+        named_set("allow4", "ipv4_addr", addresses(policy.allow, 4)),
+        named_set("allow6", "ipv6_addr", addresses(policy.allow, 6)),
+        named_set("deny4", "ipv4_addr", addresses(policy.deny, 4)),
+        named_set("deny6", "ipv6_addr", addresses(policy.deny, 6)),
+        "  chain output {",
+        "    type filter hook output priority 0; policy accept;",
+        '    oifname "lo" accept',
+        f"    ip daddr {SLIRP_DNS} meta l4proto {{ tcp, udp }} th dport 53 accept",
+        "    ip daddr @allow4 accept",
+        "    ip6 daddr @allow6 accept",
+        "    ip daddr @deny4 meta l4proto tcp reject with tcp reset",
+        "    ip daddr @deny4 reject with icmpx type admin-prohibited",
+        "    meta nfproto ipv6 meta l4proto tcp reject with tcp reset",
+        "    meta nfproto ipv6 reject with icmpx type admin-prohibited",
+        "  }",
+        "}",
+        "",
+    ])
+
+
+def check(settings: NetworkConfig) -> list[str]:
+    """What this machine lacks for a network of each user's own (empty: nothing)."""
+    problems = []
+    for name, path in (("slirp4netns", settings.slirp4netns), ("nft", settings.nft)):
+        if not os.access(path, os.X_OK):
+            problems.append(f"no {name} at {path} (Debian: apt-get install {'slirp4netns' if name == 'slirp4netns' else 'nftables'})")
+    if not TUN.exists():
+        problems.append(f"no {TUN} (Kubernetes: mount the host's /dev/net/tun, or run privileged)")
+    with open("/proc/self/status") as status:
+        caps = next((int(line.split()[1], 16) for line in status if line.startswith("CapEff:")), 0)
+    if not caps & (1 << CAP_NET_ADMIN):
+        problems.append("the daemon lacks CAP_NET_ADMIN (Kubernetes: capabilities add NET_ADMIN, or privileged)")
+    return problems
+
+
+class NetStack:
+    """Makes new network namespaces usable: :meth:`prepare` for each launcher."""
+
+    def __init__(self, settings: NetworkConfig, policy: NetworkPolicy) -> None:
+        self.settings = settings
+        self.policy = policy
+        self.rules = ruleset(policy).encode()
+
+    async def prepare(self, pid: int, procs_files: list[str]) -> None:
+        """Deny list, then slirp4netns, for the namespace of ``pid`` (a launcher, our child, still
+        root and waiting). Raises LaunchError, leaving no slirp4netns behind."""
+        await self._load_rules(pid)
+        slirp, ready, pidfd = self._spawn_slirp(pid)
+        try:
+            for path in procs_files:
+                fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+                try:
+                    os.write(fd, str(slirp).encode())
+                finally:
+                    os.close(fd)
+            await self._wait_ready(ready)
+        except BaseException as exc:
+            _kill(pidfd)
+            if isinstance(exc, (OSError, LaunchError)):
+                raise LaunchError(f"the user's network (slirp4netns for pid {pid}): {exc}") from exc
+            raise
+        finally:
+            os.close(pidfd)
+            os.close(ready)
+
+    async def _load_rules(self, pid: int) -> None:
+        argv = [shutil.which("nsenter") or "/usr/bin/nsenter", f"--net=/proc/{pid}/ns/net", "--", str(self.settings.nft), "-f", "-"]
+        with trio.move_on_after(self.settings.ready_timeout) as timer:
+            done = await trio.run_process(argv, stdin=self.rules, capture_stdout=True, capture_stderr=True, check=False)
+        if timer.cancelled_caught:
+            raise LaunchError(f"nft did not load the deny list within {self.settings.ready_timeout:g} s")
+        if done.returncode != 0:
+            raise LaunchError(f"nft refused the deny list: {done.stderr.decode(errors='replace').strip()[-500:]}")
+
+    def _spawn_slirp(self, pid: int) -> tuple[int, int, int]:
+        """slirp4netns for the namespace of ``pid``: (its pid, the read end of its ready pipe, a pidfd)."""
+        ready_read, ready_write = os.pipe2(os.O_CLOEXEC)
+        try:
+            child = os.posix_spawn(
+                str(self.settings.slirp4netns),
+                [str(self.settings.slirp4netns), "--configure", f"--mtu={self.settings.mtu}", "--disable-host-loopback",
+                 "--enable-sandbox", "--enable-seccomp", "--ready-fd=3", str(pid), "tap0"],
+                {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
+                file_actions=[
+                    (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDWR, 0),
+                    (os.POSIX_SPAWN_DUP2, 0, 1),
+                    (os.POSIX_SPAWN_DUP2, 0, 2),
+                    (os.POSIX_SPAWN_DUP2, ready_write, 3),
+                ],
+                setsid=True,
+            )
+        except OSError:
+            os.close(ready_read)
+            raise
+        finally:
+            os.close(ready_write)
+        return child, ready_read, os.pidfd_open(child)
+
+    async def _wait_ready(self, ready: int) -> None:
+        with trio.move_on_after(self.settings.ready_timeout):
+            await trio.lowlevel.wait_readable(ready)
+            if os.read(ready, 1) == b"1":
+                return
+            raise LaunchError("slirp4netns exited before it was ready")
+        raise LaunchError(f"slirp4netns was not ready within {self.settings.ready_timeout:g} s")
+
+
+def _kill(pidfd: int) -> None:
+    try:
+        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def preparer(config: Config) -> PrepareNetwork:
+    """The launcher pool's hook: every new namespace made usable with ``[network]``'s policy."""
+    policy = policy_for(config.network)
+    log.info("users' network: %d denied ranges (pod addresses included), %d allowed", len(policy.deny), len(policy.allow))
+    return NetStack(config.network, policy).prepare
