@@ -20,6 +20,7 @@ import pytest
 from supervisor.paths import user_paths
 from tests.harness import Daemon, isolation_available, poll
 from tests.hostile import Pod
+from tests.outside import SERVER, outside  # noqa: F401 - a fixture
 
 ISOLATION, MISSING = isolation_available()
 CORE = ("pid", "mount", "ipc", "uts", "identity")
@@ -159,45 +160,6 @@ def test_users_are_readopted_after_a_daemon_restart(pod: Pod) -> None:
 # ---- network -------------------------------------------------------------------------------------
 
 needs_network = pytest.mark.skipif("network" in MISSING, reason=f"no network of each user's own here: {MISSING.get('network')}")
-SERVER = "import http.server as h, sys; h.HTTPServer((sys.argv[1], int(sys.argv[2])), type('H', (h.BaseHTTPRequestHandler,), " \
-         "{'do_GET': lambda s: (s.send_response(200), s.end_headers(), s.wfile.write(sys.argv[3].encode()))})).serve_forever()"
-
-
-@pytest.fixture(scope="module")
-def outside() -> Iterator[dict[str, str]]:
-    """Another network namespace the test makes (never an outside address): a veth pair to the
-    pod's namespace with one address of an ordinary range (allowed) and one of a denied private
-    range, a server on both."""
-    tag = os.urandom(3).hex()
-    ns, host_if, peer_if = f"wsup-out-{tag}", f"wsh{tag}", f"wsp{tag}"
-    allowed, denied = "198.18.77.2", "172.31.77.2"
-
-    def run(*argv: str) -> None:
-        subprocess.run(argv, check=True, capture_output=True)
-
-    run("ip", "netns", "add", ns)
-    server = None
-    try:
-        run("ip", "link", "add", host_if, "type", "veth", "peer", "name", peer_if)
-        run("ip", "link", "set", peer_if, "netns", ns)
-        for address in ("198.18.77.1/24", "172.31.77.1/24"):
-            run("ip", "addr", "add", address, "dev", host_if)
-        run("ip", "link", "set", host_if, "up")
-        for address in (f"{allowed}/24", f"{denied}/24"):
-            run("ip", "netns", "exec", ns, "ip", "addr", "add", address, "dev", peer_if)
-        run("ip", "netns", "exec", ns, "ip", "link", "set", peer_if, "up")
-        server = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-c", SERVER, "0.0.0.0", "8080", "outside-ok"])
-        poll(lambda: subprocess.run(["curl", "-s", "-m", "1", f"http://{allowed}:8080/"], capture_output=True, text=True).stdout == "outside-ok",
-             10, "the outside server")
-        yield {"allowed": allowed, "denied": denied}
-    finally:
-        if server is not None:
-            server.kill()
-            server.wait()
-        subprocess.run(["ip", "link", "del", host_if], capture_output=True)
-        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
-
-
 @needs_network
 def test_outbound_tcp_works_and_denied_destinations_fail_fast(pod: Pod, outside: dict[str, str]) -> None:
     out = sh_ok(pod.victim, f"curl -s -m 5 http://{outside['allowed']}:8080/; echo; "
