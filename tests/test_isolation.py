@@ -130,6 +130,14 @@ def test_pause_resume_and_signals_reach_the_tree(pod: Pod) -> None:
     assert sh_ok(pod.attacker, "echo alive").strip() == "alive"
 
 
+def test_an_oom_kill_inside_the_namespace_is_seen(pod: Pod) -> None:
+    before = int(pod.attacker.status()["oom_kills"])
+    rc, out = pod.attacker.sh("python3 -c 'b = bytearray(1500 << 20); b[::4096] = bytes(len(b[::4096]))'; echo rc=$?")
+    assert "rc=137" in out, out  # SIGKILL from the kernel at the tier's memory limit (starter: 1Gi)
+    poll(lambda: int(pod.attacker.status()["oom_kills"]) > before, 10, "the OOM kill counted")
+    assert pod.attacker.status()["state"] == "RUNNING"
+
+
 def test_stop_and_restart_end_the_whole_namespace(pod: Pod) -> None:
     d = pod.daemon
     pid = int(pod.attacker.status()["pid"])
