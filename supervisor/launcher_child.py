@@ -1,21 +1,25 @@
-"""The pre-spawned launcher process of :mod:`supervisor.launchpool` (stdlib only, no package imports).
+"""The launcher process of :mod:`supervisor.launchpool` (stdlib only, no package imports).
 
-Run by the daemon as ``python -I -S launcher_child.py FD PROCS_FILE...`` with ``FD`` one end of a
-``SOCK_SEQPACKET`` socket pair and stdin/stdout/stderr on ``/dev/null``; it closes any other
+Run by the daemon as ``python -I -S launcher_child.py FD FLAGS PROCS_FILE...`` with ``FD`` one end
+of a ``SOCK_SEQPACKET`` socket pair and stdin/stdout/stderr on ``/dev/null``; it closes any other
 descriptor it inherited. It:
 
-1. joins the spare cgroup by writing ``0`` into every ``PROCS_FILE`` (the kernel's slow attach,
-   paid here, off any user's start), sets ``no_new_privs`` and resets the signal dispositions
-   Python changed (as ``subprocess`` does with ``restore_signals``), then sends ``R`` (ready);
-2. waits for one launch message: a :mod:`marshal`-ed ``(argv, env, cwd, uid, gid)`` (bytes, list of
-   ``KEY=VALUE`` bytes, bytes, int, int) with two file descriptors attached (``SCM_RIGHTS``): the
-   log, then the IDE's listening socket. By then the daemon has renamed the spare group to the
-   user's and written its limits;
+1. joins the cgroup by writing ``0`` into every ``PROCS_FILE`` (a spare group: the kernel's slow
+   attach, paid here, off any user's start), enters new namespaces (``FLAGS``: ``CLONE_NEW*`` bits,
+   0 for none; :func:`enter_namespaces`), sets ``no_new_privs`` and resets the signal dispositions
+   Python changed (as ``subprocess`` does with ``restore_signals``), then sends ``R`` (ready). The
+   daemon may then make its new network namespace usable (:mod:`supervisor.netstack`);
+2. waits for one launch message: a :mod:`marshal`-ed ``(argv, env, cwd, uid, gid, view)`` (bytes,
+   list of ``KEY=VALUE`` bytes, bytes, int, int, the plan of :func:`supervisor.sandbox.view` or
+   None) with two file descriptors attached (``SCM_RIGHTS``): the log, then the IDE's listening
+   socket. By then the daemon has given the group to the user and written its limits;
 3. points stdout and stderr at the log, puts the listening socket at fd 3 (``LISTEN_FDS``; ``FD``
-   is never 3), changes directory, sets umask 077, sets the IDE's resource limits, drops
-   supplementary groups, gid and uid, joins a fresh session keyring, and execs the IDE - it
-   becomes the IDE, same pid. The socket to the daemon is close-on-exec, so the daemon sees
-   end-of-file on success and ``E<message>`` on failure.
+   is never 3), builds the user's view (:func:`build_view`: mounts, identity files, hostname),
+   changes directory, sets umask 077, sets the IDE's resource limits, drops supplementary groups,
+   gid and uid, joins a fresh session keyring, installs the system-call filter and execs the IDE
+   (behind the view's init) - without a PID namespace it becomes the IDE, same pid: the socket to
+   the daemon is close-on-exec, so the daemon sees end-of-file on success and ``E<message>`` on
+   failure. With one, it forks the namespace's PID 1, which does all of step 3; see :func:`become`.
 
 End-of-file instead of a launch message (the daemon went away or discards it) makes it exit.
 

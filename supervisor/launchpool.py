@@ -15,6 +15,14 @@ before any user code runs.
 to the user; nothing has changed then and the caller starts the IDE the ordinary way. Launchers are
 the daemon's children: :meth:`LauncherPool.owns` tells the daemon's reaper to keep their exit
 statuses (a launcher that became an IDE is a user's main process).
+
+With a user's own view (:mod:`supervisor.sandbox`) every launcher enters its namespaces when it
+starts and the pool's ``prepare_network`` makes its network usable before it counts as ready, so
+a pooled start pays none of it. Then every start goes through a launcher: one from the pool, or
+:meth:`LauncherPool.launch_fresh`, started in the user's own group (no pool: cgroup v2). With a
+PID namespace the launcher forks the namespace's init and answers ``X<pid>``; the daemon, a child
+subreaper, inherits the init when the launcher exits and keeps its exit status from then on
+(:meth:`~LauncherPool.owns` until :meth:`~LauncherPool.settled`).
 """
 
 from __future__ import annotations
