@@ -46,16 +46,17 @@ CAP_SYS_ADMIN = 21
 TUN = Path("/dev/net/tun")
 
 
-#: slirp4netns's own network inside the user's namespace (gateway 10.0.2.2, DNS 10.0.2.3): only
-#: DNS is reached there. slirp4netns maps any other port of 10.0.2.3 to the pod's nameserver (its
-#: loopback, when the pod's resolver is 127.0.0.x), so no allow list may open it.
-SLIRP_NET = ipaddress.ip_network("10.0.2.0/24")
+#: Never reached, whatever the allow list says (with the pod's own addresses): slirp4netns's own
+#: network in the user's namespace (gateway 10.0.2.2, DNS 10.0.2.3: only DNS is reached there;
+#: slirp4netns maps any other port of 10.0.2.3 to the pod's nameserver, the pod's loopback when its
+#: resolver is 127.0.0.x), and what is not one host out there ("this network", multicast, reserved).
+NEVER = tuple(ipaddress.ip_network(n) for n in ("10.0.2.0/24", "0.0.0.0/8", "224.0.0.0/4", "240.0.0.0/4"))
 
 
 @dataclass(frozen=True)
 class NetworkPolicy:
     """Where a user's connections may go: anything but ``deny``, except what ``allow`` names; never
-    to the pod's own addresses (``pod``) nor slirp4netns's network, whatever ``allow`` says."""
+    to the pod's own addresses (``pod``) nor :data:`NEVER`, whatever ``allow`` says."""
 
     deny: tuple[Network, ...]
     allow: tuple[Network, ...] = ()
@@ -107,7 +108,7 @@ def ruleset(policy: NetworkPolicy) -> str:
 
     return "\n".join([
         "table inet wsup {",
-        named_set("never4", (*policy.pod, SLIRP_NET)),
+        named_set("never4", (*policy.pod, *NEVER)),
         named_set("allow4", policy.allow),
         named_set("deny4", policy.deny),
         "  chain output {",

@@ -33,7 +33,7 @@ def test_ruleset_names_every_range_and_rejects_rather_than_drops() -> None:
     text = ruleset(policy)
     assert "set deny4 { type ipv4_addr; flags interval; auto-merge; elements = { 10.0.0.0/8, 192.0.2.7/32 }; }" in text
     assert "set allow4 { type ipv4_addr; flags interval; auto-merge; elements = { 10.1.2.0/24 }; }" in text
-    assert "set never4 { type ipv4_addr; flags interval; auto-merge; elements = { 10.1.2.3/32, 10.0.2.0/24 }; }" in text
+    assert "set never4 { type ipv4_addr; flags interval; auto-merge; elements = { 10.1.2.3/32, 10.0.2.0/24, 0.0.0.0/8, 224.0.0.0/4, 240.0.0.0/4 }; }" in text
     assert "fc00" not in text and "2001:db8" not in text and "fd00" not in text  # IPv6 is refused whole
     rules = text[text.index("chain output"):]
     assert rules.index('oifname "lo" accept') < rules.index("th dport 53 accept") < rules.index("@never4") < rules.index("@allow4 accept") < rules.index("@deny4")
