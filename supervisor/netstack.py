@@ -18,6 +18,7 @@ Outbound connections leave from the pod's address as slirp4netns's own; nothing 
 
 from __future__ import annotations
 
+import fcntl
 import ipaddress
 import logging
 import os
@@ -154,12 +155,19 @@ class NetStack:
 
     async def prepare(self, pid: int, procs_files: list[str]) -> int:
         """Deny list, then slirp4netns, for the namespace of ``pid`` (a launcher, our child, still
-        root and waiting); slirp4netns's pid. Raises LaunchError, leaving no slirp4netns behind."""
+        root and waiting); slirp4netns's pid. Raises LaunchError, leaving no slirp4netns behind.
+        Both act on the namespace opened once here, whatever becomes of ``pid`` meanwhile."""
         try:
-            await self._load_rules(pid)
-            slirp, ready, pidfd = self._spawn_slirp(pid)
+            ns = _high(os.open(f"/proc/{pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC))
+        except OSError as exc:
+            raise _failed(f"no network namespace of pid {pid}: {exc}") from exc
+        try:
+            await self._load_rules(ns)
+            slirp, ready, pidfd = self._spawn_slirp(ns)
         except OSError as exc:
             raise _failed(f"cannot start it for pid {pid}: {exc}") from exc
+        finally:
+            os.close(ns)
         try:
             for path in procs_files:
                 fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
@@ -178,29 +186,35 @@ class NetStack:
             os.close(ready)
         return slirp
 
-    async def _load_rules(self, pid: int) -> None:
-        argv = [shutil.which("nsenter") or "/usr/bin/nsenter", f"--net=/proc/{pid}/ns/net", "--", str(self.settings.nft), "-f", "-"]
+    async def _load_rules(self, ns: int) -> None:
+        argv = [shutil.which("nsenter") or "/usr/bin/nsenter", f"--net=/proc/self/fd/{ns}", "--", str(self.settings.nft), "-f", "-"]
         with trio.move_on_after(self.settings.ready_timeout) as timer:
-            done = await trio.run_process(argv, stdin=self.rules, capture_stdout=True, capture_stderr=True, check=False)
+            done = await trio.run_process(argv, stdin=self.rules, capture_stdout=True, capture_stderr=True, check=False, pass_fds=(ns,))
         if timer.cancelled_caught:
             raise _failed(f"nft did not load the deny list within {self.settings.ready_timeout:g} s")
         if done.returncode != 0:
             raise _failed(f"nft refused the deny list: {done.stderr.decode(errors='replace').strip()[-500:]}")
 
-    def _spawn_slirp(self, pid: int) -> tuple[int, int, int]:
-        """slirp4netns for the namespace of ``pid``: (its pid, the read end of its ready pipe, a pidfd)."""
+    def _spawn_slirp(self, ns: int) -> tuple[int, int, int]:
+        """slirp4netns for the namespace ``ns`` (its fd 4): (its pid, the read end of its ready pipe, a pidfd)."""
         ready_read, ready_write = os.pipe2(os.O_CLOEXEC)
+        try:
+            ready_write = _high(ready_write)
+        except OSError:
+            os.close(ready_read)
+            raise
         try:
             child = os.posix_spawn(
                 str(self.settings.slirp4netns),
                 [str(self.settings.slirp4netns), "--configure", f"--mtu={self.settings.mtu}", "--disable-host-loopback",
-                 "--enable-sandbox", "--enable-seccomp", "--ready-fd=3", str(pid), "tap0"],
+                 "--enable-sandbox", "--enable-seccomp", "--ready-fd=3", "--netns-type=path", "/proc/self/fd/4", "tap0"],
                 {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
                 file_actions=[
                     (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDWR, 0),
                     (os.POSIX_SPAWN_DUP2, 0, 1),
                     (os.POSIX_SPAWN_DUP2, 0, 2),
                     (os.POSIX_SPAWN_DUP2, ready_write, 3),
+                    (os.POSIX_SPAWN_DUP2, ns, 4),
                 ],
                 setsid=True,
             )
@@ -227,6 +241,14 @@ def _failed(what: str) -> LaunchError:
              "network mechanism is in force; run slirp4netns by hand as the daemon does (README \"A user's network\") to see "
              "its own error; on a slow machine raise [network] ready_timeout",
     )
+
+
+def _high(fd: int) -> int:
+    """``fd`` moved above the numbers a child's file actions write (3, 4)."""
+    try:
+        return fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10)
+    finally:
+        os.close(fd)
 
 
 def _kill(pidfd: int) -> None:

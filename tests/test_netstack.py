@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
+import psutil
 import pytest
 import trio
 
@@ -131,8 +132,17 @@ def reaped(pid: int) -> bool:
         return True
 
 
-def slirps_for(pid: int) -> list[int]:
-    return [int(p) for p in subprocess.run(["pgrep", "-f", f"slirp4netns .* {pid} tap0"], capture_output=True, text=True).stdout.split()]
+def live_slirps() -> list[int]:
+    """The slirp4netns this test process started that still run (the dead ones reaped)."""
+    live = []
+    for child in psutil.Process().children():
+        with contextlib.suppress(psutil.NoSuchProcess):
+            if child.name() == "slirp4netns":
+                if child.status() == psutil.STATUS_ZOMBIE:
+                    os.waitpid(child.pid, 0)
+                else:
+                    live.append(child.pid)
+    return live
 
 
 @needs_stack
@@ -190,4 +200,8 @@ def test_a_failed_start_leaves_no_stack_behind(namespace: int) -> None:
         trio.run(broken.prepare, namespace, [])
     with pytest.raises(LaunchError, match="slirp4netns"):
         trio.run(NetStack(settings, NetworkPolicy(deny=())).prepare, namespace, ["/nonexistent/cgroup.procs"])
-    poll(lambda: not slirps_for(namespace), 5, "no slirp4netns left")
+    poll(lambda: not live_slirps(), 5, "no slirp4netns left")
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    with pytest.raises(LaunchError, match=f"no network namespace of pid {gone.pid}"):
+        trio.run(NetStack(settings, NetworkPolicy(deny=())).prepare, gone.pid, [])
