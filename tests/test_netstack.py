@@ -1,5 +1,7 @@
-"""A user's network stack (supervisor/netstack.py): the deny list as nftables (pure), and on the
-real kernel the allow list overriding it in a namespace the test makes, with slirp4netns."""
+"""A user's network stack (supervisor/netstack.py): the ruleset (pure), and on the real kernel, in
+a namespace the test makes with a server in another: outbound through slirp4netns, denied addresses
+refused at once, the pod's loopback and addresses never reached, slirp4netns in a throwaway cgroup
+and gone with it, a failed start leaving nothing behind."""
 
 from __future__ import annotations
 
