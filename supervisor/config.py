@@ -374,11 +374,12 @@ class NetworkConfig:
     """A user's outbound network ([isolation] network; supervisor/netstack.py)."""
 
     deny: list[str] = setting(
-        ["169.254.0.0/16", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10", "fc00::/7", "fe80::/10"],
+        ["169.254.0.0/16", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10"],
         "Destinations a user's connections are refused (cloud metadata, private and carrier-grade NAT ranges); the "
-        "pod's own addresses and the cluster's API service (KUBERNETES_SERVICE_HOST) are always added.", _cidrs,
+        "cluster's API service (KUBERNETES_SERVICE_HOST) is always added. IPv6 is refused whole.", _cidrs,
     )
-    allow: list[str] = setting([], "Destinations allowed even though the deny list names them (e.g. a package mirror in the cluster).", _cidrs)
+    allow: list[str] = setting([], "Destinations allowed even though the deny list names them (e.g. a package mirror in the cluster); "
+                               "never the pod's own addresses nor its loopback.", _cidrs)
     service_cidr: str = setting("", "The cluster's service range, denied too (e.g. 10.96.0.0/12; empty: unknown).",
                                 lambda v: ",".join(_cidrs([v])) if v else "")
     mtu: int = setting(65520, "MTU of the user's tap0 (slirp4netns).", _int(1280, 65521))

@@ -10,13 +10,15 @@ code runs, :class:`NetStack` makes it usable:
    (``--configure``: tap0 10.0.2.100/24, loopback up, DNS forwarder at 10.0.2.3;
    ``--disable-host-loopback``: 10.0.2.2 never reaches the pod's loopback; no port forwarding at
    all), in its own sandbox and seccomp filter, and moved into the user's cgroups: it counts against
-   the user's memory and dies with the user's tree (the daemon kills the whole group).
+   the user's memory and dies with the user's tree. It holds the namespace itself, so it does not
+   exit when the user's processes do: whoever ends a tree kills its whole group (the daemon does).
 
 Outbound connections leave from the pod's address as slirp4netns's own; nothing comes in.
 """
 
 from __future__ import annotations
 
+import fcntl
 import ipaddress
 import logging
 import os
@@ -41,15 +43,25 @@ log = logging.getLogger(__name__)
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 CAP_NET_ADMIN = 12
+CAP_SYS_ADMIN = 21
 TUN = Path("/dev/net/tun")
+
+
+#: Never reached, whatever the allow list says (with the pod's own addresses): slirp4netns's own
+#: network in the user's namespace (gateway 10.0.2.2, DNS 10.0.2.3: only DNS is reached there;
+#: slirp4netns maps any other port of 10.0.2.3 to the pod's nameserver, the pod's loopback when its
+#: resolver is 127.0.0.x), and what is not one host out there ("this network", multicast, reserved).
+NEVER = tuple(ipaddress.ip_network(n) for n in ("10.0.2.0/24", "0.0.0.0/8", "224.0.0.0/4", "240.0.0.0/4"))
 
 
 @dataclass(frozen=True)
 class NetworkPolicy:
-    """Where a user's connections may go: anything but ``deny``, except what ``allow`` names."""
+    """Where a user's connections may go: anything but ``deny``, except what ``allow`` names; never
+    to the pod's own addresses (``pod``) nor :data:`NEVER`, whatever ``allow`` says."""
 
     deny: tuple[Network, ...]
     allow: tuple[Network, ...] = ()
+    pod: tuple[Network, ...] = ()
 
 
 def parse_networks(values: Iterable[str], where: str) -> tuple[Network, ...]:
@@ -83,32 +95,30 @@ def policy_for(settings: NetworkConfig, environ: dict[str, str] | None = None) -
         deny += parse_networks([settings.service_cidr], "network.service_cidr")
     if environ.get("KUBERNETES_SERVICE_HOST"):
         deny += parse_networks([environ["KUBERNETES_SERVICE_HOST"]], "KUBERNETES_SERVICE_HOST")
-    deny += pod_addresses()
-    return NetworkPolicy(deny=tuple(dict.fromkeys(deny)), allow=parse_networks(settings.allow, "network.allow"))
+    return NetworkPolicy(deny=tuple(dict.fromkeys(deny)), allow=parse_networks(settings.allow, "network.allow"), pod=pod_addresses())
 
 
 def ruleset(policy: NetworkPolicy) -> str:
-    """The nftables script loaded into a user's namespace (``nft -f -``)."""
+    """The nftables script loaded into a user's namespace (``nft -f -``). IPv6 (but loopback) is
+    refused whole: slirp4netns gives the namespace none, so IPv6 entries of the lists change nothing."""
 
-    def addresses(nets: Iterable[Network], version: int) -> str:
-        return ", ".join(str(n) for n in nets if n.version == version)
-
-    def named_set(name: str, kind: str, elements: str) -> str:
-        body = f"type {kind}; flags interval; auto-merge;"
+    def named_set(name: str, nets: Iterable[Network]) -> str:
+        elements = ", ".join(str(n) for n in nets if n.version == 4)
+        body = "type ipv4_addr; flags interval; auto-merge;"
         return f"  set {name} {{ {body}{f' elements = {{ {elements} }};' if elements else ''} }}"
 
     return "\n".join([
         "table inet wsup {",
-        named_set("allow4", "ipv4_addr", addresses(policy.allow, 4)),
-        named_set("allow6", "ipv6_addr", addresses(policy.allow, 6)),
-        named_set("deny4", "ipv4_addr", addresses(policy.deny, 4)),
-        named_set("deny6", "ipv6_addr", addresses(policy.deny, 6)),
+        named_set("never4", (*policy.pod, *NEVER)),
+        named_set("allow4", policy.allow),
+        named_set("deny4", policy.deny),
         "  chain output {",
         "    type filter hook output priority 0; policy accept;",
         '    oifname "lo" accept',
         f"    ip daddr {SLIRP_DNS} meta l4proto {{ tcp, udp }} th dport 53 accept",
+        "    ip daddr @never4 meta l4proto tcp reject with tcp reset",
+        "    ip daddr @never4 reject with icmpx type admin-prohibited",
         "    ip daddr @allow4 accept",
-        "    ip6 daddr @allow6 accept",
         "    ip daddr @deny4 meta l4proto tcp reject with tcp reset",
         "    ip daddr @deny4 reject with icmpx type admin-prohibited",
         "    meta nfproto ipv6 meta l4proto tcp reject with tcp reset",
@@ -129,8 +139,9 @@ def check(settings: NetworkConfig) -> list[str]:
         problems.append(f"no {TUN} (Kubernetes: mount the host's /dev/net/tun, or run privileged)")
     with open("/proc/self/status") as status:
         caps = next((int(line.split()[1], 16) for line in status if line.startswith("CapEff:")), 0)
-    if not caps & (1 << CAP_NET_ADMIN):
-        problems.append("the daemon lacks CAP_NET_ADMIN (Kubernetes: capabilities add NET_ADMIN, or privileged)")
+    for cap, name in ((CAP_NET_ADMIN, "NET_ADMIN"), (CAP_SYS_ADMIN, "SYS_ADMIN")):
+        if not caps & (1 << cap):
+            problems.append(f"the daemon lacks CAP_{name} (Kubernetes: capabilities add {name}, or privileged)")
     return problems
 
 
@@ -142,11 +153,21 @@ class NetStack:
         self.policy = policy
         self.rules = ruleset(policy).encode()
 
-    async def prepare(self, pid: int, procs_files: list[str]) -> None:
+    async def prepare(self, pid: int, procs_files: list[str]) -> int:
         """Deny list, then slirp4netns, for the namespace of ``pid`` (a launcher, our child, still
-        root and waiting). Raises LaunchError, leaving no slirp4netns behind."""
-        await self._load_rules(pid)
-        slirp, ready, pidfd = self._spawn_slirp(pid)
+        root and waiting); slirp4netns's pid. Raises LaunchError, leaving no slirp4netns behind.
+        Both act on the namespace opened once here, whatever becomes of ``pid`` meanwhile."""
+        try:
+            ns = _high(os.open(f"/proc/{pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC))
+        except OSError as exc:
+            raise _failed(f"no network namespace of pid {pid}: {exc}") from exc
+        try:
+            await self._load_rules(ns)
+            slirp, ready, pidfd = self._spawn_slirp(ns)
+        except OSError as exc:
+            raise _failed(f"cannot start it for pid {pid}: {exc}") from exc
+        finally:
+            os.close(ns)
         try:
             for path in procs_files:
                 fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
@@ -157,36 +178,43 @@ class NetStack:
             await self._wait_ready(ready)
         except BaseException as exc:
             _kill(pidfd)
-            if isinstance(exc, (OSError, LaunchError)):
-                raise LaunchError(f"the user's network (slirp4netns for pid {pid}): {exc}") from exc
+            if isinstance(exc, OSError):
+                raise _failed(f"cannot move slirp4netns into the user's cgroup: {exc}") from exc
             raise
         finally:
             os.close(pidfd)
             os.close(ready)
+        return slirp
 
-    async def _load_rules(self, pid: int) -> None:
-        argv = [shutil.which("nsenter") or "/usr/bin/nsenter", f"--net=/proc/{pid}/ns/net", "--", str(self.settings.nft), "-f", "-"]
+    async def _load_rules(self, ns: int) -> None:
+        argv = [shutil.which("nsenter") or "/usr/bin/nsenter", f"--net=/proc/self/fd/{ns}", "--", str(self.settings.nft), "-f", "-"]
         with trio.move_on_after(self.settings.ready_timeout) as timer:
-            done = await trio.run_process(argv, stdin=self.rules, capture_stdout=True, capture_stderr=True, check=False)
+            done = await trio.run_process(argv, stdin=self.rules, capture_stdout=True, capture_stderr=True, check=False, pass_fds=(ns,))
         if timer.cancelled_caught:
-            raise LaunchError(f"nft did not load the deny list within {self.settings.ready_timeout:g} s")
+            raise _failed(f"nft did not load the deny list within {self.settings.ready_timeout:g} s")
         if done.returncode != 0:
-            raise LaunchError(f"nft refused the deny list: {done.stderr.decode(errors='replace').strip()[-500:]}")
+            raise _failed(f"nft refused the deny list: {done.stderr.decode(errors='replace').strip()[-500:]}")
 
-    def _spawn_slirp(self, pid: int) -> tuple[int, int, int]:
-        """slirp4netns for the namespace of ``pid``: (its pid, the read end of its ready pipe, a pidfd)."""
+    def _spawn_slirp(self, ns: int) -> tuple[int, int, int]:
+        """slirp4netns for the namespace ``ns`` (its fd 4): (its pid, the read end of its ready pipe, a pidfd)."""
         ready_read, ready_write = os.pipe2(os.O_CLOEXEC)
+        try:
+            ready_write = _high(ready_write)
+        except OSError:
+            os.close(ready_read)
+            raise
         try:
             child = os.posix_spawn(
                 str(self.settings.slirp4netns),
                 [str(self.settings.slirp4netns), "--configure", f"--mtu={self.settings.mtu}", "--disable-host-loopback",
-                 "--enable-sandbox", "--enable-seccomp", "--ready-fd=3", str(pid), "tap0"],
+                 "--enable-sandbox", "--enable-seccomp", "--ready-fd=3", "--netns-type=path", "/proc/self/fd/4", "tap0"],
                 {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
                 file_actions=[
                     (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDWR, 0),
                     (os.POSIX_SPAWN_DUP2, 0, 1),
                     (os.POSIX_SPAWN_DUP2, 0, 2),
                     (os.POSIX_SPAWN_DUP2, ready_write, 3),
+                    (os.POSIX_SPAWN_DUP2, ns, 4),
                 ],
                 setsid=True,
             )
@@ -202,8 +230,25 @@ class NetStack:
             await trio.lowlevel.wait_readable(ready)
             if os.read(ready, 1) == b"1":
                 return
-            raise LaunchError("slirp4netns exited before it was ready")
-        raise LaunchError(f"slirp4netns was not ready within {self.settings.ready_timeout:g} s")
+            raise _failed("slirp4netns exited before it was ready")
+        raise _failed(f"slirp4netns was not ready within {self.settings.ready_timeout:g} s")
+
+
+def _failed(what: str) -> LaunchError:
+    return LaunchError(
+        f"the user's network: {what}",
+        hint="the start failed and nothing of it is left running; `workspacectl pod` and the start-up log show whether the "
+             "network mechanism is in force; run slirp4netns by hand as the daemon does (README \"A user's network\") to see "
+             "its own error; on a slow machine raise [network] ready_timeout",
+    )
+
+
+def _high(fd: int) -> int:
+    """``fd`` moved above the numbers a child's file actions write (3, 4)."""
+    try:
+        return fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10)
+    finally:
+        os.close(fd)
 
 
 def _kill(pidfd: int) -> None:
@@ -216,5 +261,10 @@ def _kill(pidfd: int) -> None:
 def preparer(config: Config) -> PrepareNetwork:
     """The launcher pool's hook: every new namespace made usable with ``[network]``'s policy."""
     policy = policy_for(config.network)
-    log.info("users' network: %d denied ranges (pod addresses included), %d allowed", len(policy.deny), len(policy.allow))
-    return NetStack(config.network, policy).prepare
+    log.info("users' network: %d denied ranges, %d allowed, %d pod addresses always refused", len(policy.deny), len(policy.allow), len(policy.pod))
+    stack = NetStack(config.network, policy)
+
+    async def prepare(pid: int, procs_files: list[str]) -> None:
+        await stack.prepare(pid, procs_files)
+
+    return prepare

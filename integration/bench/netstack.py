@@ -8,6 +8,7 @@ Run as root from the repository root::
   (supervisor.netstack.NetStack.prepare: the deny list in nftables, slirp4netns), then the RSS and
   PSS of each slirp4netns (``/proc/PID/smaps_rollup``) - the memory the network stack adds per
   user; the nftables rules live in kernel memory of the namespace (not counted). Target <= 5 MiB.
+  Also the first one's RSS and PSS again after it carried the throughput runs (its buffers).
 - throughput: a TCP sink in another namespace the bench makes (a veth pair, as tests/outside.py);
   ``--mib`` MiB sent to it from the pod's namespace over the veth (the baseline: the host's own
   path) and from a user's namespace through slirp4netns, same run; MiB/s of each and the ratio.
@@ -54,11 +55,6 @@ def smaps_kib(pid: int) -> dict[str, int]:
     return out
 
 
-def slirp_of(pid: int) -> int:
-    found = subprocess.run(["pgrep", "-f", f"slirp4netns .* {pid} tap0"], capture_output=True, text=True).stdout.split()
-    return int(found[0])
-
-
 def send(prefix: list[str], address: str, mib: int) -> float:
     done = subprocess.run([*prefix, sys.executable, "-c", SEND, address, "9000", str(mib)], capture_output=True, text=True, check=True)
     rate, got = done.stdout.split()
@@ -79,6 +75,7 @@ def main() -> int:
         print(f"cannot run: {problems}", file=sys.stderr)
         return 2
     namespaces: list[subprocess.Popen[bytes]] = []
+    slirps: list[int] = []
     results: dict[str, object] = {"load_at_start": os.getloadavg(), "users": args.users, "mib": args.mib}
     try:
         with outside_namespace(SINK, ("0.0.0.0", "9000")) as outside:
@@ -91,10 +88,10 @@ def main() -> int:
                 while os.readlink(f"/proc/{proc.pid}/ns/net") == os.readlink("/proc/self/ns/net"):
                     time.sleep(0.005)
                 began = time.monotonic()
-                trio.run(stack.prepare, proc.pid, [])
+                slirps.append(trio.run(stack.prepare, proc.pid, []))
                 prepare_s.append(time.monotonic() - began)
             time.sleep(1)  # let each slirp4netns settle after its start-up
-            mem = [smaps_kib(slirp_of(proc.pid)) for proc in namespaces]
+            mem = [smaps_kib(slirp) for slirp in slirps]
             rss = [m["Rss"] / 1024 for m in mem]
             pss = [m["Pss"] / 1024 for m in mem]
             results["prepare_s"] = {"p50": percentile(prepare_s, 50), "max": max(prepare_s)}
@@ -106,13 +103,14 @@ def main() -> int:
             user = [send(["nsenter", f"--net=/proc/{namespaces[0].pid}/ns/net"], sink, args.mib) for _ in range(args.rounds)]
             results["host_mib_s"] = sorted(host)[len(host) // 2]
             results["slirp_mib_s"] = sorted(user)[len(user) // 2]
+            after = smaps_kib(slirps[0])  # its buffers after carrying the transfers
+            results["slirp_after_transfer_mib"] = {"rss": after["Rss"] / 1024, "pss": after["Pss"] / 1024}
             results["raw"] = {"host_mib_s": host, "slirp_mib_s": user, "rss_mib": rss, "pss_mib": pss, "prepare_s": prepare_s}
     finally:
+        for slirp in slirps:
+            os.kill(slirp, 9)
+            os.waitpid(slirp, 0)
         for proc in namespaces:
-            try:
-                os.kill(slirp_of(proc.pid), 9)
-            except (IndexError, ProcessLookupError):
-                pass
             proc.kill()
             proc.wait()
     args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -122,6 +120,8 @@ def main() -> int:
     print(f"\nper user, {args.users} users (load at start {r['load_at_start'][0]:.2f}):")  # type: ignore[index]
     print(f"  network stack memory: RSS {rss_mean:.2f} MiB, PSS {r['slirp_pss_mib']['mean']:.2f} MiB (slirp4netns)"  # type: ignore[index]
           f"  target <= 5 MiB: {'PASS' if rss_mean <= 5 else 'MISS'}")
+    print(f"  after carrying the transfers below: RSS {r['slirp_after_transfer_mib']['rss']:.2f} MiB, "  # type: ignore[index]
+          f"PSS {r['slirp_after_transfer_mib']['pss']:.2f} MiB")  # type: ignore[index]
     print(f"  set-up (deny list + slirp4netns ready): p50 {r['prepare_s']['p50'] * 1000:.1f} ms, max {r['prepare_s']['max'] * 1000:.1f} ms"  # type: ignore[index]
           " (off the start: the launcher pool does it ahead on cgroup v1)")
     print(f"outbound TCP, {args.mib} MiB, median of {args.rounds}: host {r['host_mib_s']:.0f} MiB/s, "
