@@ -169,7 +169,7 @@ def log(message: str) -> None:
 
 def reap() -> list[tuple[int, int]]:
     """Reap every exited child (the daemon, orphans); never blocks. Returns (pid, returncode)."""
-    found = []
+    found: list[tuple[int, int]] = []
     while True:
         try:
             pid, status = os.waitpid(-1, os.WNOHANG)

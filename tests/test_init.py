@@ -4,6 +4,7 @@ reaped, SIGTERM drains and exits 0, a daemon that cannot start is retried with b
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -24,8 +25,8 @@ from tests.harness import Daemon, poll
 # ---- decisions ----------------------------------------------------------------------------------------
 
 
-def running(now: float = 0.0, **kwargs: object) -> Machine:
-    machine = Machine(Backoff(initial=0.5, maximum=4.0, reset_after=60.0), **kwargs)  # type: ignore[arg-type]
+def running(now: float = 0.0) -> Machine:
+    machine = Machine(Backoff(initial=0.5, maximum=4.0, reset_after=60.0))
     assert isinstance(machine.begin()[0], Start)
     machine.started(now)
     return machine
@@ -60,7 +61,7 @@ def test_sigterm_is_forwarded_and_the_exit_code_says_whether_the_drain_was_clean
     [done] = machine.exited(0, 5.0)
     assert isinstance(done, Exit) and done.code == 0
     for returncode, code in ((1, 1), (-signal.SIGKILL, 137)):
-        machine = running(stopping=None)
+        machine = running()
         machine.signalled(signal.SIGINT)
         [failed] = machine.exited(returncode, 5.0)
         assert isinstance(failed, Exit) and failed.code == code and "not clean" in failed.why
@@ -124,14 +125,14 @@ class Pod:
         self.d = daemon
         assert daemon.proc is not None
         self.unshare = daemon.proc
-        self.init = poll(lambda: psutil.Process(self.unshare.pid).children(), 10, "the init")[0].pid
+        self.init: int = poll(lambda: psutil.Process(self.unshare.pid).children(), 10, "the init")[0].pid
 
     def daemon_pid(self) -> int | None:
         """The daemon's pid as the host sees it, None while there is none."""
         for child in psutil.Process(self.init).children():
             try:
                 if child.cmdline()[1:4] == ["-m", "supervisor.daemon", "run"]:
-                    return child.pid
+                    return int(child.pid)
             except psutil.NoSuchProcess:
                 pass
         return None
@@ -147,9 +148,9 @@ class Pod:
         return [line for line in self.d.log_text().splitlines() if line.startswith("init: ")]
 
 
-@pytest.fixture
-def pod() -> Iterator[Pod]:
-    d = Daemon()
+@contextlib.contextmanager
+def started_pod(**overrides: object) -> Iterator[Pod]:
+    d = Daemon(**overrides)
     try:
         d.start(wrapper=UNSHARE, command="init")
         p = Pod(d)
@@ -159,6 +160,12 @@ def pod() -> Iterator[Pod]:
             p.wait()
     finally:
         d.cleanup()
+
+
+@pytest.fixture
+def pod() -> Iterator[Pod]:
+    with started_pod() as p:
+        yield p
 
 
 def _ready_again(pod: Pod, old: int) -> int:
@@ -185,3 +192,91 @@ def test_daemon_killed_users_keep_running_and_are_readopted(pod: Pod) -> None:
     assert "re-adopted" in pod.d.log_text()
     assert any("killed by SIGKILL" in line and "restarting it in 0.5s" in line for line in pod.init_log())
     assert pod.unshare.poll() is None and new != daemon
+
+
+# Run through nsenter inside the pod's namespace: forks ORPHANS children and exits, so they are
+# re-parented to the namespace's init; each exits once the file argv[1] exists.
+ORPHANER = """
+import os, sys, time
+for _ in range(int(sys.argv[2])):
+    if os.fork() == 0:
+        while not os.path.exists(sys.argv[1]):
+            time.sleep(0.01)
+        os._exit(0)
+"""
+
+
+@needs_kernel
+def test_orphans_are_reaped_none_left_as_zombies(pod: Pod, tmp_path: Path) -> None:
+    release = tmp_path / "release"
+    subprocess.run(["nsenter", f"--target={pod.init}", "--pid", "--mount", "--", sys.executable, "-I", "-S", "-c", ORPHANER, str(release), "5"],
+                   check=True, timeout=30)
+
+    def orphans() -> list[int]:
+        return [p.pid for p in psutil.Process(pod.init).children() if str(release) in " ".join(p.cmdline())]
+
+    adopted = poll(lambda: len(found := orphans()) == 5 and found, 10, "the orphans re-parented to the init")
+    release.touch()
+
+    def reaped() -> bool:
+        return not any(psutil.pid_exists(pid) for pid in adopted)
+
+    poll(reaped, 10, "the orphans reaped (not left as zombies)")
+    zombies = [p.pid for p in psutil.Process(pod.init).children(recursive=True) if p.status() == psutil.STATUS_ZOMBIE]
+    assert zombies == []
+    assert pod.d.ctl("pod").returncode == 0  # the daemon did not mistake them for its own
+
+
+@needs_kernel
+def test_sigterm_drains_stops_users_gracefully_and_exits_0() -> None:
+    # Under the init SIGTERM means the pod goes away: it drains even where the config says detach.
+    with started_pod(daemon__sigterm="detach") as pod:
+        assert pod.d.ctl("start", "saver-1").returncode == 0
+        saver = pod.d.user("saver-1")
+        pod.signal(signal.SIGTERM)
+        assert pod.wait() == 0
+        # The IDE got SIGTERM from the drain (a namespace torn down with it still in would SIGKILL it).
+        assert (Path(saver["workspace"]) / "flushed-on-sigterm.txt").read_text() == "flushed by saver-1 on SIGTERM\n"
+        assert pod.init_log()[-1] == "init: daemon exited with status 0 after SIGTERM: drained, exiting 0"
+
+
+@needs_kernel
+def test_sigusr2_replaces_the_daemon_at_once_users_untouched(pod: Pod) -> None:
+    assert pod.d.ctl("start", "bob").returncode == 0
+    before = pod.d.user("bob")
+    old = pod.daemon_pid()
+    assert old is not None
+    pod.signal(signal.SIGUSR2)
+    new = _ready_again(pod, old)
+    after = pod.d.user("bob")
+    assert (after["state"], after["pid"], after["restarts"]) == ("RUNNING", before["pid"], 0)
+    log = pod.init_log()
+    assert any("upgrade" in line for line in log)
+    assert any("for the upgrade: starting the new daemon now" in line for line in log)
+    assert not any("restarting it in" in line for line in log)  # no backoff
+    assert new != old and not psutil.pid_exists(old)
+
+
+@needs_kernel
+def test_a_daemon_that_cannot_start_is_retried_with_backoff() -> None:
+    d = Daemon(pod__capacity="lots")  # check-config would refuse it: the daemon exits 2 at once
+    try:
+        with open(d.log, "ab") as log:
+            unshare = subprocess.Popen([*UNSHARE, sys.executable, "-m", "supervisor.daemon", "init", "--", "--config", str(d.config)],
+                                       stdout=log, stderr=log)
+        began = time.monotonic()
+
+        def starts() -> int:
+            return d.log_text().count("init: daemon started")
+
+        poll(lambda: starts() >= 4, 30, "four starts")
+        elapsed = time.monotonic() - began
+        delays = re.findall(r"exited with status 2 after [0-9.]+s: restarting it in ([0-9.]+)s", d.log_text())
+        assert delays[:3] == ["0.5", "1", "2"]
+        # 0.5 + 1 + 2 s of backoff before the fourth start; a tight loop would start dozens.
+        assert elapsed >= 3.5 and starts() <= 5
+        init = psutil.Process(unshare.pid).children()[0]
+        init.send_signal(signal.SIGTERM)
+        assert unshare.wait(30) != 0  # nothing was drained
+    finally:
+        d.cleanup()
