@@ -20,7 +20,7 @@ import pytest
 
 from supervisor.init import Backoff, Exit, Forward, Machine, Say, Start
 from tests.conftest import is_root, pure_cgroup_v2, v1_controllers_mounted
-from tests.harness import Daemon, poll
+from tests.harness import Daemon, isolation_available, poll
 
 # ---- decisions ----------------------------------------------------------------------------------------
 
@@ -176,7 +176,16 @@ def _ready_again(pod: Pod, old: int) -> int:
 
 
 @needs_kernel
-def test_daemon_killed_users_keep_running_and_are_readopted(pod: Pod) -> None:
+@pytest.mark.parametrize("isolated", [False, True], ids=["shared", "isolated"])
+def test_daemon_killed_users_keep_running_and_are_readopted(isolated: bool) -> None:
+    overrides, missing = isolation_available()
+    if isolated and missing:
+        pytest.skip(f"[isolation] mechanisms missing: {missing}")
+    with started_pod(**(overrides if isolated else {})) as pod:
+        daemon_killed_user_readopted(pod)
+
+
+def daemon_killed_user_readopted(pod: Pod) -> None:
     assert pod.d.ctl("start", "alice").returncode == 0
     before = pod.d.user("alice")
     daemon = pod.daemon_pid()
