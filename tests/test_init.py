@@ -151,14 +151,15 @@ class Pod:
 @contextlib.contextmanager
 def started_pod(**overrides: object) -> Iterator[Pod]:
     d = Daemon(**overrides)
+    pod = None
     try:
         d.start(wrapper=UNSHARE, command="init")
-        p = Pod(d)
-        yield p
-        if p.unshare.poll() is None:
-            p.signal(signal.SIGTERM)
-            p.wait()
+        pod = Pod(d)
+        yield pod
     finally:
+        if pod is not None and pod.unshare.poll() is None:
+            pod.signal(signal.SIGTERM)
+            pod.wait()
         d.cleanup()
 
 
