@@ -189,6 +189,8 @@ def _parser() -> argparse.ArgumentParser:
                          help=f"TOML config file (default: $WSUP_CONFIG, else {config_module.DEFAULT_CONFIG_PATH} if it exists, else built-in defaults)")
         sub.add_argument("--socket", type=Path, default=None, help="control socket (overrides [control] socket)")
     commands.add_parser("config-reference", help="print every setting with its default and help")
+    init = commands.add_parser("init", help="be a container's PID 1: run the daemon, restart it, reap orphans (supervisor.init)")
+    init.add_argument("run_args", nargs=argparse.REMAINDER, metavar="[--] RUN ARGS", help="passed to `run`")
     return parser
 
 
@@ -201,7 +203,11 @@ def _config_path(arg: Path | None) -> Path | None:
 
 
 def main(argv: list[str] | None = None) -> NoReturn:
-    args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["init"]:
+        # PID 1 lives as long as the pod: a fresh interpreter without trio and the config loaded.
+        os.execv(sys.executable, [sys.executable, "-m", "supervisor.init", *argv[1:]])
+    args = _parser().parse_args(argv)
     if args.command == "config-reference":
         print(config_module.describe())
         sys.exit(0)

@@ -81,11 +81,13 @@ class Daemon:
         """The listening socket the daemon makes for ``user``'s IDE (root-only directory)."""
         return self.base / "run" / "ide" / f"{user}.sock"
 
-    def start(self, *, env: dict[str, str] | None = None, wrapper: list[str] | None = None) -> None:
+    def start(self, *, env: dict[str, str] | None = None, wrapper: list[str] | None = None, command: str = "run") -> None:
+        """Start ``workspace-supervisor COMMAND --config ...`` (``init``: the daemon under the container
+        init) behind ``wrapper``, and wait for the control socket."""
         # The daemon refuses unknown WSUP_* variables; the test runner's own (e.g. WSUP_VM_TIER) stay here.
         inherited = {k: v for k, v in os.environ.items() if not k.startswith("WSUP_")}
         full_env = {**inherited, "DAEMON_TEST_SECRET": "hunter2", **(env or {})}
-        argv = [*(wrapper or []), sys.executable, "-m", "supervisor.daemon", "run", "--config", str(self.config)]
+        argv = [*(wrapper or []), sys.executable, "-m", "supervisor.daemon", command, "--config", str(self.config)]
         # The daemon's stderr, as the journal or the container runtime would keep it: root's only
         # (the base directory is 0755 so that users reach their workspaces).
         with open(os.open(self.log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "ab") as log:
