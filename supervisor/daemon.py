@@ -28,14 +28,12 @@ from typing import NoReturn
 
 import trio
 
-from supervisor import __version__, config as config_module, metrics
+from supervisor import __version__, config as config_module, isolation, metrics, netstack
 from supervisor.cgroups.detect import detect
 from supervisor.config import Config
 from supervisor.control import HANDLERS, ControlServer, pod_verbs, why_handler
 from supervisor.drain import Drainer
-from supervisor import isolation
 from supervisor.errors import IsolationUnavailable, SupervisorError
-from supervisor.launchpool import PrepareNetwork
 from supervisor.sandbox import PodFiles, Sandbox
 from supervisor.idle import Stage
 from supervisor.manager import SessionManager
@@ -88,7 +86,8 @@ async def run_daemon(
     metrics.configure(tiers=config.tiers, ready_timeout=config.ide.ready_timeout, version=__version__,
                       cgroup_version=driver.version)
     sandbox = build_sandbox(config)
-    manager = SessionManager(config, driver, sandbox=sandbox, prepare_network=network_preparer(config) if sandbox.mechanisms.network else None)
+    prepare_network = netstack.preparer(config) if sandbox.mechanisms.network else None
+    manager = SessionManager(config, driver, sandbox=sandbox, prepare_network=prepare_network)
     publisher = Publisher(config, manager)
     drainer = Drainer(manager, publisher)
     probes = PodProbes(manager, publisher, drainer)
@@ -158,13 +157,6 @@ def build_sandbox(config: Config) -> Sandbox:
         read_only_root=config.isolation.read_only_root, pod_files=PodFiles.read(), hidden=tuple(hidden),
         tenant_uids=range(config.users.uid_min, config.users.uid_max + 1), seccomp_program=program,
     )
-
-
-def network_preparer(config: Config) -> PrepareNetwork:
-    """What makes a launcher's new network namespace usable: supervisor.netstack with [network]."""
-    from supervisor import netstack
-
-    return netstack.preparer(config)
 
 
 async def trim_memory(interval: float) -> None:
