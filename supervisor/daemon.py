@@ -10,6 +10,11 @@ One nursery holds the services (session manager, control socket). Signals:
 - SIGUSR2: detach (exit, users keep running) - for upgrades.
 - SIGHUP: logged and ignored (configuration reload is not supported yet; restart to apply).
 - SIGCHLD: exit statuses are collected; as PID 1 every orphaned zombie is reaped.
+
+Under systemd (``$NOTIFY_SOCKET``, :mod:`supervisor.sdnotify`) it says READY=1 once serving, STATUS=
+with the occupancy, WATCHDOG=1 from a trio task while the event loop runs, and STOPPING=1 (run as
+the unit's main process) or RELOADING=1 (under ``workspace-supervisor init``, whose exit alone ends
+the unit) when it drains or detaches.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import signal
 import sys
 from functools import partial
 from pathlib import Path
-from typing import NoReturn
+from typing import Callable, NoReturn
 
 import trio
 
@@ -40,12 +45,13 @@ from supervisor.manager import SessionManager
 from supervisor.probes import PodProbes, ProbeServer
 from supervisor.publisher import Publisher
 from supervisor.reclaim import IdleService
+from supervisor.sdnotify import Notifier
 
 log = logging.getLogger("supervisor")
 PR_SET_CHILD_SUBREAPER = 36
 
 
-async def wait_for_shutdown(default_mode: str, drainer: Drainer, drain_deadline: float) -> str:
+async def wait_for_shutdown(default_mode: str, drainer: Drainer, drain_deadline: float, notifier: Notifier = Notifier()) -> str:
     """Handle signals until the daemon should exit; return ``"drained"`` (a drain finished, begun
     by SIGTERM/SIGINT or by `workspacectl drain`) or ``"detach"`` (SIGUSR2, or SIGTERM/SIGINT with
     ``default_mode == "detach"``)."""
@@ -65,12 +71,15 @@ async def wait_for_shutdown(default_mode: str, drainer: Drainer, drain_deadline:
                     continue
                 if signum == signal.SIGUSR2 or default_mode == "detach":
                     log.info("%s received: shutting down (detach)", name)
+                    notifier.send("RELOADING=1" if notifier.on_behalf_of else "STOPPING=1", "STATUS=detaching")
                     outcome = "detach"
                     nursery.cancel_scope.cancel()
                     break
                 if drainer.phase == "serving":
                     log.info("%s received: draining (users get %gs to finish)", name, drain_deadline)
                     drainer.request(drain_deadline, by=name)
+                    if notifier.on_behalf_of is None:
+                        notifier.send("STOPPING=1")
                 else:
                     log.info("%s received again: ending the drain's wait now", name)
                     drainer.request(0.0, by=name)
@@ -78,7 +87,7 @@ async def wait_for_shutdown(default_mode: str, drainer: Drainer, drain_deadline:
 
 
 async def run_daemon(
-    config: Config, *, task_status: trio.TaskStatus[SessionManager] = trio.TASK_STATUS_IGNORED
+    config: Config, *, notifier: Notifier = Notifier(), task_status: trio.TaskStatus[SessionManager] = trio.TASK_STATUS_IGNORED
 ) -> None:
     """Run every service until a drain has finished or a detach signal arrives."""
     pid1 = os.getpid() == 1
@@ -121,12 +130,37 @@ async def run_daemon(
             "workspace-supervisor %s ready: pod %s, capacity %d, %s%s",
             __version__, config.pod_id, config.pod.capacity, driver.describe(), " (PID 1)" if pid1 else "",
         )
+        notifier.send("READY=1", f"STATUS={status_line(drainer.phase, manager.pod.occupied(), config.pod.capacity)}")
+        nursery.start_soon(tell_systemd, notifier, lambda: status_line(drainer.phase, manager.pod.occupied(), config.pod.capacity))
         task_status.started(manager)
-        outcome = await wait_for_shutdown("stop" if pid1 else config.daemon.sigterm, drainer, config.daemon.drain_deadline)
+        outcome = await wait_for_shutdown("stop" if pid1 else config.daemon.sigterm, drainer, config.daemon.drain_deadline, notifier)
         if outcome == "detach":
             log.info("detaching: %d user(s) keep running for the next daemon", manager.pod.occupied())
         nursery.cancel_scope.cancel()
     log.info("workspace-supervisor stopped")
+
+
+def status_line(phase: str, occupied: int, capacity: int) -> str:
+    """The one-line state `systemctl status` shows (STATUS=)."""
+    if phase == "serving":
+        return f"serving: {occupied}/{capacity} users"
+    return f"draining ({phase}): {occupied} user(s) left"
+
+
+async def tell_systemd(notifier: Notifier, status: Callable[[], str], every: float = 10.0) -> None:
+    """Send STATUS= when it changes and WATCHDOG=1 every watchdog interval: a task of the event
+    loop, so the pings stop (and systemd's watchdog fires) when the loop is stuck."""
+    if notifier.address is None:
+        return
+    period = min(every, notifier.watchdog_interval or every)
+    last = ""
+    while True:
+        lines = ["WATCHDOG=1"] if notifier.watchdog_interval else []
+        if (now := status()) != last:
+            lines.append(f"STATUS={now}")
+            last = now
+        notifier.send(*lines)
+        await trio.sleep(period)
 
 
 def build_sandbox(config: Config) -> Sandbox:
@@ -224,8 +258,9 @@ def main(argv: list[str] | None = None) -> NoReturn:
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     with contextlib.suppress(ValueError, OSError):  # descriptors: what users' connections cannot use up
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    notifier = Notifier.from_environ(os.environ)  # taken out: nothing the daemon starts inherits it
     try:
-        trio.run(run_daemon, config)
+        trio.run(partial(run_daemon, config, notifier=notifier))
     except SupervisorError as exc:
         log.error("%s", exc)
         sys.exit(1)

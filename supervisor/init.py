@@ -193,6 +193,8 @@ def run(daemon_args: list[str], backoff: Backoff = Backoff()) -> NoReturn:
     argv = [sys.executable, "-m", "supervisor.daemon", "run", *daemon_args]
     # Under the init SIGTERM always means the pod is going away: never a detach.
     env = {**os.environ, "WSUP_DAEMON_SIGTERM": "stop"}
+    if "NOTIFY_SOCKET" in env:  # under systemd the init is the main process: the daemon notifies for it
+        env["MAINPID"] = str(os.getpid())
     machine = Machine(backoff)
     daemon: int | None = None
     pending = machine.begin()
