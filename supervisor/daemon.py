@@ -51,10 +51,12 @@ log = logging.getLogger("supervisor")
 PR_SET_CHILD_SUBREAPER = 36
 
 
-async def wait_for_shutdown(default_mode: str, drainer: Drainer, drain_deadline: float, notifier: Notifier = Notifier()) -> str:
+async def wait_for_shutdown(default_mode: str, drainer: Drainer, drain_deadline: float, notifier: Notifier = Notifier(),
+                            ready: tuple[str, ...] = ()) -> str:
     """Handle signals until the daemon should exit; return ``"drained"`` (a drain finished, begun
     by SIGTERM/SIGINT or by `workspacectl drain`) or ``"detach"`` (SIGUSR2, or SIGTERM/SIGINT with
-    ``default_mode == "detach"``)."""
+    ``default_mode == "detach"``). ``ready`` is sent to systemd once the signals are caught: a
+    SIGTERM right after READY=1 must drain, not kill."""
     outcome = "drained"
     async with trio.open_nursery() as nursery:
 
@@ -64,6 +66,7 @@ async def wait_for_shutdown(default_mode: str, drainer: Drainer, drain_deadline:
 
         nursery.start_soon(until_drained)
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGUSR2, signal.SIGHUP) as signals:
+            notifier.send(*ready)
             async for signum in signals:
                 name = signal.Signals(signum).name
                 if signum == signal.SIGHUP:
@@ -130,10 +133,14 @@ async def run_daemon(
             "workspace-supervisor %s ready: pod %s, capacity %d, %s%s",
             __version__, config.pod_id, config.pod.capacity, driver.describe(), " (PID 1)" if pid1 else "",
         )
-        notifier.send("READY=1", f"STATUS={status_line(drainer.phase, manager.pod.occupied(), config.pod.capacity)}")
-        nursery.start_soon(tell_systemd, notifier, lambda: status_line(drainer.phase, manager.pod.occupied(), config.pod.capacity))
+
+        def status() -> str:
+            return status_line(drainer.phase, manager.pod.occupied(), config.pod.capacity)
+
+        nursery.start_soon(tell_systemd, notifier, status)
         task_status.started(manager)
-        outcome = await wait_for_shutdown("stop" if pid1 else config.daemon.sigterm, drainer, config.daemon.drain_deadline, notifier)
+        outcome = await wait_for_shutdown("stop" if pid1 else config.daemon.sigterm, drainer, config.daemon.drain_deadline, notifier,
+                                          ready=("READY=1", f"STATUS={status()}"))
         if outcome == "detach":
             log.info("detaching: %d user(s) keep running for the next daemon", manager.pod.occupied())
         nursery.cancel_scope.cancel()
