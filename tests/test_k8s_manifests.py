@@ -291,9 +291,11 @@ def test_files_the_config_names_are_mounted(objects: list[Obj], pod: Obj, contai
     assert Path("/dev/net/tun") in mounted
 
 
-def test_kernel_features_are_granted(container: Obj) -> None:
+def test_kernel_features_are_granted_and_admitted(objects: list[Obj], container: Obj) -> None:
     context = container["securityContext"]
     assert context.get("privileged") is True or {"SYS_ADMIN", "NET_ADMIN"} <= set(context["capabilities"]["add"])
+    namespace = one(objects, "Namespace", one(objects, "StatefulSet")["metadata"]["namespace"])
+    assert namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "privileged"
 
 
 def test_disruption_budget_and_autoscaler_on_active_users(objects: list[Obj]) -> None:
@@ -302,6 +304,7 @@ def test_disruption_budget_and_autoscaler_on_active_users(objects: list[Obj]) ->
     assert budget["spec"]["selector"]["matchLabels"].items() <= labels.items()
     assert budget["spec"]["maxUnavailable"] == 1
     hpa = one(objects, "HorizontalPodAutoscaler")
+    assert "replicas" not in one(objects, "StatefulSet")["spec"], "the autoscaler owns the count"
     assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "StatefulSet", "name": NAME}
     (metric,) = hpa["spec"]["metrics"]
     name = metric["pods"]["metric"]["name"]
