@@ -17,7 +17,7 @@ import subprocess
 import sys
 import tomllib
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import yaml
@@ -336,12 +336,8 @@ def test_services_reach_the_named_ports(objects: list[Obj], container: Obj) -> N
     assert governing["spec"]["clusterIP"] == "None"
 
 
-def iter_yaml_files() -> Iterator[Path]:
-    yield from K8S.rglob("*.yaml")
-
-
 def test_every_yaml_file_parses() -> None:
-    files = list(iter_yaml_files())
+    files = list(K8S.rglob("*.yaml"))
     assert len(files) >= 10
     for path in files:
         assert all(doc is not None for doc in yaml.safe_load_all(path.read_text())), path
