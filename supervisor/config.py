@@ -188,7 +188,7 @@ def _optional_path(value: Any) -> Path | None:
 class PodConfig:
     id: str = setting("", "Pod id in the registry; empty means the host name.", _str)
     capacity: int = setting(100, "Most users this pod runs at once.", _int(1, 100_000))
-    memory: int = setting(0, "The pod's memory for pressure decisions (0 = the machine's).", parse_size)
+    memory: int = setting(0, "The pod's memory for pressure decisions and the registry's headroom (0 = the daemon's cgroup limit, the pod's in Kubernetes; else the host's RAM).", parse_size)
     address: str = setting(
         "",
         "HOST:PORT at which routers reach this pod's front door, published in the registry. Empty: the front door's own "
