@@ -285,6 +285,10 @@ class IdleConfig:
     )
 
 
+def _cpu_or_zero(value: Any) -> int:
+    return 0 if value in (0, "0") else parse_cpu(value)
+
+
 @dataclass(frozen=True)
 class TierConfig:
     cpu: int = setting(200, "CPU limit (200m, 0.5, 2).", parse_cpu)
@@ -297,7 +301,7 @@ class TierConfig:
         1000,
         "CPU allowed while STARTING, so a cold start takes about a second even on a small tier "
         "(0 = the tier's cpu); the tier's cpu applies once RUNNING.",
-        lambda v: 0 if v in (0, "0") else parse_cpu(v),
+        _cpu_or_zero,
     )
     max_websockets: int = setting(
         64, "Most WebSockets the user may have open through the front door at once; one more gets 429 too_many_connections.", _int(1, 1_000_000)
@@ -746,13 +750,81 @@ def _placeholders(arg: str) -> list[str]:
 
 
 def describe() -> str:
-    """Every setting with its default and help, as a commented TOML document (the reference docs)."""
+    """Every setting at its default as a TOML document, help as comments (the reference docs): it
+    parses, and :func:`from_dict` gives the default :class:`Config` back. Unset optional values
+    are commented out; ``[tiers.<name>.idle]`` is shown as a commented example."""
+    lines = [
+        "# workspace-supervisor configuration: every setting at its default (`workspace-supervisor config-reference`).",
+        "# Durations 90s, 2m, 1h30m, 250ms; sizes 512Mi, 2Gi; CPU 200m, 1.5. Any key: env WSUP_<SECTION>_<KEY>.",
+    ]
+    defaults = from_dict({})
+    for section in (f.name for f in dataclasses.fields(Config)):
+        if section != "tiers":
+            lines += ["", f"[{section}]", *_describe_fields(getattr(defaults, section), helps=True)]
+            continue
+        for n, name in enumerate(DEFAULT_TIERS):
+            tier = defaults.tiers[name]
+            lines += ["", f"[tiers.{name}]", *_describe_fields(tier, helps=n == 0, skip=("idle",))]
+            if n == 0:
+                lines += ["# Per-tier overrides of [idle]: any [idle] key in a [tiers.<name>.idle] table, e.g.",
+                          f"# [tiers.{name}.idle]", '# stop_after = "30m"']
+    return "\n".join(lines) + "\n"
+
+
+def _comment(text: str) -> list[str]:
+    import textwrap
+
+    return textwrap.wrap(text, 110, initial_indent="# ", subsequent_indent="# ") or ["#"]
+
+
+def _describe_fields(section: Any, *, helps: bool, skip: tuple[str, ...] = ()) -> list[str]:
     lines: list[str] = []
-    for section, cls in _SECTIONS.items():
-        lines.append(f"[{section}]")
-        for f in dataclasses.fields(cls):
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[operator]
-            lines.append(f"# {f.metadata.get('help', '')}")
-            lines.append(f"# {f.name} = {default!r}")
-        lines.append("")
-    return "\n".join(lines)
+    for f in dataclasses.fields(section):
+        if f.name in skip:
+            continue
+        if helps:
+            lines += _comment(f.metadata.get("help", ""))
+        value = getattr(section, f.name)
+        if value is None:
+            lines.append(f'# {f.name} = ""  # unset')
+        else:
+            lines.append(f"{f.name} = {_toml(value, f.metadata.get('parse'))}")
+    return lines
+
+
+def _toml(value: Any, parse: Any) -> str:
+    """``value`` as a TOML literal that ``parse`` reads back as ``value``."""
+    import json
+
+    if parse in (parse_cpu, _cpu_or_zero):
+        return f'"{value}m"' if value else "0"
+    if parse is parse_size:
+        return str(value) if not _size(value).endswith("i") else json.dumps(_size(value))
+    if parse is parse_duration:
+        return json.dumps(_duration(value))
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (str, Path)):
+        return json.dumps(str(value))  # a JSON string is a TOML basic string
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml(v, None) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{json.dumps(k)} = {_toml(v, None)}" for k, v in value.items()) + "}"
+    raise TypeError(f"no TOML for {value!r}")
+
+
+def _size(size: int) -> str:
+    for unit, factor in (("Ti", 2**40), ("Gi", 2**30), ("Mi", 2**20), ("Ki", 2**10)):
+        if size and size % factor == 0:
+            return f"{size // factor}{unit}"
+    return str(size)
+
+
+def _duration(seconds: float) -> str:
+    for unit, factor in (("h", 3600), ("m", 60), ("s", 1)):
+        if seconds >= factor and seconds % factor == 0:
+            return f"{int(seconds // factor)}{unit}"
+    millis = round(seconds * 1000)
+    return f"{millis}ms" if millis * 0.001 == seconds else repr(seconds)
