@@ -13,7 +13,7 @@ import socket
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 from supervisor.errors import ConfigError
 from supervisor.units import parse_cpu, parse_duration, parse_percent, parse_size
@@ -586,24 +586,31 @@ class Config:
 _SECTIONS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fields(Config) if f.name != "tiers"}  # type: ignore[misc]
 
 
-def _build(cls: type, values: Mapping[str, Any], where: str) -> Any:
+def _fail(errors: list[ConfigError] | None, error: ConfigError) -> None:
+    """Raise ``error``; or, collecting every error (check-config), add it to ``errors``."""
+    if errors is None:
+        raise error
+    errors.append(error)
+
+
+def _build(cls: type, values: Mapping[str, Any], where: str, errors: list[ConfigError] | None = None) -> Any:
+    """``cls`` from ``values``; a bad or unknown key fails (collecting: is left at its default)."""
     known = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - set(known))
-    if unknown:
-        raise ConfigError(
-            f"unknown key {where}.{unknown[0]}; allowed in [{where}]: {', '.join(sorted(known))}"
-        )
+    for name in sorted(set(values) - set(known)):
+        _fail(errors, ConfigError(f"unknown key {where}.{name}; allowed in [{where}]: {', '.join(sorted(known))}"))
     kwargs = {}
     for name, value in values.items():
+        if name not in known:
+            continue
         parse = known[name].metadata.get("parse")
         try:
             kwargs[name] = parse(value) if parse else value
         except ValueError as exc:
-            raise ConfigError(f"bad value for {where}.{name}: {value!r}: {exc}") from None
+            _fail(errors, ConfigError(f"bad value for {where}.{name}: {value!r}: {exc}"))
     return cls(**kwargs)
 
 
-def _env_overrides(raw: dict[str, Any], environ: Mapping[str, str]) -> None:
+def _env_overrides(raw: dict[str, Any], environ: Mapping[str, str], errors: list[ConfigError] | None = None) -> None:
     """Apply ``WSUP_SECTION_KEY`` variables onto the raw TOML tree (in place)."""
     targets: dict[str, tuple[list[str], str]] = {}
     for section, cls in _SECTIONS.items():
@@ -619,7 +626,8 @@ def _env_overrides(raw: dict[str, Any], environ: Mapping[str, str]) -> None:
         if variable not in targets:
             if variable in ("WSUP_CONFIG",):
                 continue
-            raise ConfigError(f"unknown environment override {variable}", hint="variables are WSUP_<SECTION>_<KEY>, e.g. WSUP_POD_CAPACITY")
+            _fail(errors, ConfigError(f"unknown environment override {variable}", hint="variables are WSUP_<SECTION>_<KEY>, e.g. WSUP_POD_CAPACITY"))
+            continue
         path, key = targets[variable]
         node = raw
         for part in path:
@@ -635,8 +643,9 @@ def _env_value(text: str) -> Any:
         return text
 
 
-def load(path: Path | None = None, environ: Mapping[str, str] | None = None) -> Config:
-    """Load, override from the environment and validate. ``path=None`` uses embedded defaults only."""
+def load(path: Path | None = None, environ: Mapping[str, str] | None = None, *, errors: list[ConfigError] | None = None) -> Config:
+    """Load, override from the environment and validate. ``path=None`` uses embedded defaults only.
+    A file that cannot be read or is not TOML always raises; for ``errors``, see :func:`from_dict`."""
     environ = os.environ if environ is None else environ
     raw: dict[str, Any] = {}
     if path is not None:
@@ -648,31 +657,31 @@ def load(path: Path | None = None, environ: Mapping[str, str] | None = None) -> 
             raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
         except OSError as exc:
             raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
-    return from_dict(raw, environ)
+    return from_dict(raw, environ, errors=errors)
 
 
-def from_dict(raw: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> Config:
-    """Validate a raw config tree (as parsed from TOML) into a :class:`Config`."""
+def from_dict(raw: Mapping[str, Any], environ: Mapping[str, str] | None = None, *, errors: list[ConfigError] | None = None) -> Config:
+    """Validate a raw config tree (as parsed from TOML) into a :class:`Config`. The first error
+    raises; with ``errors`` (a list) every error is added to it instead, bad keys left at their
+    defaults, and the Config returned is only good for further checks."""
     tree: dict[str, Any] = _deep_copy(dict(raw))
-    _env_overrides(tree, environ or {})
-    unknown = sorted(set(tree) - set(_SECTIONS) - {"tiers"})
-    if unknown:
-        raise ConfigError(f"unknown section [{unknown[0]}]; allowed: {', '.join(sorted([*_SECTIONS, 'tiers']))}")
+    _env_overrides(tree, environ or {}, errors)
+    for name in sorted(set(tree) - set(_SECTIONS) - {"tiers"}):
+        _fail(errors, ConfigError(f"unknown section [{name}]; allowed: {', '.join(sorted([*_SECTIONS, 'tiers']))}"))
     sections: dict[str, Any] = {}
     for section, cls in _SECTIONS.items():
-        values = tree.get(section, {})
-        if not isinstance(values, dict):
-            raise ConfigError(f"[{section}] must be a table")
-        sections[section] = _build(cls, values, section)
+        sections[section] = _build(cls, _table_or_error(tree.get(section, {}), section, errors), section, errors)
     tiers_raw = tree.get("tiers", {})
     if not isinstance(tiers_raw, dict):
-        raise ConfigError("[tiers] must be a table of tables, e.g. [tiers.free]")
+        _fail(errors, ConfigError("[tiers] must be a table of tables, e.g. [tiers.free]"))
+        tiers_raw = {}
     tiers: dict[str, TierConfig] = {}
     for name in sorted(set(DEFAULT_TIERS) | set(tiers_raw)):
-        values = {**DEFAULT_TIERS.get(name, {}), **_table_or_error(tiers_raw.get(name, {}), f"tiers.{name}")}
-        tiers[name] = _build(TierConfig, values, f"tiers.{name}")
+        values = {**DEFAULT_TIERS.get(name, {}), **_table_or_error(tiers_raw.get(name, {}), f"tiers.{name}", errors)}
+        tiers[name] = _build(TierConfig, values, f"tiers.{name}", errors)
     config = Config(tiers=tiers, **sections)
-    _check_consistency(config)
+    for error in _consistency_errors(config):
+        _fail(errors, error)
     return config
 
 
@@ -680,9 +689,10 @@ def _raw_values(section: Any) -> dict[str, Any]:
     return {f.name: getattr(section, f.name) for f in dataclasses.fields(section)}
 
 
-def _table_or_error(value: Any, where: str) -> dict[str, Any]:
+def _table_or_error(value: Any, where: str, errors: list[ConfigError] | None = None) -> dict[str, Any]:
     if not isinstance(value, dict):
-        raise ConfigError(f"[{where}] must be a table")
+        _fail(errors, ConfigError(f"[{where}] must be a table"))
+        return {}
     return value
 
 
@@ -690,57 +700,63 @@ def _deep_copy(tree: dict[str, Any]) -> dict[str, Any]:
     return {k: _deep_copy(v) if isinstance(v, dict) else v for k, v in tree.items()}
 
 
-def _check_consistency(config: Config) -> None:
+def _consistency_errors(config: Config) -> Iterator[ConfigError]:
+    """What is wrong between keys (each key valid on its own)."""
     if config.users.uid_min > config.users.uid_max:
-        raise ConfigError(f"users.uid_min ({config.users.uid_min}) is above users.uid_max ({config.users.uid_max})")
+        yield ConfigError(f"users.uid_min ({config.users.uid_min}) is above users.uid_max ({config.users.uid_max})")
     if not 0 < config.registry.heartbeat < config.registry.lease:
-        raise ConfigError(
+        yield ConfigError(
             f"registry.heartbeat ({config.registry.heartbeat:g}s) must be above 0 and below registry.lease "
             f"({config.registry.lease:g}s), or the pod's record expires between heartbeats"
         )
     if config.restart.backoff_initial > config.restart.backoff_max:
-        raise ConfigError("restart.backoff_initial is above restart.backoff_max")
+        yield ConfigError("restart.backoff_initial is above restart.backoff_max")
     for tier in config.tiers:
-        ladder = config.idle_for(tier)
+        try:
+            ladder = config.idle_for(tier)
+        except ConfigError as exc:
+            yield exc
+            continue
         if not ladder.lsp_pause_after <= ladder.gc_after <= ladder.freeze_after <= ladder.stop_after:
-            raise ConfigError(
+            yield ConfigError(
                 f"idle steps of tier {tier} must be in order: lsp_pause_after <= gc_after <= freeze_after <= stop_after"
             )
     if not config.workspace.root.is_absolute():
-        raise ConfigError(f"workspace.root must be an absolute path, not {str(config.workspace.root)!r}")
-    _check_auth(config.auth)
+        yield ConfigError(f"workspace.root must be an absolute path, not {str(config.workspace.root)!r}")
+    yield from _auth_errors(config.auth)
     iso = config.isolation
     for mechanism in ("network", "pid", "identity"):
         if getattr(iso, mechanism) != "off" and iso.mount == "off":
-            raise ConfigError(
+            yield ConfigError(
                 f"isolation.{mechanism} needs isolation.mount (a private /proc, resolv.conf or passwd is mounted)",
                 hint=f'set isolation.mount = "on" (or "auto"), or isolation.{mechanism} = "off"',
             )
     placeholders = {"{user}", "{workspace}", "{home}"}
     for arg in [*config.ide.command, *config.ide.env.values()]:
         if "{socket}" in arg:
-            raise ConfigError(
+            yield ConfigError(
                 "ide.command or ide.env uses {socket}, which is gone: the daemon now binds each IDE's socket "
                 "and hands it over as fd 3 (LISTEN_FDS=1); the IDE must serve on that descriptor",
                 hint="remove {socket} (and any WSUP_IDE_SOCKET) from [ide]; Theia's unix-socket-preload.js adopts fd 3",
             )
+            break
     for arg in config.ide.command:
         for token in _placeholders(arg):
             if token not in placeholders:
-                raise ConfigError(
+                yield ConfigError(
                     f"ide.command uses unknown placeholder {token}; allowed: {', '.join(sorted(placeholders))}"
                 )
 
 
-def _check_auth(auth: AuthConfig) -> None:
+def _auth_errors(auth: AuthConfig) -> Iterator[ConfigError]:
     symmetric = [a for a in auth.algorithms if a.startswith("HS")]
     if auth.hs256_secret_file is not None:
         if auth.public_key_file is not None or auth.jwks_file is not None:
-            raise ConfigError("auth.hs256_secret_file cannot be combined with auth.public_key_file or auth.jwks_file (HS* is never accepted when an asymmetric key is configured)")
+            yield ConfigError("auth.hs256_secret_file cannot be combined with auth.public_key_file or auth.jwks_file (HS* is never accepted when an asymmetric key is configured)")
     elif symmetric:
-        raise ConfigError(f"auth.algorithms lists {symmetric[0]} but no auth.hs256_secret_file is set (HS* is for development only)")
+        yield ConfigError(f"auth.algorithms lists {symmetric[0]} but no auth.hs256_secret_file is set (HS* is for development only)")
     if auth.public_key_file is not None and auth.jwks_file is not None:
-        raise ConfigError("set only one of auth.public_key_file and auth.jwks_file")
+        yield ConfigError("set only one of auth.public_key_file and auth.jwks_file")
 
 
 def _placeholders(arg: str) -> list[str]:

@@ -33,7 +33,7 @@ from supervisor.cgroups.detect import detect
 from supervisor.config import Config
 from supervisor.control import HANDLERS, ControlServer, pod_verbs, why_handler
 from supervisor.drain import Drainer
-from supervisor.errors import IsolationUnavailable, SupervisorError
+from supervisor.errors import ConfigError, IsolationUnavailable, SupervisorError
 from supervisor.sandbox import PodFiles, Sandbox
 from supervisor.idle import Stage
 from supervisor.manager import SessionManager
@@ -180,6 +180,10 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("--config", type=Path, default=None,
                          help=f"TOML config file (default: $WSUP_CONFIG, else {config_module.DEFAULT_CONFIG_PATH} if it exists, else built-in defaults)")
         sub.add_argument("--socket", type=Path, default=None, help="control socket (overrides [control] socket)")
+        if name == "check-config":
+            sub.add_argument("--grace", type=float, default=None, metavar="SECONDS",
+                             help="the time the pod gives a stopping daemon (Kubernetes terminationGracePeriodSeconds, "
+                                  "systemd TimeoutStopSec): drain_deadline + shutdown_deadline must fit it")
     commands.add_parser("config-reference", help="print every setting with its default and help")
     init = commands.add_parser("init", help="be a container's PID 1: run the daemon, restart it, reap orphans (supervisor.init)")
     init.add_argument("run_args", nargs=argparse.REMAINDER, metavar="[--] RUN ARGS", help="passed to `run`")
@@ -192,6 +196,27 @@ def _config_path(arg: Path | None) -> Path | None:
     if os.environ.get("WSUP_CONFIG"):
         return Path(os.environ["WSUP_CONFIG"])
     return config_module.DEFAULT_CONFIG_PATH if config_module.DEFAULT_CONFIG_PATH.exists() else None
+
+
+def check_config(path: Path | None, environ: dict[str, str], grace: float | None) -> int:
+    """Print every problem of the configuration (stderr) and a verdict (stdout); 2 if any is an error."""
+    from supervisor import configcheck
+
+    errors: list[ConfigError] = []
+    try:
+        config = config_module.load(path, environ, errors=errors)
+    except ConfigError as exc:  # unreadable, or not TOML: nothing more to check
+        errors, config = [exc], None
+    problems = [configcheck.Problem("error", str(exc)) for exc in errors]
+    if config is not None:
+        problems += configcheck.check(config, grace=grace)
+    for problem in problems:
+        print(f"workspace-supervisor: {problem}", file=sys.stderr)
+    failed = sum(p.level == "error" for p in problems)
+    warned = len(problems) - failed
+    verdict = f"{failed} error(s), {warned} warning(s)" if failed else "ok" + (f" ({warned} warning(s))" if warned else "")
+    print(f"{path or 'built-in defaults'}: {verdict}")
+    return 2 if failed else 0
 
 
 def main(argv: list[str] | None = None) -> NoReturn:
@@ -207,14 +232,13 @@ def main(argv: list[str] | None = None) -> NoReturn:
     environ = dict(os.environ)
     if args.socket is not None:
         environ["WSUP_CONTROL_SOCKET"] = str(args.socket)
+    if args.command == "check-config":
+        sys.exit(check_config(path, environ, args.grace))
     try:
         config = config_module.load(path, environ)
     except SupervisorError as exc:
         print(f"workspace-supervisor: {exc}", file=sys.stderr)
         sys.exit(2)
-    if args.command == "check-config":
-        print(f"{path or 'built-in defaults'}: ok")
-        sys.exit(0)
     logging.basicConfig(
         level=config.daemon.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
