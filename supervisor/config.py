@@ -533,7 +533,7 @@ class RegistryConfig:
 
 @dataclass(frozen=True)
 class ProbesConfig:
-    listen: str = setting("0.0.0.0:9100", "/metrics, /healthz, /readyz, /startupz.", _listen)
+    listen: str = setting("0.0.0.0:9100", "/metrics, /healthz, /readyz, /admitting, /startupz.", _listen)
 
 
 @dataclass(frozen=True)
