@@ -105,6 +105,14 @@ def _exposure(key: str, path: Path, st: os.stat_result, tenants: range, is_secre
         yield Problem("error", f"{key} {path} is owned by uid {st.st_uid}, a user's: make it root's")
     if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
         yield Problem("error", f"{key} {path} is writable by group or others (mode {stat.S_IMODE(st.st_mode):04o}): chmod go-w")
+    try:
+        parent = os.stat(path.parent)
+    except OSError:
+        parent = None
+    if parent is not None and (parent.st_uid in tenants or (parent.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+                                                            and not parent.st_mode & stat.S_ISVTX)):
+        yield Problem("error", f"{key} {path}: users can replace it in its directory {path.parent} (owner uid "
+                               f"{parent.st_uid}, mode {stat.S_IMODE(parent.st_mode):04o}): make it root's and chmod go-w")
     if is_secret and st.st_mode & stat.S_IROTH:
         yield Problem("error", f"{key} {path} is readable by every user in the pod (mode {stat.S_IMODE(st.st_mode):04o}): "
                                "chmod 0400 (Kubernetes: the Secret volume's defaultMode: 0400)")

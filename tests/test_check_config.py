@@ -154,6 +154,12 @@ def test_secrets_must_be_long_and_private(tmp_path: Path) -> None:
     assert any("readable by every user in the pod (mode 0644)" in p for p in problems(raw))
     secret.chmod(0o620)
     assert any("writable by group or others" in p for p in problems(raw))
+    secret.chmod(0o600)
+    tmp_path.chmod(0o777)  # anyone may rename another file over it
+    assert any("users can replace it in its directory" in p for p in problems(raw))
+    tmp_path.chmod(0o1777)  # sticky, like /tmp: only its owner (root) may
+    assert not [p for p in problems(raw) if "hs256" in p]
+    tmp_path.chmod(0o700)
     secret.unlink()
     assert any("hs256.key: No such file" in p for p in problems(raw))
     secret.mkdir()
