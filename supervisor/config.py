@@ -815,7 +815,8 @@ def _toml(value: Any, parse: Any) -> str:
     if parse in (parse_cpu, _cpu_or_zero):
         return f'"{value}m"' if value else "0"
     if parse is parse_size:
-        return str(value) if not _size(value).endswith("i") else json.dumps(_size(value))
+        text = _size(value)
+        return text if text.isdigit() else json.dumps(text)
     if parse is parse_duration:
         return json.dumps(_duration(value))
     if isinstance(value, bool):

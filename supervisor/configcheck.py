@@ -13,11 +13,12 @@ from __future__ import annotations
 import os
 import shutil
 import stat
+import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Mapping
 
-from supervisor.config import Config
+from supervisor.config import Config, load
 from supervisor.errors import ConfigError
 
 #: What a drain and shutdown leave of the grace for withdrawing from the registry and exiting.
@@ -31,6 +32,23 @@ class Problem:
 
     def __str__(self) -> str:
         return f"{self.level}: {self.message}"
+
+
+def run(path: Path | None, environ: Mapping[str, str], grace: float | None) -> int:
+    """Print every problem (stderr) and a verdict (stdout); the exit code: 2 if any is an error."""
+    errors: list[ConfigError] = []
+    try:
+        config: Config | None = load(path, environ, errors=errors)
+    except ConfigError as exc:  # unreadable, or not TOML: nothing more to check
+        errors, config = [exc], None
+    problems = [Problem("error", str(exc)) for exc in errors] + (check(config, grace=grace) if config else [])
+    for problem in problems:
+        print(f"workspace-supervisor: {problem}", file=sys.stderr)
+    failed = sum(p.level == "error" for p in problems)
+    warned = len(problems) - failed
+    verdict = f"{failed} error(s), {warned} warning(s)" if failed else "ok" + (f" ({warned} warning(s))" if warned else "")
+    print(f"{path or 'built-in defaults'}: {verdict}")
+    return 2 if failed else 0
 
 
 def check(config: Config, *, grace: float | None) -> list[Problem]:

@@ -33,7 +33,7 @@ from supervisor.cgroups.detect import detect
 from supervisor.config import Config
 from supervisor.control import HANDLERS, ControlServer, pod_verbs, why_handler
 from supervisor.drain import Drainer
-from supervisor.errors import ConfigError, IsolationUnavailable, SupervisorError
+from supervisor.errors import IsolationUnavailable, SupervisorError
 from supervisor.sandbox import PodFiles, Sandbox
 from supervisor.idle import Stage
 from supervisor.manager import SessionManager
@@ -198,27 +198,6 @@ def _config_path(arg: Path | None) -> Path | None:
     return config_module.DEFAULT_CONFIG_PATH if config_module.DEFAULT_CONFIG_PATH.exists() else None
 
 
-def check_config(path: Path | None, environ: dict[str, str], grace: float | None) -> int:
-    """Print every problem of the configuration (stderr) and a verdict (stdout); 2 if any is an error."""
-    from supervisor import configcheck
-
-    errors: list[ConfigError] = []
-    try:
-        config = config_module.load(path, environ, errors=errors)
-    except ConfigError as exc:  # unreadable, or not TOML: nothing more to check
-        errors, config = [exc], None
-    problems = [configcheck.Problem("error", str(exc)) for exc in errors]
-    if config is not None:
-        problems += configcheck.check(config, grace=grace)
-    for problem in problems:
-        print(f"workspace-supervisor: {problem}", file=sys.stderr)
-    failed = sum(p.level == "error" for p in problems)
-    warned = len(problems) - failed
-    verdict = f"{failed} error(s), {warned} warning(s)" if failed else "ok" + (f" ({warned} warning(s))" if warned else "")
-    print(f"{path or 'built-in defaults'}: {verdict}")
-    return 2 if failed else 0
-
-
 def main(argv: list[str] | None = None) -> NoReturn:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["init"]:
@@ -233,7 +212,9 @@ def main(argv: list[str] | None = None) -> NoReturn:
     if args.socket is not None:
         environ["WSUP_CONTROL_SOCKET"] = str(args.socket)
     if args.command == "check-config":
-        sys.exit(check_config(path, environ, args.grace))
+        from supervisor import configcheck
+
+        sys.exit(configcheck.run(path, environ, args.grace))
     try:
         config = config_module.load(path, environ)
     except SupervisorError as exc:
