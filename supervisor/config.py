@@ -13,7 +13,7 @@ import socket
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 from supervisor.errors import ConfigError
 from supervisor.units import parse_cpu, parse_duration, parse_percent, parse_size
@@ -188,7 +188,7 @@ def _optional_path(value: Any) -> Path | None:
 class PodConfig:
     id: str = setting("", "Pod id in the registry; empty means the host name.", _str)
     capacity: int = setting(100, "Most users this pod runs at once.", _int(1, 100_000))
-    memory: int = setting(0, "The pod's memory for pressure decisions (0 = the machine's).", parse_size)
+    memory: int = setting(0, "The pod's memory for pressure decisions and the registry's headroom (0 = the daemon's cgroup limit, the pod's in Kubernetes; else the host's RAM).", parse_size)
     address: str = setting(
         "",
         "HOST:PORT at which routers reach this pod's front door, published in the registry. Empty: the front door's own "
@@ -285,6 +285,10 @@ class IdleConfig:
     )
 
 
+def _cpu_or_zero(value: Any) -> int:
+    return 0 if value in (0, "0") else parse_cpu(value)
+
+
 @dataclass(frozen=True)
 class TierConfig:
     cpu: int = setting(200, "CPU limit (200m, 0.5, 2).", parse_cpu)
@@ -297,7 +301,7 @@ class TierConfig:
         1000,
         "CPU allowed while STARTING, so a cold start takes about a second even on a small tier "
         "(0 = the tier's cpu); the tier's cpu applies once RUNNING.",
-        lambda v: 0 if v in (0, "0") else parse_cpu(v),
+        _cpu_or_zero,
     )
     max_websockets: int = setting(
         64, "Most WebSockets the user may have open through the front door at once; one more gets 429 too_many_connections.", _int(1, 1_000_000)
@@ -529,7 +533,7 @@ class RegistryConfig:
 
 @dataclass(frozen=True)
 class ProbesConfig:
-    listen: str = setting("0.0.0.0:9100", "/metrics, /healthz, /readyz, /startupz.", _listen)
+    listen: str = setting("0.0.0.0:9100", "/metrics, /healthz, /readyz, /admitting, /startupz.", _listen)
 
 
 @dataclass(frozen=True)
@@ -582,24 +586,31 @@ class Config:
 _SECTIONS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fields(Config) if f.name != "tiers"}  # type: ignore[misc]
 
 
-def _build(cls: type, values: Mapping[str, Any], where: str) -> Any:
+def _fail(errors: list[ConfigError] | None, error: ConfigError) -> None:
+    """Raise ``error``; or, collecting every error (check-config), add it to ``errors``."""
+    if errors is None:
+        raise error
+    errors.append(error)
+
+
+def _build(cls: type, values: Mapping[str, Any], where: str, errors: list[ConfigError] | None = None) -> Any:
+    """``cls`` from ``values``; a bad or unknown key fails (collecting: is left at its default)."""
     known = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - set(known))
-    if unknown:
-        raise ConfigError(
-            f"unknown key {where}.{unknown[0]}; allowed in [{where}]: {', '.join(sorted(known))}"
-        )
+    for name in sorted(set(values) - set(known)):
+        _fail(errors, ConfigError(f"unknown key {where}.{name}; allowed in [{where}]: {', '.join(sorted(known))}"))
     kwargs = {}
     for name, value in values.items():
+        if name not in known:
+            continue
         parse = known[name].metadata.get("parse")
         try:
             kwargs[name] = parse(value) if parse else value
         except ValueError as exc:
-            raise ConfigError(f"bad value for {where}.{name}: {value!r}: {exc}") from None
+            _fail(errors, ConfigError(f"bad value for {where}.{name}: {value!r}: {exc}"))
     return cls(**kwargs)
 
 
-def _env_overrides(raw: dict[str, Any], environ: Mapping[str, str]) -> None:
+def _env_overrides(raw: dict[str, Any], environ: Mapping[str, str], errors: list[ConfigError] | None = None) -> None:
     """Apply ``WSUP_SECTION_KEY`` variables onto the raw TOML tree (in place)."""
     targets: dict[str, tuple[list[str], str]] = {}
     for section, cls in _SECTIONS.items():
@@ -615,7 +626,8 @@ def _env_overrides(raw: dict[str, Any], environ: Mapping[str, str]) -> None:
         if variable not in targets:
             if variable in ("WSUP_CONFIG",):
                 continue
-            raise ConfigError(f"unknown environment override {variable}", hint="variables are WSUP_<SECTION>_<KEY>, e.g. WSUP_POD_CAPACITY")
+            _fail(errors, ConfigError(f"unknown environment override {variable}", hint="variables are WSUP_<SECTION>_<KEY>, e.g. WSUP_POD_CAPACITY"))
+            continue
         path, key = targets[variable]
         node = raw
         for part in path:
@@ -631,8 +643,9 @@ def _env_value(text: str) -> Any:
         return text
 
 
-def load(path: Path | None = None, environ: Mapping[str, str] | None = None) -> Config:
-    """Load, override from the environment and validate. ``path=None`` uses embedded defaults only."""
+def load(path: Path | None = None, environ: Mapping[str, str] | None = None, *, errors: list[ConfigError] | None = None) -> Config:
+    """Load, override from the environment and validate. ``path=None`` uses embedded defaults only.
+    A file that cannot be read or is not TOML always raises; for ``errors``, see :func:`from_dict`."""
     environ = os.environ if environ is None else environ
     raw: dict[str, Any] = {}
     if path is not None:
@@ -644,31 +657,31 @@ def load(path: Path | None = None, environ: Mapping[str, str] | None = None) -> 
             raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
         except OSError as exc:
             raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
-    return from_dict(raw, environ)
+    return from_dict(raw, environ, errors=errors)
 
 
-def from_dict(raw: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> Config:
-    """Validate a raw config tree (as parsed from TOML) into a :class:`Config`."""
+def from_dict(raw: Mapping[str, Any], environ: Mapping[str, str] | None = None, *, errors: list[ConfigError] | None = None) -> Config:
+    """Validate a raw config tree (as parsed from TOML) into a :class:`Config`. The first error
+    raises; with ``errors`` (a list) every error is added to it instead, bad keys left at their
+    defaults, and the Config returned is only good for further checks."""
     tree: dict[str, Any] = _deep_copy(dict(raw))
-    _env_overrides(tree, environ or {})
-    unknown = sorted(set(tree) - set(_SECTIONS) - {"tiers"})
-    if unknown:
-        raise ConfigError(f"unknown section [{unknown[0]}]; allowed: {', '.join(sorted([*_SECTIONS, 'tiers']))}")
+    _env_overrides(tree, environ or {}, errors)
+    for name in sorted(set(tree) - set(_SECTIONS) - {"tiers"}):
+        _fail(errors, ConfigError(f"unknown section [{name}]; allowed: {', '.join(sorted([*_SECTIONS, 'tiers']))}"))
     sections: dict[str, Any] = {}
     for section, cls in _SECTIONS.items():
-        values = tree.get(section, {})
-        if not isinstance(values, dict):
-            raise ConfigError(f"[{section}] must be a table")
-        sections[section] = _build(cls, values, section)
+        sections[section] = _build(cls, _table_or_error(tree.get(section, {}), section, errors), section, errors)
     tiers_raw = tree.get("tiers", {})
     if not isinstance(tiers_raw, dict):
-        raise ConfigError("[tiers] must be a table of tables, e.g. [tiers.free]")
+        _fail(errors, ConfigError("[tiers] must be a table of tables, e.g. [tiers.free]"))
+        tiers_raw = {}
     tiers: dict[str, TierConfig] = {}
     for name in sorted(set(DEFAULT_TIERS) | set(tiers_raw)):
-        values = {**DEFAULT_TIERS.get(name, {}), **_table_or_error(tiers_raw.get(name, {}), f"tiers.{name}")}
-        tiers[name] = _build(TierConfig, values, f"tiers.{name}")
+        values = {**DEFAULT_TIERS.get(name, {}), **_table_or_error(tiers_raw.get(name, {}), f"tiers.{name}", errors)}
+        tiers[name] = _build(TierConfig, values, f"tiers.{name}", errors)
     config = Config(tiers=tiers, **sections)
-    _check_consistency(config)
+    for error in _consistency_errors(config):
+        _fail(errors, error)
     return config
 
 
@@ -676,9 +689,10 @@ def _raw_values(section: Any) -> dict[str, Any]:
     return {f.name: getattr(section, f.name) for f in dataclasses.fields(section)}
 
 
-def _table_or_error(value: Any, where: str) -> dict[str, Any]:
+def _table_or_error(value: Any, where: str, errors: list[ConfigError] | None = None) -> dict[str, Any]:
     if not isinstance(value, dict):
-        raise ConfigError(f"[{where}] must be a table")
+        _fail(errors, ConfigError(f"[{where}] must be a table"))
+        return {}
     return value
 
 
@@ -686,57 +700,63 @@ def _deep_copy(tree: dict[str, Any]) -> dict[str, Any]:
     return {k: _deep_copy(v) if isinstance(v, dict) else v for k, v in tree.items()}
 
 
-def _check_consistency(config: Config) -> None:
+def _consistency_errors(config: Config) -> Iterator[ConfigError]:
+    """What is wrong between keys (each key valid on its own)."""
     if config.users.uid_min > config.users.uid_max:
-        raise ConfigError(f"users.uid_min ({config.users.uid_min}) is above users.uid_max ({config.users.uid_max})")
+        yield ConfigError(f"users.uid_min ({config.users.uid_min}) is above users.uid_max ({config.users.uid_max})")
     if not 0 < config.registry.heartbeat < config.registry.lease:
-        raise ConfigError(
+        yield ConfigError(
             f"registry.heartbeat ({config.registry.heartbeat:g}s) must be above 0 and below registry.lease "
             f"({config.registry.lease:g}s), or the pod's record expires between heartbeats"
         )
     if config.restart.backoff_initial > config.restart.backoff_max:
-        raise ConfigError("restart.backoff_initial is above restart.backoff_max")
+        yield ConfigError("restart.backoff_initial is above restart.backoff_max")
     for tier in config.tiers:
-        ladder = config.idle_for(tier)
+        try:
+            ladder = config.idle_for(tier)
+        except ConfigError as exc:
+            yield exc
+            continue
         if not ladder.lsp_pause_after <= ladder.gc_after <= ladder.freeze_after <= ladder.stop_after:
-            raise ConfigError(
+            yield ConfigError(
                 f"idle steps of tier {tier} must be in order: lsp_pause_after <= gc_after <= freeze_after <= stop_after"
             )
     if not config.workspace.root.is_absolute():
-        raise ConfigError(f"workspace.root must be an absolute path, not {str(config.workspace.root)!r}")
-    _check_auth(config.auth)
+        yield ConfigError(f"workspace.root must be an absolute path, not {str(config.workspace.root)!r}")
+    yield from _auth_errors(config.auth)
     iso = config.isolation
     for mechanism in ("network", "pid", "identity"):
         if getattr(iso, mechanism) != "off" and iso.mount == "off":
-            raise ConfigError(
+            yield ConfigError(
                 f"isolation.{mechanism} needs isolation.mount (a private /proc, resolv.conf or passwd is mounted)",
                 hint=f'set isolation.mount = "on" (or "auto"), or isolation.{mechanism} = "off"',
             )
     placeholders = {"{user}", "{workspace}", "{home}"}
     for arg in [*config.ide.command, *config.ide.env.values()]:
         if "{socket}" in arg:
-            raise ConfigError(
+            yield ConfigError(
                 "ide.command or ide.env uses {socket}, which is gone: the daemon now binds each IDE's socket "
                 "and hands it over as fd 3 (LISTEN_FDS=1); the IDE must serve on that descriptor",
                 hint="remove {socket} (and any WSUP_IDE_SOCKET) from [ide]; Theia's unix-socket-preload.js adopts fd 3",
             )
+            break
     for arg in config.ide.command:
         for token in _placeholders(arg):
             if token not in placeholders:
-                raise ConfigError(
+                yield ConfigError(
                     f"ide.command uses unknown placeholder {token}; allowed: {', '.join(sorted(placeholders))}"
                 )
 
 
-def _check_auth(auth: AuthConfig) -> None:
+def _auth_errors(auth: AuthConfig) -> Iterator[ConfigError]:
     symmetric = [a for a in auth.algorithms if a.startswith("HS")]
     if auth.hs256_secret_file is not None:
         if auth.public_key_file is not None or auth.jwks_file is not None:
-            raise ConfigError("auth.hs256_secret_file cannot be combined with auth.public_key_file or auth.jwks_file (HS* is never accepted when an asymmetric key is configured)")
+            yield ConfigError("auth.hs256_secret_file cannot be combined with auth.public_key_file or auth.jwks_file (HS* is never accepted when an asymmetric key is configured)")
     elif symmetric:
-        raise ConfigError(f"auth.algorithms lists {symmetric[0]} but no auth.hs256_secret_file is set (HS* is for development only)")
+        yield ConfigError(f"auth.algorithms lists {symmetric[0]} but no auth.hs256_secret_file is set (HS* is for development only)")
     if auth.public_key_file is not None and auth.jwks_file is not None:
-        raise ConfigError("set only one of auth.public_key_file and auth.jwks_file")
+        yield ConfigError("set only one of auth.public_key_file and auth.jwks_file")
 
 
 def _placeholders(arg: str) -> list[str]:
@@ -746,13 +766,82 @@ def _placeholders(arg: str) -> list[str]:
 
 
 def describe() -> str:
-    """Every setting with its default and help, as a commented TOML document (the reference docs)."""
+    """Every setting at its default as a TOML document, help as comments (the reference docs): it
+    parses, and :func:`from_dict` gives the default :class:`Config` back. Unset optional values
+    are commented out; ``[tiers.<name>.idle]`` is shown as a commented example."""
+    lines = [
+        "# workspace-supervisor configuration: every setting at its default (`workspace-supervisor config-reference`).",
+        "# Durations 90s, 2m, 1h30m, 250ms; sizes 512Mi, 2Gi; CPU 200m, 1.5. Any key: env WSUP_<SECTION>_<KEY>.",
+    ]
+    defaults = from_dict({})
+    for section in (f.name for f in dataclasses.fields(Config)):
+        if section != "tiers":
+            lines += ["", f"[{section}]", *_describe_fields(getattr(defaults, section), helps=True)]
+            continue
+        for n, name in enumerate(DEFAULT_TIERS):
+            tier = defaults.tiers[name]
+            lines += ["", f"[tiers.{name}]", *_describe_fields(tier, helps=n == 0, skip=("idle",))]
+            if n == 0:
+                lines += ["# Per-tier overrides of [idle]: any [idle] key in a [tiers.<name>.idle] table, e.g.",
+                          f"# [tiers.{name}.idle]", '# stop_after = "30m"']
+    return "\n".join(lines) + "\n"
+
+
+def _comment(text: str) -> list[str]:
+    import textwrap
+
+    return textwrap.wrap(text, 110, initial_indent="# ", subsequent_indent="# ") or ["#"]
+
+
+def _describe_fields(section: Any, *, helps: bool, skip: tuple[str, ...] = ()) -> list[str]:
     lines: list[str] = []
-    for section, cls in _SECTIONS.items():
-        lines.append(f"[{section}]")
-        for f in dataclasses.fields(cls):
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[operator]
-            lines.append(f"# {f.metadata.get('help', '')}")
-            lines.append(f"# {f.name} = {default!r}")
-        lines.append("")
-    return "\n".join(lines)
+    for f in dataclasses.fields(section):
+        if f.name in skip:
+            continue
+        if helps:
+            lines += _comment(f.metadata.get("help", ""))
+        value = getattr(section, f.name)
+        if value is None:
+            lines.append(f'# {f.name} = ""  # unset')
+        else:
+            lines.append(f"{f.name} = {_toml(value, f.metadata.get('parse'))}")
+    return lines
+
+
+def _toml(value: Any, parse: Any) -> str:
+    """``value`` as a TOML literal that ``parse`` reads back as ``value``."""
+    import json
+
+    if parse in (parse_cpu, _cpu_or_zero):
+        return f'"{value}m"' if value else "0"
+    if parse is parse_size:
+        text = _size(value)
+        return text if text.isdigit() else json.dumps(text)
+    if parse is parse_duration:
+        return json.dumps(_duration(value))
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (str, Path)):
+        return json.dumps(str(value))  # a JSON string is a TOML basic string
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml(v, None) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{json.dumps(k)} = {_toml(v, None)}" for k, v in value.items()) + "}"
+    raise TypeError(f"no TOML for {value!r}")
+
+
+def _size(size: int) -> str:
+    for unit, factor in (("Ti", 2**40), ("Gi", 2**30), ("Mi", 2**20), ("Ki", 2**10)):
+        if size and size % factor == 0:
+            return f"{size // factor}{unit}"
+    return str(size)
+
+
+def _duration(seconds: float) -> str:
+    for unit, factor in (("h", 3600), ("m", 60), ("s", 1)):
+        if seconds >= factor and seconds % factor == 0:
+            return f"{int(seconds // factor)}{unit}"
+    millis = round(seconds * 1000)
+    return f"{millis}ms" if millis * 0.001 == seconds else repr(seconds)

@@ -221,6 +221,10 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("--config", type=Path, default=None,
                          help=f"TOML config file (default: $WSUP_CONFIG, else {config_module.DEFAULT_CONFIG_PATH} if it exists, else built-in defaults)")
         sub.add_argument("--socket", type=Path, default=None, help="control socket (overrides [control] socket)")
+        if name == "check-config":
+            sub.add_argument("--grace", type=float, default=None, metavar="SECONDS",
+                             help="the time the pod gives a stopping daemon (Kubernetes terminationGracePeriodSeconds, "
+                                  "systemd TimeoutStopSec): drain_deadline + shutdown_deadline must fit it")
     commands.add_parser("config-reference", help="print every setting with its default and help")
     init = commands.add_parser("init", help="be a container's PID 1: run the daemon, restart it, reap orphans (supervisor.init)")
     init.add_argument("run_args", nargs=argparse.REMAINDER, metavar="[--] RUN ARGS", help="passed to `run`")
@@ -248,14 +252,15 @@ def main(argv: list[str] | None = None) -> NoReturn:
     environ = dict(os.environ)
     if args.socket is not None:
         environ["WSUP_CONTROL_SOCKET"] = str(args.socket)
+    if args.command == "check-config":
+        from supervisor import configcheck
+
+        sys.exit(configcheck.run(path, environ, args.grace))
     try:
         config = config_module.load(path, environ)
     except SupervisorError as exc:
         print(f"workspace-supervisor: {exc}", file=sys.stderr)
         sys.exit(2)
-    if args.command == "check-config":
-        print(f"{path or 'built-in defaults'}: ok")
-        sys.exit(0)
     logging.basicConfig(
         level=config.daemon.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

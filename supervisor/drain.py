@@ -3,7 +3,7 @@
 Started by SIGTERM (``[daemon] drain_deadline``) or ``workspacectl drain [--deadline D]``:
 
 1. **mark**: ``Pod.draining`` is set, so every new start is refused with ``Draining`` (the front
-   door answers 503 with Retry-After), ``/readyz`` answers 503 ``draining``, and the registry is
+   door answers 503 with Retry-After), ``/admitting`` answers 503 ``draining`` (``/readyz`` stays 200), and the registry is
    told at once (an immediate heartbeat with ``draining = true``: routers stop placing users here);
 2. **wait**: connected users may finish until none of them is active or the deadline passes.
    Which RUNNING users are *idle* comes from the ``idle_users`` hook - in the daemon, the idle

@@ -3,10 +3,14 @@ Kubernetes probes, on a tiny HTTP/1.1 server (h11 on trio).
 
 - ``GET /healthz`` (liveness): 200 ``ok`` whenever the event loop answers. Cheap: no I/O.
 - ``GET /startupz`` (startup): 200 once re-adoption has finished and every service is up, else 503.
-- ``GET /readyz`` (readiness = admitting new users): 200 or 503 with a JSON body. Not ready while
-  starting, draining, full, or while the cgroup driver fails. A registry outage does not make the
-  pod unready (it keeps serving and admitting the users routed to it); it is listed under
-  ``degraded`` with the heartbeat failures.
+- ``GET /readyz`` (readiness = the pod serves the users it has): 200 or 503 with a JSON body. Not
+  ready only while the daemon cannot serve: still starting, or its cgroup driver failing. A full or
+  draining pod stays ready, so that a readinessProbe keeps its users in the Service; whether it
+  admits new users is the body's ``admitting`` (with ``not_admitting`` reasons). A registry outage
+  does not make the pod unready (it keeps serving and admitting the users routed to it); it is
+  listed under ``degraded`` with the heartbeat failures.
+- ``GET /admitting`` (for routers): the same body, 200 when the pod admits new users, else 503:
+  starting, draining, full or cgroups failing.
 - ``GET /metrics``: every metric of :mod:`supervisor.metrics` (the pod's gauges are refreshed
   from the live state first).
 
@@ -56,7 +60,7 @@ MAX_CONNECTIONS = 64
 MAX_PER_PEER = 16
 ACCEPT_BATCH = 4  # well under MAX_PER_PEER / 2
 METRICS_MAX_AGE = 1.0
-JSON_VERSION = 1
+JSON_VERSION = 2  # 2: "ready" no longer means admitting; "admitting" and "not_admitting" added
 
 
 # ---- readiness: a pure decision -----------------------------------------------------------------
@@ -73,18 +77,26 @@ class Finding:
 
 @dataclass(frozen=True)
 class Readiness:
-    """Whether the pod admits new users; ``reasons`` say why not, ``degraded`` what else is wrong."""
+    """Whether the pod serves its users (``ready``; ``reasons`` say why not) and whether it admits
+    new ones (``admitting``; ``not_admitting`` says why not); ``degraded``: what else is wrong."""
 
     ready: bool
     reasons: tuple[Finding, ...] = ()
     degraded: tuple[Finding, ...] = ()
     details: dict[str, Any] = field(default_factory=dict)
+    not_admitting: tuple[Finding, ...] = ()
+
+    @property
+    def admitting(self) -> bool:
+        return not self.not_admitting
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "version": JSON_VERSION,
             "ready": self.ready,
             "reasons": [f.to_dict() for f in self.reasons],
+            "admitting": self.admitting,
+            "not_admitting": [f.to_dict() for f in self.not_admitting],
             "degraded": [f.to_dict() for f in self.degraded],
             **self.details,
         }
@@ -101,20 +113,22 @@ def evaluate(
     registry_error: str = "",
     details: dict[str, Any] | None = None,
 ) -> Readiness:
-    """Readiness from the facts (pure)."""
+    """Readiness and admission from the facts (pure). What makes the pod unready also stops it
+    admitting; a full or draining pod is ready (it serves its users) but admits no one."""
     reasons = []
     if not started:
         reasons.append(Finding("starting", "the daemon is still re-adopting users and starting its services"))
-    if draining:
-        reasons.append(Finding("draining", "the pod is draining: it admits no new users"))
-    if occupied >= capacity:
-        reasons.append(Finding("full", f"{occupied} of {capacity} slots are taken"))
     if cgroup_error:
         reasons.append(Finding("cgroups_failing", cgroup_error))
+    refusals = []
+    if draining:
+        refusals.append(Finding("draining", "the pod is draining: it admits no new users"))
+    if occupied >= capacity:
+        refusals.append(Finding("full", f"{occupied} of {capacity} slots are taken"))
     degraded = []
     if not registry_ok:
         degraded.append(Finding("registry_unreachable", registry_error or "no successful registry heartbeat yet"))
-    return Readiness(not reasons, tuple(reasons), tuple(degraded), dict(details or {}))
+    return Readiness(not reasons, tuple(reasons), tuple(degraded), dict(details or {}), (*reasons, *refusals))
 
 
 # ---- what the server asks ------------------------------------------------------------------------
@@ -225,18 +239,19 @@ class Response:
 def route(source: ProbeSource, method: str, target: str) -> Response:
     """The answer to one request (pure apart from reading ``source``)."""
     path = target.split("?", 1)[0]
-    if path not in ("/healthz", "/readyz", "/startupz", "/metrics"):
-        return Response(404, b"not found: try /metrics, /healthz, /readyz or /startupz\n")
+    if path not in ("/healthz", "/readyz", "/admitting", "/startupz", "/metrics"):
+        return Response(404, b"not found: try /metrics, /healthz, /readyz, /admitting or /startupz\n")
     if method not in ("GET", "HEAD"):
         return Response(405, b"method not allowed\n", headers=(("Allow", "GET, HEAD"),))
     if path == "/healthz":
         return Response(200, b"ok\n")
     if path == "/startupz":
         return Response(200, b"started\n") if source.is_started() else Response(503, b"starting\n")
-    if path == "/readyz":
+    if path in ("/readyz", "/admitting"):
         readiness = source.readiness()
         body = json.dumps(readiness.to_dict(), sort_keys=True).encode() + b"\n"
-        return Response(200 if readiness.ready else 503, body, "application/json")
+        ok = readiness.ready if path == "/readyz" else readiness.admitting
+        return Response(200 if ok else 503, body, "application/json")
     return Response(200, source.metrics(), CONTENT_TYPE_LATEST)
 
 
@@ -365,7 +380,7 @@ class ProbeServer:
             ) from None
         bound = listeners[0].socket.getsockname()
         self.address = f"[{bound[0]}]:{bound[1]}" if ":" in bound[0] else f"{bound[0]}:{bound[1]}"
-        log.info("probes listening on %s (/metrics /healthz /readyz /startupz)", self.address)
+        log.info("probes listening on %s (/metrics /healthz /readyz /admitting /startupz)", self.address)
         task_status.started(self.address)
         async with trio.open_nursery() as nursery:
             for listener in listeners:

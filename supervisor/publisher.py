@@ -24,17 +24,16 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import os
 import socket
 import time
-from dataclasses import dataclass, field, replace
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
 import trio
 
 from supervisor import __version__, metrics
 from supervisor.config import Config
+from supervisor.podlimits import PodResources, pod_resources
 from supervisor.registry import PodRecord, Registry, RegistryError, SessionRecord, open_registry
 from supervisor.registry.errors import RegistryClosed, RegistryCorrupt, RegistryUnavailable
 from supervisor.sessions import LIVE, OCCUPYING
@@ -49,85 +48,6 @@ SWEEP_GRACE_LEASES = 4
 SWEEP_EVERY = 12
 #: Longest wait for one registry call (a backend that ignores its own timeout is abandoned).
 CALL_TIMEOUT = 10.0
-
-
-# ---- the pod's resources -------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class PodResources:
-    """CPU and memory this pod may use in all: the tightest of the host and the daemon's cgroups."""
-
-    cpu_millicores: int
-    memory_bytes: int
-
-
-def detect_pod_resources(cgroup_mount: Path = Path("/sys/fs/cgroup"), proc: Path = Path("/proc")) -> PodResources:
-    """The host's CPUs (affinity) and memory (MemTotal), lowered by every CPU quota and memory limit
-    on the daemon's own cgroup and its ancestors (v2 ``cpu.max`` / ``memory.max``, v1
-    ``cpu.cfs_quota_us`` / ``memory.limit_in_bytes``). In a pod that is the pod's limit."""
-    cpu = len(os.sched_getaffinity(0)) * 1000
-    memory = _meminfo_total(proc / "meminfo")
-    try:
-        membership = (proc / "self" / "cgroup").read_text()
-    except OSError:
-        membership = ""
-    for line in membership.splitlines():
-        _, controllers, path = line.split(":", 2)
-        names = controllers.split(",") if controllers else []
-        if not names:  # v2 (or the hybrid unified hierarchy: only core files there)
-            for group in _ancestors(cgroup_mount, path):
-                cpu = min(cpu, _v2_cpu(group / "cpu.max"))
-                memory = min(memory, _read_limit(group / "memory.max"))
-        if "memory" in names:
-            for group in _ancestors(cgroup_mount / "memory", path):
-                memory = min(memory, _read_limit(group / "memory.limit_in_bytes"))
-        if "cpu" in names:
-            for group in _ancestors(cgroup_mount / "cpu", path):
-                cpu = min(cpu, _v1_cpu(group))
-    return PodResources(cpu_millicores=max(0, cpu), memory_bytes=max(0, memory))
-
-
-def _ancestors(root: Path, path: str) -> list[Path]:
-    """``root/path`` and each parent up to ``root`` (cgroup namespaces make ``path`` relative)."""
-    parts = [p for p in path.strip("/").split("/") if p and p != ".."]
-    return [root.joinpath(*parts[:n]) for n in range(len(parts), -1, -1)]
-
-
-def _meminfo_total(meminfo: Path) -> int:
-    try:
-        for line in meminfo.read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return 2**63 - 1
-
-
-def _read_limit(path: Path) -> int:
-    """A memory limit file: a number of bytes, or ``max`` / missing / unreadable = no limit."""
-    try:
-        text = path.read_text().strip()
-    except OSError:
-        return 2**63 - 1
-    return int(text) if text.isdigit() else 2**63 - 1
-
-
-def _v2_cpu(path: Path) -> int:
-    try:
-        quota, period = path.read_text().split()
-        return 2**63 - 1 if quota == "max" else int(int(quota) * 1000 / int(period))
-    except (OSError, ValueError):
-        return 2**63 - 1
-
-
-def _v1_cpu(group: Path) -> int:
-    try:
-        quota = int((group / "cpu.cfs_quota_us").read_text())
-        period = int((group / "cpu.cfs_period_us").read_text())
-    except (OSError, ValueError):
-        return 2**63 - 1
-    return 2**63 - 1 if quota <= 0 or period <= 0 else int(quota * 1000 / period)
 
 
 # ---- where routers send browsers -------------------------------------------------------------------
@@ -219,8 +139,8 @@ class Publisher:
     """Publishes the pod's occupancy every heartbeat; one per daemon (see the module docstring).
 
     ``opener`` opens the configured backend (default :func:`supervisor.registry.open_registry`);
-    ``resources`` are the pod's CPU and memory (default :func:`detect_pod_resources`, read when
-    :meth:`serve` starts; ``[pod] memory``, when set, replaces the detected memory).
+    ``resources`` are the pod's CPU and memory (default :func:`supervisor.podlimits.pod_resources`,
+    read when :meth:`serve` starts).
     """
 
     def __init__(
@@ -309,9 +229,7 @@ class Publisher:
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Heartbeat until cancelled or withdrawn. Starts at once; never waits for the registry."""
         if self.resources is None:
-            self.resources = detect_pod_resources(self.config.cgroups.mount)
-            if self.config.pod.memory:  # the operator's figure wins, as for the idle ladder's pressure
-                self.resources = replace(self.resources, memory_bytes=self.config.pod.memory)
+            self.resources = pod_resources(self.config)
         log.info(
             "registry: %s, heartbeat %gs, lease %gs; pod resources %dm CPU, %d MiB",
             self.status_.backend, self.config.registry.heartbeat, self.config.registry.lease,

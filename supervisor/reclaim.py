@@ -25,7 +25,6 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Collection
 
-import psutil
 import trio
 
 from supervisor import metrics
@@ -34,6 +33,7 @@ from supervisor.errors import CgroupError
 from supervisor.filewatch import FileWatcher
 from supervisor.idle import SIGNALS, Activity, Ladder, Stage, Step, decide, explain, lsp_matches, pressure_victims
 from supervisor.manager import SessionManager, UserRuntime
+from supervisor.podlimits import pod_resources
 from supervisor.sessions import State
 
 log = logging.getLogger(__name__)
@@ -177,7 +177,7 @@ class IdleService:
         self.states: dict[str, IdleState] = {}
         self._ladders: dict[str, Ladder] = {}
         self.watcher = FileWatcher(self.note_file_change, max_watches=self.config.idle.max_watches)
-        self.pod_memory_bytes = pod_memory_bytes or self.config.pod.memory or psutil.virtual_memory().total
+        self.pod_memory_bytes = pod_memory_bytes or pod_resources(self.config).memory_bytes
         self._nursery: trio.Nursery | None = None
         self._waking: set[str] = set()
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -116,10 +118,26 @@ def test_missing_and_broken_files(tmp_path: Path) -> None:
         config.load(broken, environ={})
 
 
-def test_reference_documents_every_section() -> None:
+def test_reference_is_toml_that_gives_the_defaults_back() -> None:
     text = config.describe()
-    for section in ("[pod]", "[workspace]", "[ide]", "[restart]", "[control]", "[daemon]", "[cgroups]"):
-        assert section in text
+    parsed = tomllib.loads(text)
+    assert set(parsed) == {f.name for f in dataclasses.fields(config.Config)}  # every section, tiers included
+    assert set(parsed["tiers"]) == {"free", "starter", "pro"}
+    assert config.from_dict(parsed) == config.from_dict({})
+    assert "PosixPath" not in text and "None" not in text and "True" not in text
+    assert parsed["tiers"]["free"]["cpu"] == "200m" and parsed["daemon"]["drain_deadline"] == "15s"
+    assert parsed["daemon"]["state_dir"] == "/var/lib/workspace-supervisor"
+    assert "auth" in parsed and "public_key_file" not in parsed["auth"]  # unset: commented out
+    assert '# public_key_file = ""' in text
+
+
+def test_the_references_commented_examples_are_valid_too() -> None:
+    """Uncommenting the unset keys and the [tiers.<name>.idle] example still loads."""
+    text = "\n".join(line[2:] if line.startswith(("# public_key_file", "# [tiers.free.idle]", "# stop_after")) else line
+                     for line in config.describe().splitlines())
+    loaded = config.from_dict(tomllib.loads(text))
+    assert loaded.auth.public_key_file is None
+    assert loaded.idle_for("free").stop_after == 1800.0 and loaded.idle_for("pro").stop_after == 3600.0
 
 
 @pytest.mark.parametrize(("text", "seconds"), [("90s", 90), ("2m", 120), ("1h30m", 5400), ("250ms", 0.25), (5, 5), ("3", 3)])

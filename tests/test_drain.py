@@ -181,10 +181,13 @@ def test_drain_admits_nobody_lets_users_finish_then_stops_them_gracefully_and_lo
     drain = json.loads(result.stdout)
     assert drain["version"] == 1 and drain["drain"]["phase"] == "waiting" and drain["drain"]["active_users"] == 2
 
-    # Draining: not ready, not offered by the registry, no new user; running users carry on.
+    # Draining: still ready (its users stay in the Service), not admitting, not offered by the
+    # registry, no new user; running users carry on.
     address = probes_address(daemon)
     status, body = get_json(address, "/readyz")
-    assert status == 503 and [r["reason"] for r in body["reasons"]] == ["draining"]
+    assert status == 200 and body["reasons"] == [] and body["admitting"] is False
+    status, body = get_json(address, "/admitting")
+    assert status == 503 and [r["reason"] for r in body["not_admitting"]] == ["draining"]
     poll(lambda: _registry_pod(daemon).draining, 5, "draining published")
     assert (_registry_pod(daemon).free_slots, _registry_pod(daemon).room) == (0, 0)
     refused = daemon.ctl("start", "bob")

@@ -1,5 +1,5 @@
 """Probes: the readiness decision (pure), the HTTP server over real sockets (limits, timeouts,
-methods), and /healthz, /readyz, /startupz of a real daemon."""
+methods), and /healthz, /readyz, /admitting, /startupz of a real daemon."""
 
 from __future__ import annotations
 
@@ -37,30 +37,38 @@ def _facts(**changes: Any) -> dict[str, Any]:
     return facts
 
 
-def test_ready_when_started_with_room_and_working_cgroups() -> None:
+def test_ready_and_admitting_when_started_with_room_and_working_cgroups() -> None:
     r = evaluate(**_facts())
-    assert (r.ready, r.reasons, r.degraded) == (True, (), ())
+    assert (r.ready, r.reasons, r.admitting, r.not_admitting, r.degraded) == (True, (), True, (), ())
 
 
 @pytest.mark.parametrize(
     "changes, reason",
     [
         ({"started": False}, "starting"),
-        ({"draining": True}, "draining"),
-        ({"occupied": 10}, "full"),
         ({"cgroup_error": "cannot create x: /sys/fs/cgroup/pids/ws is missing"}, "cgroups_failing"),
     ],
 )
-def test_not_ready_and_why(changes: dict[str, Any], reason: str) -> None:
+def test_not_ready_when_the_daemon_cannot_serve(changes: dict[str, Any], reason: str) -> None:
     r = evaluate(**_facts(**changes))
-    assert not r.ready
-    assert [f.reason for f in r.reasons] == [reason]
+    assert not r.ready and not r.admitting
+    assert [f.reason for f in r.reasons] == [f.reason for f in r.not_admitting] == [reason]
     assert r.reasons[0].message
+
+
+@pytest.mark.parametrize(("changes", "reason"), [({"draining": True}, "draining"), ({"occupied": 10}, "full")])
+def test_a_full_or_draining_pod_stays_ready_but_admits_no_one(changes: dict[str, Any], reason: str) -> None:
+    r = evaluate(**_facts(**changes))
+    assert r.ready and r.reasons == ()
+    assert not r.admitting and [f.reason for f in r.not_admitting] == [reason] and r.not_admitting[0].message
+    body = r.to_dict()
+    assert (body["ready"], body["admitting"], body["not_admitting"][0]["reason"]) == (True, False, reason)
 
 
 def test_every_reason_is_listed_at_once() -> None:
     r = evaluate(**_facts(draining=True, occupied=10, cgroup_error="broken"))
-    assert [f.reason for f in r.reasons] == ["draining", "full", "cgroups_failing"]
+    assert [f.reason for f in r.reasons] == ["cgroups_failing"]
+    assert [f.reason for f in r.not_admitting] == ["cgroups_failing", "draining", "full"]
 
 
 def test_a_registry_outage_degrades_but_keeps_the_pod_ready() -> None:
@@ -68,7 +76,8 @@ def test_a_registry_outage_degrades_but_keeps_the_pod_ready() -> None:
     assert r.ready
     assert [(f.reason, f.message) for f in r.degraded] == [("registry_unreachable", "registry_unavailable: locked")]
     body = r.to_dict()
-    assert body["version"] == 1 and body["ready"] is True and body["degraded"][0]["reason"] == "registry_unreachable"
+    assert body["version"] == 2 and body["ready"] is True and body["degraded"][0]["reason"] == "registry_unreachable"
+    assert body["admitting"] is True  # the pod keeps admitting the users routed to it
 
 
 def test_parse_listen() -> None:
@@ -218,10 +227,16 @@ async def test_routes_and_status_codes() -> None:
         head, body = answer.split(b"\r\n\r\n", 1)
         assert head.startswith(b"HTTP/1.1 200 ") and b"application/json" in head
         assert json.loads(body)["ready"] is True
+        assert (await _exchange(address, request("GET", "/admitting"))).startswith(b"HTTP/1.1 200 ")
         source.ready = evaluate(**_facts(draining=True))
+        assert (await _exchange(address, request("GET", "/readyz"))).startswith(b"HTTP/1.1 200 ")
+        answer = await _exchange(address, request("GET", "/admitting"))
+        assert answer.startswith(b"HTTP/1.1 503 ")
+        assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["not_admitting"][0]["reason"] == "draining"
+        source.ready = evaluate(**_facts(started=False))
         answer = await _exchange(address, request("GET", "/readyz"))
         assert answer.startswith(b"HTTP/1.1 503 ")
-        assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["reasons"][0]["reason"] == "draining"
+        assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["reasons"][0]["reason"] == "starting"
 
         answer = await _exchange(address, request("HEAD", "/readyz"))
         assert answer.startswith(b"HTTP/1.1 503 ") and answer.endswith(b"\r\n\r\n")  # no body
@@ -355,12 +370,15 @@ def test_real_probes_follow_the_pod(daemon: Daemon) -> None:
     assert get_json(address, "/readyz")[1]["pod"]["occupied"] == 1
     assert daemon.ctl("start", "bob").returncode == 0
     status, body = get_json(address, "/readyz")
-    assert status == 503
-    assert [r["reason"] for r in body["reasons"]] == ["full"]
+    assert status == 200, body  # full: its users stay in the Service
+    assert body["reasons"] == [] and body["admitting"] is False
+    assert [r["reason"] for r in body["not_admitting"]] == ["full"]
+    status, body = get_json(address, "/admitting")
+    assert status == 503 and [r["reason"] for r in body["not_admitting"]] == ["full"]
     assert get(address, "/healthz")[0] == 200  # full is not unhealthy
 
     assert daemon.ctl("stop", "bob").returncode == 0
-    assert get_json(address, "/readyz")[0] == 200
+    assert get_json(address, "/admitting")[0] == 200
 
 
 @needs_kernel

@@ -20,7 +20,8 @@ import trio
 from supervisor import config as config_module
 from supervisor.cgroups import CgroupDriver
 from supervisor.manager import SessionManager
-from supervisor.publisher import PodResources, Publisher, advertised_address, detect_pod_resources, host_ip
+from supervisor.podlimits import PodResources, detect
+from supervisor.publisher import Publisher, advertised_address, host_ip
 from supervisor.registry import SessionRecord, SqliteRegistry, place
 from supervisor.sessions import State, UserSession
 from tests.conftest import is_root, pure_cgroup_v2, v1_controllers_mounted
@@ -31,53 +32,6 @@ needs_kernel = pytest.mark.skipif(
     not (is_root() and (v1_controllers_mounted() or pure_cgroup_v2())),
     reason="needs root and cgroup controllers (v1 cpu/memory/pids/freezer, or pure v2)",
 )
-
-
-# ---- the pod's resources ---------------------------------------------------------------------------
-
-
-def _write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
-
-
-def _proc(tmp_path: Path, membership: str, mem_total_kib: int = 64 * 2**20) -> Path:
-    proc = tmp_path / "proc"
-    _write(proc / "meminfo", f"MemTotal:       {mem_total_kib} kB\nMemFree:        1000 kB\n")
-    _write(proc / "self" / "cgroup", membership)
-    return proc
-
-
-def test_resources_are_the_tightest_v2_limits_up_the_tree(tmp_path: Path) -> None:
-    mount = tmp_path / "cgroup"
-    _write(mount / "kubepods" / "pod1" / "memory.max", f"{16 * 2**30}\n")
-    _write(mount / "kubepods" / "pod1" / "cpu.max", "800000 100000\n")
-    _write(mount / "kubepods" / "pod1" / "ctr" / "memory.max", "max\n")
-    _write(mount / "kubepods" / "pod1" / "ctr" / "cpu.max", "max 100000\n")
-    found = detect_pod_resources(mount, _proc(tmp_path, "0::/kubepods/pod1/ctr\n"))
-    assert found.memory_bytes == 16 * 2**30
-    assert found.cpu_millicores == min(8000, len(os.sched_getaffinity(0)) * 1000)
-
-
-def test_resources_from_v1_limits(tmp_path: Path) -> None:
-    mount = tmp_path / "cgroup"
-    _write(mount / "memory" / "docker" / "c1" / "memory.limit_in_bytes", f"{2 * 2**30}\n")
-    _write(mount / "memory" / "memory.limit_in_bytes", "9223372036854771712\n")  # unlimited
-    _write(mount / "cpu" / "docker" / "c1" / "cpu.cfs_quota_us", "50000\n")
-    _write(mount / "cpu" / "docker" / "c1" / "cpu.cfs_period_us", "100000\n")
-    membership = "12:memory:/docker/c1\n4:cpu,cpuacct:/docker/c1\n1:name=systemd:/docker/c1\n0::/\n"
-    found = detect_pod_resources(mount, _proc(tmp_path, membership))
-    assert (found.cpu_millicores, found.memory_bytes) == (500, 2 * 2**30)
-
-
-def test_without_limits_the_host_is_the_pod(tmp_path: Path) -> None:
-    found = detect_pod_resources(tmp_path / "none", _proc(tmp_path, "0::/\n", mem_total_kib=1024))
-    assert found == PodResources(cpu_millicores=len(os.sched_getaffinity(0)) * 1000, memory_bytes=1024 * 1024)
-
-
-def test_resources_of_this_host_are_positive() -> None:
-    found = detect_pod_resources()
-    assert found.cpu_millicores >= 1 and found.memory_bytes >= 2**20
 
 
 # ---- a publisher on a real SQLite file (no daemon) ---------------------------------------------------
@@ -210,7 +164,7 @@ async def test_the_configured_pod_memory_replaces_the_detected_one(tmp_path: Pat
         await nursery.start(publisher.serve)
         nursery.cancel_scope.cancel()
     assert publisher.resources is not None and publisher.resources.memory_bytes == 12 * 2**30
-    assert publisher.resources.cpu_millicores == detect_pod_resources().cpu_millicores
+    assert publisher.resources.cpu_millicores == detect().cpu_millicores
 
 
 # ---- a real daemon ---------------------------------------------------------------------------------------------
