@@ -258,14 +258,14 @@ def test_pod_config_matches_the_container(container: Obj, pod_config: wsup_confi
 
 
 def test_probes_ask_the_right_questions_on_the_probe_port(container: Obj, pod_config: wsup_config.Config) -> None:
-    """Liveness: the daemon answers. Readiness: the pod serves the users it has - /startupz, which
-    stays 200 when the pod is full or draining (/readyz means "admits new users")."""
+    """Liveness: the daemon answers. Readiness: the pod serves the users it has - /readyz, which
+    stays 200 when the pod is full or draining (/admitting means "admits new users")."""
     paths = {}
     for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
         get = container[probe]["httpGet"]
         assert get["port"] == "probes"
         paths[probe] = get["path"]
-    assert paths == {"livenessProbe": "/healthz", "readinessProbe": "/startupz", "startupProbe": "/startupz"}
+    assert paths == {"livenessProbe": "/healthz", "readinessProbe": "/readyz", "startupProbe": "/startupz"}
     live = container["livenessProbe"]
     assert live["periodSeconds"] * live["failureThreshold"] > 30, "outlast the init's longest restart backoff (30 s)"
 
