@@ -191,7 +191,9 @@ def build_sandbox(config: Config) -> Sandbox:
 
         program = seccomp.compile_filter()
     daemon = config.daemon
-    hidden = isolation.hidden_paths([daemon.run_dir, daemon.state_dir, daemon.log_dir, config.control.socket.parent])
+    auth = config.auth
+    keys = isolation.key_paths([auth.public_key_file, auth.jwks_file, auth.hs256_secret_file, auth.cookie_secret_file], config.workspace.root)
+    hidden = isolation.hidden_paths([daemon.run_dir, daemon.state_dir, daemon.log_dir, config.control.socket.parent, *keys])
     log.info("isolation in force: %s", ", ".join(n for n, on in vars(mechanisms).items() if on) or "none")
     return Sandbox(
         mechanisms, hostname_template=config.isolation.hostname, init=(str(config.isolation.init), "--"),

@@ -127,6 +127,23 @@ def _kernel() -> tuple[int, int]:
     return int(major), int(minor)
 
 
+#: Directories too wide to hide from users: a key file directly in one is hidden by itself.
+_SYSTEM_DIRS = {Path(p) for p in ("/", "/etc", "/usr", "/var", "/run", "/opt", "/home", "/root", "/tmp", "/srv", "/mnt")}
+
+
+def key_paths(files: list[Path | None], workspace_root: Path) -> list[Path]:
+    """What hides the daemon's key files from users: each file's directory (a Kubernetes Secret's
+    mount point, where a rotation swaps symlinks inside it), or the file itself when it sits
+    directly in a system directory or in one that holds the workspace root."""
+    out = []
+    for path in files:
+        if path is not None:
+            file = Path(os.path.abspath(path))
+            wide = file.parent in _SYSTEM_DIRS or file.parent == workspace_root or file.parent in workspace_root.parents
+            out.append(file if wide else file.parent)
+    return out
+
+
 def hidden_paths(paths: list[Path]) -> list[Path]:
     """The daemon's directories to hide from users: each once, none inside another."""
     unique = sorted({p.resolve() for p in paths})

@@ -178,7 +178,8 @@ def build_view(libc: "ctypes.CDLL", plan: dict) -> None:
     2. with ``read_only``, every mount is made read-only, then those paths writable again;
     3. a new /proc (this process is PID 1 of the user's PID namespace), tmpfs on /tmp, /var/tmp,
        /dev/shm; a kept path that a tmpfs covered (a workspace root below /tmp) is bound back;
-    4. the daemon's directories are covered by empty read-only tmpfs;
+    4. the daemon's directories (and its key files' directories) are covered by empty read-only
+       tmpfs, a key file directly in a system directory by /dev/null;
     5. the per-user files (passwd, group, hosts, resolv.conf) are bound read-only over the pod's;
     6. the hostname.
     """
@@ -208,6 +209,9 @@ def build_view(libc: "ctypes.CDLL", plan: dict) -> None:
     for path in plan["hide"]:
         if os.path.isdir(path):
             _mount(libc, b"tmpfs", path, b"tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC, b"size=4k,mode=000")
+        elif os.path.exists(path):  # a key file directly in /etc: /dev/null over it
+            _mount(libc, b"/dev/null", path, None, MS_BIND)
+            _mount(libc, None, path, None, MS_REMOUNT | MS_BIND | MS_RDONLY)
     if plan["files"]:
         staging = b"/tmp/.wsup-view-%d" % os.getpid()  # the user's own tmpfs, before any user code
         os.mkdir(staging, 0o700)

@@ -7,11 +7,15 @@ work on the namespace's init as it did on a bare IDE.
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import shutil
+import socket
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Iterator
 
@@ -19,7 +23,7 @@ import pytest
 
 from supervisor.paths import user_paths
 from tests.harness import SLOW, Daemon, isolation_available, poll
-from tests.hostile import Pod
+from tests.hostile import STUB as SHELL_STUB, Pod
 from tests.outside import SERVER, outside  # noqa: F401 - a fixture
 
 ISOLATION, MISSING = isolation_available()
@@ -114,6 +118,39 @@ def test_the_daemon_is_hidden_and_the_image_read_only(pod: Pod) -> None:
     assert "victim" not in out and ".sock" not in out and "ide" not in out.split("touch")[0], out
     assert out.count("Read-only file system") == 2, out
     assert "home-writable" in out and "workspace-writable" in out
+
+
+def test_the_daemons_keys_are_hidden() -> None:
+    """A key file readable by all (a Kubernetes Secret's default mode) is still out of users' reach:
+    its directory is covered in their view (a file directly in /etc would be covered by /dev/null)."""
+    keys = Path(tempfile.mkdtemp(prefix="wsup-test-keys-", dir="/srv" if Path("/srv").is_dir() else "/var/tmp"))
+    (keys / "cookie.key").write_bytes(os.urandom(48))
+    os.chmod(keys, 0o755)
+    os.chmod(keys / "cookie.key", 0o644)
+    d = Daemon(**ISOLATION, auth__cookie_secret_file=str(keys / "cookie.key"))
+    shutil.copy(SHELL_STUB, d.stub_dir / "sh.py")
+    d.config.write_text(d.config.read_text().replace(str(d.stub_dir / "ide_stub.py"), str(d.stub_dir / "sh.py")))
+    try:
+        d.start()
+        assert d.ctl("start", "keyreader").returncode == 0
+        out = unix_exec(d.ide_socket("keyreader"), f"ls -A {keys}; cat {keys}/cookie.key | wc -c; echo done")
+        assert out.count("Permission denied") == 2 and out.split()[-2:] == ["0", "done"], out  # covered: nothing to read
+    finally:
+        d.cleanup()
+        shutil.rmtree(keys, ignore_errors=True)
+
+
+def unix_exec(socket_path: Path, script: str) -> str:
+    """Run ``script`` in the shell stub listening on ``socket_path`` (no front door)."""
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(30)
+        sock.connect(str(socket_path))
+        body = script.encode()
+        sock.sendall(b"POST /exec HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    return str(json.loads(answer.split(b"\r\n\r\n", 1)[1])["out"])
 
 
 def test_orphans_are_reaped_in_the_namespace(pod: Pod) -> None:

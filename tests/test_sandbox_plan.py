@@ -9,7 +9,7 @@ import pytest
 
 from supervisor import sandbox
 from supervisor.config import IsolationConfig
-from supervisor.isolation import decide, hidden_paths
+from supervisor.isolation import decide, hidden_paths, key_paths
 from supervisor.sandbox import Account, Mechanisms, PodFiles
 
 POD_PASSWD = """root:x:0:0:root:/root:/bin/bash
@@ -97,3 +97,12 @@ def test_without_mount_the_mechanisms_that_need_it_are_not_in_force() -> None:
     assert not (d.mechanisms.network or d.mechanisms.pid or d.mechanisms.identity or d.mechanisms.mount)
     assert d.mechanisms.uts and d.mechanisms.ipc
     assert any("needs isolation.mount" in w for w in d.warnings)
+
+
+def test_key_files_are_hidden_by_their_directory_unless_it_is_too_wide() -> None:
+    keys = [Path("/etc/workspace-supervisor/auth/cookie.key"), None, Path("/etc/jwt.pem"), Path("/srv/x/jwt.pem")]
+    assert key_paths(keys, Path("/srv/x/workspace")) == [
+        Path("/etc/workspace-supervisor/auth"),  # a Secret's mount point: rotations swap files inside it
+        Path("/etc/jwt.pem"),  # /etc itself cannot be hidden
+        Path("/srv/x/jwt.pem"),  # its directory holds the workspace root
+    ]
