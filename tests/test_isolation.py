@@ -123,7 +123,8 @@ def test_the_daemon_is_hidden_and_the_image_read_only(pod: Pod) -> None:
 def test_the_daemons_keys_are_hidden() -> None:
     """A key file readable by all (a Kubernetes Secret's default mode) is still out of users' reach:
     its directory is covered in their view (a file directly in /etc would be covered by /dev/null)."""
-    keys = Path(tempfile.mkdtemp(prefix="wsup-test-keys-", dir="/srv" if Path("/srv").is_dir() else "/var/tmp"))
+    # Not below /tmp or /var/tmp (private in a user's view anyway); /var/lib is writable in the VM tier too.
+    keys = Path(tempfile.mkdtemp(prefix="wsup-test-keys-", dir="/var/lib"))
     (keys / "cookie.key").write_bytes(os.urandom(48))
     os.chmod(keys, 0o755)
     os.chmod(keys / "cookie.key", 0o644)
