@@ -41,6 +41,7 @@ from supervisor.drain import Drainer
 from supervisor.errors import IsolationUnavailable, SupervisorError
 from supervisor.sandbox import PodFiles, Sandbox
 from supervisor.idle import Stage
+from supervisor.init import become_subreaper
 from supervisor.manager import SessionManager
 from supervisor.probes import PodProbes, ProbeServer
 from supervisor.publisher import Publisher
@@ -48,7 +49,6 @@ from supervisor.reclaim import IdleService
 from supervisor.sdnotify import Notifier
 
 log = logging.getLogger("supervisor")
-PR_SET_CHILD_SUBREAPER = 36
 
 
 async def wait_for_shutdown(default_mode: str, drainer: Drainer, drain_deadline: float, notifier: Notifier = Notifier(),
@@ -183,8 +183,8 @@ def build_sandbox(config: Config) -> Sandbox:
     mechanisms = decision.mechanisms
     for name, in_force in vars(mechanisms).items():
         metrics.ISOLATION.labels(mechanism=name).set(1 if in_force else 0)
-    if mechanisms.pid and ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
-        raise IsolationUnavailable(f"prctl(PR_SET_CHILD_SUBREAPER): {os.strerror(ctypes.get_errno())}")
+    if mechanisms.pid and (error := become_subreaper()):
+        raise IsolationUnavailable(error)
     program = b""
     if mechanisms.seccomp:
         from supervisor import seccomp

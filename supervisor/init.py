@@ -185,11 +185,18 @@ def spawn(argv: list[str], env: dict[str, str]) -> int:
     return os.posix_spawn(argv[0], argv, env, setsid=True, setsigmask=(), setsigdef=WATCHED)
 
 
+def become_subreaper() -> str | None:
+    """Make this process a child subreaper (orphans of its descendants come to it); the error, or None."""
+    if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        return f"prctl(PR_SET_CHILD_SUBREAPER): {os.strerror(ctypes.get_errno())}"
+    return None
+
+
 def run(daemon_args: list[str], backoff: Backoff = Backoff()) -> NoReturn:
     """Be the init until the pod stops; ``daemon_args`` go to ``workspace-supervisor run``."""
     signal.pthread_sigmask(signal.SIG_BLOCK, WATCHED)
-    if os.getpid() != 1 and ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
-        log(f"prctl(PR_SET_CHILD_SUBREAPER): {os.strerror(ctypes.get_errno())}; orphans go to the host's init")
+    if os.getpid() != 1 and (error := become_subreaper()):
+        log(f"{error}; orphans go to the host's init")
     argv = [sys.executable, "-m", "supervisor.daemon", "run", *daemon_args]
     # Under the init SIGTERM always means the pod is going away: never a detach.
     env = {**os.environ, "WSUP_DAEMON_SIGTERM": "stop"}

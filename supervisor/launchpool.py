@@ -345,7 +345,7 @@ class LauncherPool:
     def _discard(self, launcher: Launcher, *, remove_spare: bool = True) -> None:
         """Kill a launcher; reap it (and remove its spare group) once it is gone, in the background."""
         launcher.sock.close()
-        _pidfd_kill(launcher.pidfd)
+        pidfd_kill(launcher.pidfd)
         if self._nursery is None:
             self._finish(launcher, remove_spare, wait=True)
         else:
@@ -367,7 +367,7 @@ class LauncherPool:
 
     def _kill_and_remove(self, launcher: Launcher) -> None:
         launcher.sock.close()
-        _pidfd_kill(launcher.pidfd)
+        pidfd_kill(launcher.pidfd)
         self._finish(launcher, True, wait=True)
 
     def _remove_spare(self, spare: str) -> None:
@@ -391,7 +391,8 @@ async def _receive(sock: socket.socket) -> bytes:
             return b""
 
 
-def _pidfd_kill(pidfd: int) -> None:
+def pidfd_kill(pidfd: int) -> None:
+    """SIGKILL through a pidfd; nothing if the process is gone."""
     try:
         signal.pidfd_send_signal(pidfd, signal.SIGKILL)
     except ProcessLookupError:

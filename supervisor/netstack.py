@@ -23,7 +23,6 @@ import ipaddress
 import logging
 import os
 import shutil
-import signal
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +32,8 @@ import psutil
 import trio
 
 from supervisor.errors import LaunchError
+from supervisor.isolation import CAP_NET_ADMIN, CAP_SYS_ADMIN, capabilities
+from supervisor.launchpool import pidfd_kill
 from supervisor.sandbox import SLIRP_DNS
 
 if TYPE_CHECKING:
@@ -42,8 +43,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
-CAP_NET_ADMIN = 12
-CAP_SYS_ADMIN = 21
 TUN = Path("/dev/net/tun")
 
 
@@ -137,8 +136,7 @@ def check(settings: NetworkConfig) -> list[str]:
             problems.append(f"no {name} at {path} (Debian: apt-get install {'slirp4netns' if name == 'slirp4netns' else 'nftables'})")
     if not TUN.exists():
         problems.append(f"no {TUN} (Kubernetes: mount the host's /dev/net/tun, or run privileged)")
-    with open("/proc/self/status") as status:
-        caps = next((int(line.split()[1], 16) for line in status if line.startswith("CapEff:")), 0)
+    caps = capabilities()
     for cap, name in ((CAP_NET_ADMIN, "NET_ADMIN"), (CAP_SYS_ADMIN, "SYS_ADMIN")):
         if not caps & (1 << cap):
             problems.append(f"the daemon lacks CAP_{name} (Kubernetes: capabilities add {name}, or privileged)")
@@ -177,7 +175,7 @@ class NetStack:
                     os.close(fd)
             await self._wait_ready(ready)
         except BaseException as exc:
-            _kill(pidfd)
+            pidfd_kill(pidfd)
             if isinstance(exc, OSError):
                 raise _failed(f"cannot move slirp4netns into the user's cgroup: {exc}") from exc
             raise
@@ -249,13 +247,6 @@ def _high(fd: int) -> int:
         return fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10)
     finally:
         os.close(fd)
-
-
-def _kill(pidfd: int) -> None:
-    try:
-        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
 
 
 def preparer(config: Config) -> PrepareNetwork:

@@ -67,7 +67,7 @@ def passwd(pod_passwd: str, account: Account, tenant_uids: range) -> str:
     the user's own entry: what ``whoami``, ``id``, git and ssh look up."""
     kept = [
         line for line in pod_passwd.splitlines()
-        if line and not line.startswith("#") and _keep(line, account.user, account.uid, tenant_uids, uid_field=2)
+        if line and not line.startswith("#") and _keep(line, account.user, account.uid, tenant_uids)
     ]
     own = f"{account.user}:x:{account.uid}:{account.gid}:{account.user}:{account.home}:{account.shell}"
     return "\n".join([*kept, own]) + "\n"
@@ -77,16 +77,17 @@ def group(pod_group: str, account: Account, tenant_uids: range) -> str:
     """The pod's ``/etc/group`` without tenant groups, plus the user's own group (no members)."""
     kept = [
         line for line in pod_group.splitlines()
-        if line and not line.startswith("#") and _keep(line, account.user, account.gid, tenant_uids, uid_field=2)
+        if line and not line.startswith("#") and _keep(line, account.user, account.gid, tenant_uids)
     ]
     return "\n".join([*kept, f"{account.user}:x:{account.gid}:"]) + "\n"
 
 
-def _keep(line: str, name: str, number: int, tenant_ids: range, *, uid_field: int) -> bool:
+def _keep(line: str, name: str, number: int, tenant_ids: range) -> bool:
+    """A passwd or group line to keep: well-formed, not the user's name or number, not a tenant's."""
     fields = line.split(":")
-    if len(fields) <= uid_field or not fields[uid_field].isdigit():
+    if len(fields) < 3 or not fields[2].isdigit():
         return False
-    value = int(fields[uid_field])
+    value = int(fields[2])
     return fields[0] != name and value != number and value not in tenant_ids
 
 

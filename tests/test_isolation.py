@@ -21,6 +21,7 @@ from typing import Iterator
 
 import pytest
 
+from supervisor import netstack
 from supervisor.paths import user_paths
 from tests.harness import SLOW, Daemon, isolation_available, poll
 from tests.hostile import STUB as SHELL_STUB, Pod
@@ -43,6 +44,11 @@ def pod() -> Iterator[Pod]:
         yield pod.start()
     finally:
         pod.cleanup()
+
+
+def stop(pod: Pod, user: str) -> None:
+    assert pod.daemon.ctl("stop", user).returncode == 0
+    poll(lambda: pod.daemon.user(user)["state"] == "STOPPED", 15, f"{user} STOPPED")
 
 
 def sh_ok(tenant, script: str) -> str:  # type: ignore[no-untyped-def]
@@ -182,8 +188,7 @@ def test_stop_and_restart_end_the_whole_namespace(pod: Pod) -> None:
     d = pod.daemon
     pid = int(pod.attacker.status()["pid"])
     pod.attacker.detach("sleep 600")
-    assert d.ctl("stop", "attacker").returncode == 0
-    poll(lambda: pod.attacker.status()["state"] == "STOPPED", 15, "STOPPED")
+    stop(pod, "attacker")
     assert not Path(f"/proc/{pid}").exists()
     assert not any((g / "cgroup.procs").read_text().strip() for g in d.cgroup_dirs("attacker") if (g / "cgroup.procs").exists())
     pod.fresh_attacker()
@@ -222,7 +227,7 @@ def test_outbound_tcp_works_and_denied_destinations_fail_fast(pod: Pod, outside:
 @needs_network
 def test_the_pods_loopback_and_addresses_are_out_of_reach(pod: Pod) -> None:
     probes = pod.probes_port  # the daemon's probe port, on the pod's 127.0.0.1
-    pod_ip = next(iter(_pod_ipv4()), None)
+    pod_ip = next((str(n.network_address) for n in netstack.pod_addresses() if n.version == 4), None)
     targets = [f"127.0.0.1:{probes}", f"10.0.2.2:{probes}"] + ([f"{pod_ip}:{probes}"] if pod_ip else [])
     out = sh_ok(pod.attacker, "; ".join(f"curl -s -m 3 -o /dev/null -w '%{{http_code}} ' http://{t}/healthz" for t in targets) + "; echo")
     assert out.split() == ["000"] * len(targets), out
@@ -252,23 +257,9 @@ def test_the_network_stack_is_the_users_and_goes_with_the_tree(pod: Pod) -> None
     pids = {int(p) for g in groups for p in (g / "cgroup.procs").read_text().split()}
     slirps = [p for p in pids if Path(f"/proc/{p}/comm").read_text().strip() == "slirp4netns"]
     assert len(slirps) == 1, pids
-    assert d_stop(pod, "attacker")
+    stop(pod, "attacker")
     poll(lambda: not Path(f"/proc/{slirps[0]}").exists(), 5, "slirp4netns killed with the tree and reaped")
     pod.fresh_attacker()
-
-
-def d_stop(pod: Pod, user: str) -> bool:
-    assert pod.daemon.ctl("stop", user).returncode == 0
-    poll(lambda: pod.daemon.user(user)["state"] == "STOPPED", 15, f"{user} STOPPED")
-    return True
-
-
-def _pod_ipv4() -> list[str]:
-    import psutil
-    import socket
-
-    return [a.address for addrs in psutil.net_if_addrs().values() for a in addrs
-            if a.family == socket.AF_INET and not a.address.startswith("127.")]
 
 
 @pytest.mark.skipif("seccomp" in MISSING, reason=f"no system-call filter here: {MISSING.get('seccomp')}")
